@@ -1,0 +1,45 @@
+# tokprune: `make install` once (any target does it for you), then `make train` / `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# On these machines torch==2.13.0 is the CPU build already on disk; on a GPU box set TORCH=torch.
+TORCH ?= torch==2.13.0
+
+# GLUE in its original TSV layout; ':' separates folders searched in order.
+GLUE_DIR ?= $(abspath ../shared/data/glue):$(abspath ../shared/data/qqp-sample)
+export GLUE_DIR
+MLFLOW_DB ?= $(abspath mlflow.db)
+
+METHOD ?= none
+TASK ?= sst2
+BUDGET ?= cpu
+MODEL ?= minilm
+SEED ?= 42
+ARGS ?=
+
+.PHONY: install test test-fast train ui clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+train: install
+	$(PY) -m tokprune train method=$(METHOD) task=$(TASK) budget=$(BUDGET) model=$(MODEL) seed=$(SEED) $(ARGS)
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --artifacts-destination $(abspath mlartifacts)
+
+clean:
+	rm -rf checkpoints lightning_logs .pytest_cache

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random-weight BERT for unit tests, paths to the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+GLUE = SHARED_DATA / "glue"
+QQP_SAMPLE = SHARED_DATA / "qqp-sample"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+requires_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"real GLUE data not found at {GLUE}")
+
+
+def tiny_bert(seed: int = 0, layers: int = 3) -> BertModel:
+    """A random-weight BERT small enough for millisecond tests."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    return BertModel(config).eval()
+
+
+def random_batch(batch: int = 4, length: int = 12, vocab: int = 120, seed: int = 0) -> dict:
+    """Token ids with varied real lengths, padding at the end, [CLS]=101-like id 1 first."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, length), generator=g)
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=g)
+    lengths[0] = length
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    ids[:, 0] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+@pytest.fixture
+def glue_dir() -> str:
+    if not GLUE.is_dir():
+        pytest.skip(f"real GLUE data not found at {GLUE}")
+    return f"{GLUE}:{QQP_SAMPLE}"
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,0 +1,3 @@
+from tokprune.cli import main
+
+raise SystemExit(main())

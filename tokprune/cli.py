@@ -1,0 +1,60 @@
+"""``python -m tokprune <command> key=value ...``
+
+Commands: ``train`` (one run). Every bad input ends in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tokprune.errors import UsageError
+
+COMMANDS = {
+    "train": "fine-tune one method on one task and log it to MLflow",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokprune",
+        description="Token pruning for BERT-style encoders.",
+        epilog="example: python -m tokprune train method=none task=sst2 budget=cpu train.lr=3e-5",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for name, text in COMMANDS.items():
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="group choices (method= task= model= budget=) and dotted keys (train.lr=3e-5)")
+    return parser
+
+
+def cmd_train(overrides: list[str]) -> int:
+    from tokprune.config import compose
+    from tokprune.train import train
+
+    cfg = compose(overrides)
+    result = train(cfg)
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in result.best.items() if k != "val/loss")
+    print(f"run {result.run_id} ({cfg.method.name} {cfg.task.name} {cfg.model.name} {cfg.budget.name})")
+    print(f"best dev: {metrics}")
+    print(
+        f"train rows {result.train_rows}, dev rows {result.eval_rows}, epochs {result.epochs}, "
+        f"steps {result.steps}, fit {result.seconds:.0f} s"
+    )
+    print(f"checkpoint {result.checkpoint}")
+    print(f"MLflow store {result.tracking_uri} (make ui)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return {"train": cmd_train}[args.command](args.overrides)
+    except UsageError as exc:
+        print(f"tokprune: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,7 @@
+"""``method=none``: plain fine-tuning with nothing pruned, the FLOPs-ratio-1.0 reference."""
+
+from tokprune.methods.base import PruningModule
+
+
+class Method(PruningModule):
+    """The unpruned baseline: the shared module with its keep-everything pruner."""
