@@ -35,9 +35,17 @@ def cmd_train(overrides: list[str]) -> int:
 
     cfg = compose(overrides)
     result = train(cfg)
-    metrics = "  ".join(f"{k}={v:.4f}" for k, v in result.best.items() if k != "val/loss")
+    from tokprune.data import get_task
+
+    best = result.best
+    metrics = "  ".join(f"{m}={best[f'val/{m}']:.4f}" for m in get_task(cfg.task.name).metrics)
+    kept = " ".join(f"{best[k]:.2f}" for k in sorted(best) if k.startswith("val/kept_fraction/"))
     print(f"run {result.run_id} ({cfg.method.name} {cfg.task.name} {cfg.model.name} {cfg.budget.name})")
     print(f"best dev: {metrics}")
+    print(
+        f"dev FLOPs (fvcore, 1 MAC = 1 FLOP): ratio {best['val/flops_ratio_real']:.3f} vs unpruned at real length, "
+        f"{best['val/flops_ratio_padded']:.3f} vs padded to {cfg.task.max_length}; kept fraction per layer: {kept}"
+    )
     print(
         f"train rows {result.train_rows}, dev rows {result.eval_rows}, epochs {result.epochs}, "
         f"steps {result.steps}, fit {result.seconds:.0f} s"

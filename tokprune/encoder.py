@@ -73,8 +73,8 @@ class EncoderOutput:
         return self.padding.sum(1)
 
     def kept_counts(self) -> Tensor:
-        """L x B: tokens each layer computes for each example."""
-        return torch.stack([k.detach().sum(1) for k in self.keep])
+        """L x B: tokens each layer computes for each example (mask > 0.5, as hard mode)."""
+        return torch.stack([(k.detach() > 0.5).sum(1) for k in self.keep])
 
     def kept_fraction(self) -> Tensor:
         """L: mean over the batch of the fraction of real tokens each layer computes."""

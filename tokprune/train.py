@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
+from tokprune.callbacks import TokenPruningCallback
 from tokprune.backbone import load_bert, load_tokenizer
 from tokprune.data import GlueDataModule, get_task
 from tokprune.methods import build_method
@@ -30,6 +31,23 @@ class RunResult:
     steps: int
     seconds: float
     extra: dict = field(default_factory=dict)
+
+
+class ValidationHistory(L.Callback):
+    """Every validation's logged ``val/`` values (the method's metrics and the callback's FLOPs)."""
+
+    def __init__(self, main_metric: str):
+        self.key = f"val/{main_metric}"
+        self.epochs: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            metrics = trainer.callback_metrics
+            self.epochs.append({k: float(v) for k, v in metrics.items() if k.startswith("val/")})
+
+    def best(self) -> dict[str, float]:
+        """The validation with the best main metric: the one the checkpoint keeps."""
+        return max(self.epochs, key=lambda v: v[self.key]) if self.epochs else {}
 
 
 def build_datamodule(cfg: DictConfig, tokenizer) -> GlueDataModule:
@@ -64,6 +82,7 @@ def train(cfg: DictConfig, callbacks: list | None = None, tags: dict[str, str] |
         save_top_k=1,
         save_weights_only=True,
     )
+    history = ValidationHistory(task.main_metric)
     trainer = L.Trainer(
         max_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps,
@@ -80,13 +99,13 @@ def train(cfg: DictConfig, callbacks: list | None = None, tags: dict[str, str] |
         enable_model_summary=False,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[checkpoint, *(callbacks or [])],
+        callbacks=[TokenPruningCallback(cfg.task.max_length), history, checkpoint, *(callbacks or [])],
         default_root_dir=cfg.train.checkpoint_dir,
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
-    best = module.best_validation()
+    best = history.best()
     logger.log_metrics({k.replace("val/", "best/"): v for k, v in best.items()} | {"time/fit_seconds": seconds})
     logger.finalize("success")
     return RunResult(

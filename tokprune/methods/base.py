@@ -38,7 +38,6 @@ class PruningModule(L.LightningModule):
         nn.init.zeros_(self.classifier.bias)
         self.pruner = self.build_pruner()
         self.val_metrics = build_metrics(task).clone(prefix="val/")
-        self.val_history: list[dict[str, float]] = []
         self.train()  # from_pretrained leaves modules in eval mode (dropout off)
 
     # -- what a method overrides ------------------------------------------------------
@@ -91,13 +90,6 @@ class PruningModule(L.LightningModule):
         values = {k: float(v) for k, v in self.val_metrics.compute().items()}
         self.val_metrics.reset()
         self.log_dict(values)
-        if not self.trainer.sanity_checking:
-            self.val_history.append(values)
-
-    def best_validation(self) -> dict[str, float]:
-        """The validation epoch with the best main metric (what the checkpoint keeps)."""
-        key = f"val/{self.task.main_metric}"
-        return max(self.val_history, key=lambda v: v[key]) if self.val_history else {}
 
     def parameter_groups(self) -> list[dict]:
         """AdamW groups: no weight decay on biases and LayerNorm weights."""

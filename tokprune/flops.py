@@ -1,0 +1,165 @@
+"""FLOPs of the prunable encoder, counted by fvcore.
+
+Convention (fvcore's, the papers' "MACs"): one fused multiply-add = one FLOP. fvcore sees
+our attention matmuls because the encoder computes attention itself (eager); elementwise
+ops (softmax, scaling, GELU) are not counted, layer norms are (5 per element).
+
+A layer's FLOPs depend only on the length of the sequence it runs on, so each length is
+traced once (one example, eval mode, no grad, RNG untouched) and cached. The FLOPs of any
+keep pattern are then lookups: per example and layer, the layer's cost at the number of
+tokens it kept. Hard mode runs exactly those lengths, so this is the compute it does.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import Tensor, nn
+
+from tokprune.encoder import EncoderOutput, PrunableEncoder
+
+
+def fvcore_flops(module: nn.Module, inputs: tuple[Tensor, ...]) -> int:
+    """Total fvcore FLOPs of ``module(*inputs)``, with its warnings silenced."""
+    analysis = FlopCountAnalysis(module, inputs)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    return int(analysis.total())
+
+
+@contextmanager
+def quiet_trace(module: nn.Module):
+    """Eval mode, no grad and a forked RNG while tracing, then restore every module's mode."""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            module.eval()
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+class _OneLayer(nn.Module):
+    """Layer ``index`` of the encoder as fvcore sees it: hidden (1 x n x d) -> hidden."""
+
+    def __init__(self, encoder: PrunableEncoder, index: int):
+        super().__init__()
+        self.encoder, self.index = encoder, index
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        bias = hidden.new_zeros(hidden.shape[0], 1, 1, hidden.shape[1])
+        return self.encoder._layer(self.encoder.layers[self.index], hidden, bias, None)[0]
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, encoder: PrunableEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.encoder.embeddings(input_ids=input_ids)
+
+
+@dataclass
+class BatchFlops:
+    """FLOPs of one batch (summed over its examples) and the two references."""
+
+    pruned: float  # what the layers compute with the batch's keep masks, real lengths
+    unpruned_real: float  # every real token through every layer
+    unpruned_padded: float  # every example at the task's max length (the papers' reference)
+    per_layer: Tensor  # L: pruned FLOPs of each layer
+
+    @property
+    def ratio_real(self) -> float:
+        return self.pruned / self.unpruned_real
+
+    @property
+    def ratio_padded(self) -> float:
+        return self.pruned / self.unpruned_padded
+
+
+class FlopsCounter:
+    """Per-layer fvcore FLOPs of an encoder by input length, counted once and cached.
+
+    Layers with the same parameter shapes (all of a BERT's) are one *kind* and share a
+    cache: each (kind, length) is traced once.
+    """
+
+    def __init__(self, encoder: PrunableEncoder):
+        self.encoder = encoder
+        signatures = [tuple(p.shape for p in layer.parameters()) for layer in encoder.layers]
+        kinds = list(dict.fromkeys(signatures))
+        self._layer_kind = torch.tensor([kinds.index(s) for s in signatures])
+        self._representative = [signatures.index(k) for k in kinds]
+        self._table = torch.full((len(kinds), 1), float("nan"), dtype=torch.float64)  # kind x length
+        self._table[:, 0] = 0.0
+        self._embeddings: dict[int, float] = {}
+
+    def _example(self, length: int, dtype=None) -> Tensor:
+        param = next(self.encoder.parameters())
+        if dtype is torch.long:
+            return torch.zeros(1, length, dtype=torch.long, device=param.device)
+        return torch.zeros(1, length, self.encoder.config.hidden_size, dtype=param.dtype, device=param.device)
+
+    def _ensure(self, lengths: Tensor) -> None:
+        """Trace every (kind, length) not yet in the table."""
+        needed = int(lengths.max())
+        if needed >= self._table.shape[1]:
+            pad = torch.full((self._table.shape[0], needed + 1 - self._table.shape[1]), float("nan"), dtype=torch.float64)
+            self._table = torch.cat([self._table, pad], dim=1)
+        missing = [int(n) for n in lengths.unique() if torch.isnan(self._table[:, int(n)]).any()]
+        if not missing:
+            return
+        with quiet_trace(self.encoder):
+            for kind, index in enumerate(self._representative):
+                layer = _OneLayer(self.encoder, index)
+                for length in missing:
+                    self._table[kind, length] = fvcore_flops(layer, (self._example(length),))
+
+    def layer(self, index: int, length: int) -> float:
+        """FLOPs of layer ``index`` on one example of ``length`` tokens."""
+        self._ensure(torch.tensor([length]))
+        return float(self._table[self._layer_kind[index], length])
+
+    def embeddings(self, length: int) -> float:
+        if length not in self._embeddings:
+            with quiet_trace(self.encoder):
+                self._embeddings[length] = fvcore_flops(_Embeddings(self.encoder), (self._example(length, torch.long),))
+        return self._embeddings[length]
+
+    def per_layer(self, counts: Tensor) -> Tensor:
+        """L x B tokens each layer computed -> L x B FLOPs (a table lookup)."""
+        counts = counts.detach().long().cpu()
+        self._ensure(counts)
+        return torch.gather(self._table[self._layer_kind], 1, counts)
+
+    def unpruned(self, lengths: Tensor) -> float:
+        """Every layer on every real token of each example, embeddings included."""
+        lengths = lengths.detach().long().cpu()
+        full = lengths.expand(len(self._layer_kind), -1)
+        return float(self.per_layer(full).sum()) + sum(self.embeddings(int(n)) for n in lengths)
+
+    def batch(self, out: EncoderOutput, max_length: int) -> BatchFlops:
+        """FLOPs of a batch the encoder ran, with both references."""
+        lengths = out.lengths.detach().long().cpu()
+        per_layer = self.per_layer(out.kept_counts()).sum(1)
+        embeddings = sum(self.embeddings(int(n)) for n in lengths)
+        return BatchFlops(
+            pruned=float(per_layer.sum()) + embeddings,
+            unpruned_real=self.unpruned(lengths),
+            unpruned_padded=len(lengths) * self.unpruned(torch.tensor([max_length])),
+            per_layer=per_layer,
+        )
+
+
+def analytic_layer_macs(length: float, hidden: int, heads: int, intermediate: int) -> float:
+    """METHODS.md's MAC formula for one BERT layer on ``length`` tokens (ToP's constraint).
+
+    Attention: ``H*(3*n*d*d_h + 2*n^2*d_h + n^2) + n*d^2``; feed-forward: ``2*n*d*d_ff``.
+    """
+    head = hidden // heads
+    attention = heads * (3 * length * hidden * head + 2 * length**2 * head + length**2) + length * hidden**2
+    return attention + 2 * length * hidden * intermediate
