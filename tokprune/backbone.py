@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from omegaconf import DictConfig
-from transformers import AutoTokenizer, BertModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from tokprune.errors import UsageError
@@ -32,6 +32,14 @@ def load_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
 
 
 def load_bert(model_cfg: DictConfig) -> BertModel:
-    """The pretrained encoder with eager attention, so fvcore sees the attention matmuls."""
+    """The pretrained encoder with eager attention, so fvcore sees the attention matmuls.
+
+    ``model.random_init`` (a few BertConfig fields) builds a random-weight model instead,
+    with the backbone's vocabulary: the tiny test model.
+    """
     hf_logging.disable_progress_bar()
-    return BertModel.from_pretrained(model_location(model_cfg), attn_implementation="eager")
+    where = model_location(model_cfg)
+    if model_cfg.get("random_init"):
+        config = BertConfig.from_pretrained(where, **dict(model_cfg.random_init), attn_implementation="eager")
+        return BertModel(config)
+    return BertModel.from_pretrained(where, attn_implementation="eager")
