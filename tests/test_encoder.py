@@ -104,3 +104,30 @@ def test_received_attention_averages_heads_and_kept_queries():
     probs[0, 1, :, 2] = 1.0  # head 1: to token 2
     keep = torch.tensor([[1.0, 1.0, 0.0]])
     torch.testing.assert_close(received_attention(probs, keep), torch.tensor([[0.0, 0.5, 0.5]]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["sst2", "mrpc"])
+def test_real_backbone_keep_all_and_hard_equals_soft_on_real_rows(task, glue_dir):
+    from tokprune.backbone import load_bert, load_tokenizer
+    from tokprune.config import compose
+    from tokprune.data import get_task, read_glue_tsv
+    from conftest import GLUE
+
+    cfg = compose([f"task={task}"])
+    spec = get_task(task)
+    rows = read_glue_tsv(GLUE / spec.folder / spec.dev_file, spec)
+    texts = [rows["text_a"][:8]] + ([rows["text_b"][:8]] if "text_b" in rows else [])
+    batch = dict(load_tokenizer(cfg.model)(*texts, padding=True, return_tensors="pt"))
+    bert = load_bert(cfg.model).eval()
+    encoder = PrunableEncoder(bert).eval()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = bert(**batch).last_hidden_state
+        unpruned = run(encoder, batch, hard=True)
+        masks = random_masks(batch, bert.config.num_hidden_layers, seed=1)
+        soft = run(encoder, batch, pruner=FixedMasks(masks), hard=False)
+        hard = run(encoder, batch, pruner=FixedMasks(masks), hard=True)
+    torch.testing.assert_close(unpruned.hidden[real], expected[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hard.hidden[real], soft.hidden[real], atol=1e-4, rtol=0)
+    assert hard.kept_counts()[-1].sum() < unpruned.kept_counts()[-1].sum()
