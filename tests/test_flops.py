@@ -82,8 +82,8 @@ def test_each_length_is_traced_once(monkeypatch):
     counter = FlopsCounter(PrunableEncoder(tiny_bert(layers=3)))  # 3 identical layers: one kind
     counts = torch.tensor([[5, 7], [5, 7], [3, 7]])
     first = counter.per_layer(counts)
-    assert sorted(traced) == [3, 5, 7]
-    assert torch.equal(counter.per_layer(counts), first) and len(traced) == 3
+    assert sorted(traced) == [3, 3, 5, 5, 7, 7]  # the layer kind and the embeddings, once per length
+    assert torch.equal(counter.per_layer(counts), first) and len(traced) == 6
     assert first[0, 0] == first[1, 0] and first[2, 0] < first[0, 0]
 
 
@@ -93,7 +93,7 @@ def test_tracing_does_not_disturb_training_state():
     counter = FlopsCounter(encoder)
     rng = torch.get_rng_state()
     counter.per_layer(torch.tensor([[9], [4]]))
-    counter.embeddings(9)
+    counter.embeddings(torch.tensor([9, 3]))
     assert torch.equal(rng, torch.get_rng_state())
     assert all(m.training for m in encoder.modules())
     assert all(p.grad is None for p in encoder.parameters())

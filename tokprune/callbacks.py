@@ -27,7 +27,8 @@ class TokenPruningCallback(L.Callback):
         self.last_validation: dict[str, float] = {}
 
     def setup(self, trainer, pl_module, stage):
-        self.counter = FlopsCounter(pl_module.encoder)
+        if self.counter is None or self.counter.encoder is not pl_module.encoder:
+            self.counter = FlopsCounter(pl_module.encoder)  # a warm cache survives refits
 
     def _measure(self, out: EncoderOutput) -> tuple[BatchFlops, torch.Tensor]:
         fractions = out.kept_counts().double() / out.lengths.detach().clamp(min=1).double()

@@ -43,6 +43,10 @@ class Pruner(nn.Module):
     #: False lets hard mode skip scattering attention probabilities back to full size.
     needs_attention: bool = True
 
+    def wants_attention(self, layer: int) -> bool:
+        """Whether the call before ``layer`` reads ``attn_probs`` (lets hard mode skip work)."""
+        return self.needs_attention
+
     def forward(self, layer: int, hidden: Tensor, keep: Tensor, attn_probs: Tensor | None) -> Tensor:
         raise NotImplementedError
 
@@ -129,12 +133,12 @@ class PrunableEncoder(nn.Module):
         padding = attention_mask.to(hidden.dtype)
         keep, probs = padding, None
         keeps, attentions = [], []
-        want_probs = output_attentions or pruner.needs_attention
         for index, layer in enumerate(self.layers):
             proposed = pruner(index, hidden, keep, probs)
             keep = torch.cat([padding[:, :1], (proposed * keep)[:, 1:]], dim=1)  # cumulative, CLS pinned
             if hard:
                 keep = (keep > 0.5).to(hidden.dtype)
+                want_probs = output_attentions or pruner.wants_attention(index + 1)
                 hidden, probs = self._hard_layer(layer, hidden, keep.bool(), want_probs)
             else:
                 hidden, probs = self._soft_layer(layer, hidden, keep, padding, key_mask)

@@ -85,70 +85,70 @@ class FlopsCounter:
     """Per-layer fvcore FLOPs of an encoder by input length, counted once and cached.
 
     Layers with the same parameter shapes (all of a BERT's) are one *kind* and share a
-    cache: each (kind, length) is traced once.
+    row of the table; the embeddings have a row of their own. Each (row, length) is
+    traced once; everything else is vectorised lookups.
     """
 
     def __init__(self, encoder: PrunableEncoder):
         self.encoder = encoder
         signatures = [tuple(p.shape for p in layer.parameters()) for layer in encoder.layers]
         kinds = list(dict.fromkeys(signatures))
-        self._layer_kind = torch.tensor([kinds.index(s) for s in signatures])
-        self._representative = [signatures.index(k) for k in kinds]
-        self._table = torch.full((len(kinds), 1), float("nan"), dtype=torch.float64)  # kind x length
-        self._table[:, 0] = 0.0
-        self._embeddings: dict[int, float] = {}
+        self._modules = [_OneLayer(encoder, signatures.index(k)) for k in kinds] + [_Embeddings(encoder)]
+        self._layer_rows = torch.tensor([kinds.index(s) for s in signatures])
+        self._embedding_row = len(kinds)
+        self._table = torch.zeros(len(self._modules), 1, dtype=torch.float64)  # row x length
+        self._known = torch.ones(1, dtype=torch.bool)  # length 0 costs nothing
 
-    def _example(self, length: int, dtype=None) -> Tensor:
+    def _example(self, module: nn.Module, length: int) -> Tensor:
         param = next(self.encoder.parameters())
-        if dtype is torch.long:
+        if isinstance(module, _Embeddings):
             return torch.zeros(1, length, dtype=torch.long, device=param.device)
         return torch.zeros(1, length, self.encoder.config.hidden_size, dtype=param.dtype, device=param.device)
 
     def _ensure(self, lengths: Tensor) -> None:
-        """Trace every (kind, length) not yet in the table."""
-        needed = int(lengths.max())
-        if needed >= self._table.shape[1]:
-            pad = torch.full((self._table.shape[0], needed + 1 - self._table.shape[1]), float("nan"), dtype=torch.float64)
-            self._table = torch.cat([self._table, pad], dim=1)
-        missing = [int(n) for n in lengths.unique() if torch.isnan(self._table[:, int(n)]).any()]
+        """Trace every length not yet in the table, for every row."""
+        needed = int(lengths.max()) + 1
+        if needed > len(self._known):
+            grow = needed - len(self._known)
+            self._table = torch.cat([self._table, self._table.new_zeros(len(self._modules), grow)], dim=1)
+            self._known = torch.cat([self._known, self._known.new_zeros(grow)])
+        missing = [int(n) for n in lengths.unique() if not self._known[int(n)]]
         if not missing:
             return
         with quiet_trace(self.encoder):
-            for kind, index in enumerate(self._representative):
-                layer = _OneLayer(self.encoder, index)
+            for row, module in enumerate(self._modules):
                 for length in missing:
-                    self._table[kind, length] = fvcore_flops(layer, (self._example(length),))
+                    self._table[row, length] = fvcore_flops(module, (self._example(module, length),))
+        self._known[missing] = True
 
     def layer(self, index: int, length: int) -> float:
         """FLOPs of layer ``index`` on one example of ``length`` tokens."""
-        self._ensure(torch.tensor([length]))
-        return float(self._table[self._layer_kind[index], length])
+        return float(self.per_layer(torch.tensor([[length]]).expand(len(self._layer_rows), 1))[index, 0])
 
-    def embeddings(self, length: int) -> float:
-        if length not in self._embeddings:
-            with quiet_trace(self.encoder):
-                self._embeddings[length] = fvcore_flops(_Embeddings(self.encoder), (self._example(length, torch.long),))
-        return self._embeddings[length]
+    def embeddings(self, lengths: Tensor) -> Tensor:
+        """B: FLOPs of the embeddings (their layer norm) for examples of these lengths."""
+        lengths = lengths.detach().long().cpu()
+        self._ensure(lengths)
+        return self._table[self._embedding_row, lengths]
 
     def per_layer(self, counts: Tensor) -> Tensor:
-        """L x B tokens each layer computed -> L x B FLOPs (a table lookup)."""
+        """L x B tokens each layer computed -> L x B FLOPs."""
         counts = counts.detach().long().cpu()
         self._ensure(counts)
-        return torch.gather(self._table[self._layer_kind], 1, counts)
+        return torch.gather(self._table[self._layer_rows], 1, counts)
 
     def unpruned(self, lengths: Tensor) -> float:
         """Every layer on every real token of each example, embeddings included."""
         lengths = lengths.detach().long().cpu()
-        full = lengths.expand(len(self._layer_kind), -1)
-        return float(self.per_layer(full).sum()) + sum(self.embeddings(int(n)) for n in lengths)
+        full = lengths.expand(len(self._layer_rows), -1)
+        return float(self.per_layer(full).sum() + self.embeddings(lengths).sum())
 
     def batch(self, out: EncoderOutput, max_length: int) -> BatchFlops:
         """FLOPs of a batch the encoder ran, with both references."""
         lengths = out.lengths.detach().long().cpu()
         per_layer = self.per_layer(out.kept_counts()).sum(1)
-        embeddings = sum(self.embeddings(int(n)) for n in lengths)
         return BatchFlops(
-            pruned=float(per_layer.sum()) + embeddings,
+            pruned=float(per_layer.sum() + self.embeddings(lengths).sum()),
             unpruned_real=self.unpruned(lengths),
             unpruned_padded=len(lengths) * self.unpruned(torch.tensor([max_length])),
             per_layer=per_layer,

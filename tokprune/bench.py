@@ -1,0 +1,227 @@
+"""Benchmarks (``make bench``): what the machinery costs and what pruning buys on a CPU.
+
+1. Callback overhead: training-step time with the token-pruning callback on vs off, in one
+   process, in alternating blocks of steps (after each length's FLOPs are cached; the
+   one-time tracing cost is reported on its own).
+2. Realised speedup: hard-mode inference latency of a fixed keep schedule against the
+   unpruned encoder, at batch 1 and 32, on real dev rows, beside the FLOPs reduction of
+   the same inputs. Timings alternate pruned/unpruned per batch so load on the machine
+   hits both alike; figures are ratios measured in one run.
+
+Results go to ``reports/bench/bench.json`` and ``reports/bench/bench.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from tokprune.backbone import load_bert, load_tokenizer
+from tokprune.callbacks import TokenPruningCallback
+from tokprune.data import get_task, load_splits, seeded_subset
+from tokprune.encoder import KeepAll, PrunableEncoder, Pruner, received_attention
+from tokprune.flops import FlopsCounter
+from tokprune.methods import build_method
+from tokprune.train import build_datamodule
+
+
+class KeepSchedule(Pruner):
+    """Static top-k: from layer l on, keep ``fraction`` of each example's real tokens,
+    the ones that received the most attention in the previous layer (PoWER-BERT style)."""
+
+    def __init__(self, schedule: dict[int, float]):
+        super().__init__()
+        self.schedule = schedule
+
+    def wants_attention(self, layer: int) -> bool:
+        return layer in self.schedule
+
+    def forward(self, layer, hidden, keep, attn_probs):
+        if layer == 0:  # nothing is pruned yet: keep is the padding mask
+            self._real_lengths = keep.sum(1)
+        if layer not in self.schedule:
+            return keep
+        scores = received_attention(attn_probs, keep).masked_fill(keep <= 0, -1.0)
+        target = torch.ceil(self._real_lengths * self.schedule[layer]).long().clamp(min=1)
+        ranks = scores.argsort(dim=1, descending=True).argsort(dim=1)
+        return (ranks < target[:, None]).to(keep.dtype)
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _batches(rows: dict, tokenizer, size: int, max_length: int) -> list[dict]:
+    texts = [rows["text_a"]] + ([rows["text_b"]] if "text_b" in rows.column_names else [])
+    out = []
+    for i in range(0, len(texts[0]), size):
+        chunk = [t[i : i + size] for t in texts]
+        enc = tokenizer(*chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out.append(dict(enc))
+    return out
+
+
+def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_sizes=(1, 32), examples=256) -> list[dict]:
+    """Hard-mode latency of ``schedule`` vs the unpruned encoder on real dev rows."""
+    task = get_task(task_name)
+    tokenizer = load_tokenizer(cfg.model)
+    bert = load_bert(cfg.model).eval()
+    encoder = PrunableEncoder(bert).eval()
+    counter = FlopsCounter(encoder)
+    dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset)["dev"], examples, cfg.seed)
+    pruner, unpruned = KeepSchedule(schedule), KeepAll()
+    results = []
+    for size in batch_sizes:
+        batches = _batches(dev, tokenizer, size, 512)
+        t_pruned, t_unpruned, t_backbone = [], [], []
+        flops_pruned = flops_unpruned = 0.0
+        with torch.inference_mode():
+            for batch in batches[:2]:  # warm-up
+                encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pruner=pruner)
+            for batch in batches:
+                args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+                t_pruned.append(_time(lambda: encoder(*args, pruner=pruner)))
+                t_unpruned.append(_time(lambda: encoder(*args, pruner=unpruned)))
+                t_backbone.append(_time(lambda: bert(**batch)))
+                out = encoder(*args, pruner=pruner)
+                flops = counter.batch(out, max_length=args[0].shape[1])
+                flops_pruned += flops.pruned
+                flops_unpruned += flops.unpruned_real
+        flops_reduction = flops_unpruned / flops_pruned
+        wall = sum(t_unpruned) / sum(t_pruned)
+        results.append(
+            {
+                "task": task_name,
+                "batch_size": size,
+                "batches": len(batches),
+                "examples": len(dev),
+                "ms_per_batch_pruned": 1e3 * statistics.median(t_pruned),
+                "ms_per_batch_unpruned": 1e3 * statistics.median(t_unpruned),
+                "ms_per_batch_backbone_forward": 1e3 * statistics.median(t_backbone),
+                "flops_ratio_real": flops_pruned / flops_unpruned,
+                "flops_reduction": flops_reduction,
+                "wall_speedup": wall,
+                "wall_speedup_vs_backbone_forward": sum(t_backbone) / sum(t_pruned),
+                "speedup_over_flops_reduction": wall / flops_reduction,
+            }
+        )
+    return results
+
+
+class _StepTimer(L.Callback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def callback_overhead(cfg: DictConfig, steps_per_block: int = 10, rounds: int = 3) -> dict:
+    """Median training-step time with the callback on / off, alternating blocks in one run."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg, load_tokenizer(cfg.model))
+    datamodule.setup("fit")
+    module = build_method(cfg, load_bert(cfg.model), get_task(cfg.task.name))
+    callback = TokenPruningCallback(cfg.task.max_length)
+    callback.counter = FlopsCounter(module.encoder)
+    trace_seconds = _time(lambda: callback.counter.per_layer(torch.arange(1, cfg.task.max_length + 1)[None]))
+    timings: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(rounds):
+        for mode in ("on", "off"):
+            timer = _StepTimer()
+            callbacks = [callback, timer] if mode == "on" else [timer]
+            trainer = L.Trainer(
+                max_steps=steps_per_block, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+            )
+            trainer.fit(module, datamodule=datamodule)
+            timings[mode].extend(timer.times[1:])  # the first step of a block pays loader start-up
+    on, off = statistics.median(timings["on"]), statistics.median(timings["off"])
+    return {
+        "task": cfg.task.name,
+        "batch_size": cfg.train.batch_size,
+        "steps_timed_per_mode": len(timings["on"]),
+        "median_step_ms_callback_on": 1e3 * on,
+        "median_step_ms_callback_off": 1e3 * off,
+        "ratio_on_over_off": on / off,
+        "one_time_trace_seconds_all_lengths": trace_seconds,
+        "lengths_traced": cfg.task.max_length,
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["speedup"]
+    labels = [f"{r['task']}\nbatch {r['batch_size']}" for r in rows]
+    x = range(len(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    left.bar([i - 0.2 for i in x], [r["flops_reduction"] for r in rows], 0.4, label="FLOPs reduction (fvcore, real length)")
+    left.bar([i + 0.2 for i in x], [r["wall_speedup"] for r in rows], 0.4, label="wall-time speedup (hard mode, CPU)")
+    left.axhline(1.0, color="grey", lw=0.8)
+    left.set_xticks(list(x), labels)
+    left.set_ylabel("x vs unpruned encoder")
+    left.set_title(f"Keep schedule {results['schedule']} (fraction of real tokens from layer)", fontsize=9)
+    left.legend(fontsize=8)
+    over = results["callback_overhead"]
+    right.bar(["off", "on"], [over["median_step_ms_callback_off"], over["median_step_ms_callback_on"]], color=["grey", "tab:blue"])
+    right.set_title(f"train step, callback on/off: x{over['ratio_on_over_off']:.3f}", fontsize=9)
+    right.set_ylabel("median ms per step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_bench(
+    cfg: DictConfig,
+    out_dir: Path,
+    tasks=("sst2", "mrpc"),
+    schedule: dict[int, float] | None = None,
+    examples: int = 256,
+    steps_per_block: int = 10,
+    rounds: int = 3,
+) -> dict:
+    schedule = schedule or {2: 0.5, 4: 0.25}
+    results = {
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "model": cfg.model.name,
+        "schedule": {str(k): v for k, v in schedule.items()},
+        "flops_convention": "fvcore: one fused multiply-add = one FLOP",
+        "speedup": [row for task in tasks for row in speedup(cfg, task, schedule, examples=examples)],
+        "callback_overhead": callback_overhead(cfg, steps_per_block, rounds),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out_dir / "bench.png")
+    return results
+
+
+def summary(results: dict) -> str:
+    lines = []
+    for r in results["speedup"]:
+        lines.append(
+            f"{r['task']:5s} batch {r['batch_size']:2d}: FLOPs x{r['flops_reduction']:.2f} fewer, wall x{r['wall_speedup']:.2f} "
+            f"faster ({r['ms_per_batch_unpruned']:.1f} -> {r['ms_per_batch_pruned']:.1f} ms/batch), "
+            f"speedup/FLOPs-reduction {r['speedup_over_flops_reduction']:.2f}"
+        )
+    o = results["callback_overhead"]
+    lines.append(
+        f"callback overhead: {o['median_step_ms_callback_on']:.0f} vs {o['median_step_ms_callback_off']:.0f} ms/step "
+        f"= x{o['ratio_on_over_off']:.3f}; one-time tracing of {o['lengths_traced']} lengths {o['one_time_trace_seconds_all_lengths']:.1f} s"
+    )
+    return "\n".join(lines)
