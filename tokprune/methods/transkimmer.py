@@ -1,0 +1,143 @@
+"""``method=transkimmer``: learned token skimming (Guan et al., ACL 2022, arXiv 2205.07324).
+
+Before each layer a small predictor reads every token's hidden state and decides keep or
+skim. Training samples the decision with straight-through Gumbel-softmax, so the task loss
+(through the post-softmax attention mask and forward-to-output) and the skim loss both reach
+the predictors; evaluation takes the argmax, so results are deterministic (ours: the
+reference samples at evaluation too). The encoder makes masks cumulative, pins [CLS] and
+drops padding, and in eval mode removes skimmed tokens for real (hard mode).
+
+Reference facts (ChandlerGuan/Transkimmer, ``src/module/modeling_transkimer.py``,
+``BertEncoder``): one predictor per layer for *every* layer, the first one applied to the
+embedding output before layer 0 (hence ``first_skim_layer: 0``); the predictor's hidden
+Linear gets BERT's ``_init_weights`` (N(0, initializer_range), bias 0), its last Linear the
+keep-biased init of ``modeling_skim_predictor.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from tokprune.encoder import EncoderOutput, Pruner
+from tokprune.errors import UsageError
+from tokprune.methods.base import PruningModule
+
+SKIM, KEEP = 0, 1  # indices of the predictor's two logits
+DECISION_INIT_STD = 0.02  # std of the last Linear's weights and biases at init (the reference's)
+
+
+class SkimPredictor(nn.Module):
+    """``LayerNorm -> Linear(d,d) -> LayerNorm -> GELU -> Linear(d,2)``: keep/skim logits per token.
+
+    The last Linear starts with bias ~ (-keep_bias, +keep_bias) so every token is kept at the
+    start of training and the backbone's accuracy is not hurt before the predictors learn.
+    Initialised here, in a module that no ``PreTrainedModel._init_weights`` ever visits.
+    """
+
+    def __init__(self, width: int, keep_bias: float = 5.0, hidden_init_std: float = 0.02):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, width), nn.LayerNorm(width), nn.GELU(), nn.Linear(width, 2)
+        )
+        hidden, last = self.net[1], self.net[4]
+        with torch.no_grad():
+            hidden.weight.normal_(0.0, hidden_init_std)
+            hidden.bias.zero_()
+            last.weight.normal_(0.0, DECISION_INIT_STD)
+            last.bias[KEEP].normal_(keep_bias, DECISION_INIT_STD)
+            last.bias[SKIM].normal_(-keep_bias, DECISION_INIT_STD)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.net(hidden)
+
+
+class SkimPruner(Pruner):
+    """One ``SkimPredictor`` per layer from ``first_skim_layer`` on; earlier layers keep all."""
+
+    needs_attention = False  # decisions read hidden states only
+
+    def __init__(self, width: int, num_layers: int, first_skim_layer: int, tau: float,
+                 keep_bias: float, hidden_init_std: float):
+        super().__init__()
+        if not 0 <= first_skim_layer < num_layers:
+            raise UsageError(f"method.first_skim_layer must be in 0..{num_layers - 1}, not {first_skim_layer}")
+        self.first_skim_layer, self.tau = first_skim_layer, tau
+        self.predictors = nn.ModuleList(
+            SkimPredictor(width, keep_bias, hidden_init_std) for _ in range(first_skim_layer, num_layers)
+        )
+
+    def forward(self, layer, hidden, keep, attn_probs):
+        if layer < self.first_skim_layer:
+            return keep
+        logits = self.predictors[layer - self.first_skim_layer](hidden)
+        if self.training:  # a binary sample whose gradient is the soft sample's (straight-through)
+            return F.gumbel_softmax(logits, tau=self.tau, hard=True)[..., KEEP]
+        return (logits[..., KEEP] > logits[..., SKIM]).to(hidden.dtype)
+
+
+class Method(PruningModule):
+    """Task loss + ``skim_lambda`` x the mean fraction of real tokens kept per layer."""
+
+    key_mask = "post_softmax"  # the reference's training rule: attention probs x mask, no renormalising
+
+    def __init__(self, cfg, bert, task):
+        super().__init__(cfg, bert, task)
+        if cfg.method.init_checkpoint:
+            self.load_backbone_checkpoint(cfg.method.init_checkpoint)
+
+    def build_pruner(self) -> Pruner:
+        m, config = self.cfg.method, self.encoder.config
+        return SkimPruner(config.hidden_size, self.encoder.num_layers, m.first_skim_layer, m.tau,
+                          keep_bias=m.keep_bias, hidden_init_std=config.initializer_range)
+
+    def pruning_loss(self, out: EncoderOutput, batch: dict, logits: Tensor) -> dict[str, Tensor]:
+        """``lambda * (1/L) sum_l mean_b(sum_j m_lj / n_b)`` on the effective (cumulative) masks.
+
+        Divided by the real length n_b (ours; the reference divides by the padded length), so
+        the loss does not depend on how a batch happens to be padded.
+        """
+        kept = torch.stack([keep.sum(1) for keep in out.keep])  # L x B, carries straight-through grads
+        kept_fraction = (kept / out.lengths.clamp(min=1)).mean()
+        return {"skim_loss": self.cfg.method.skim_lambda * kept_fraction}
+
+    def parameter_groups(self) -> list[dict]:
+        """The base groups; with ``method.predictor_lr`` set, the predictors get that lr (ours)."""
+        groups = super().parameter_groups()
+        predictor_lr = self.cfg.method.predictor_lr
+        if predictor_lr is None:
+            return groups
+        predictor_ids = {id(p) for p in self.pruner.parameters()}
+        split = []
+        for group in groups:
+            split.append({**group, "params": [p for p in group["params"] if id(p) not in predictor_ids]})
+            split.append({**group, "params": [p for p in group["params"] if id(p) in predictor_ids],
+                          "lr": float(predictor_lr)})
+        return [group for group in split if group["params"]]
+
+    def load_backbone_checkpoint(self, path: str) -> None:
+        """Start from a fine-tuned run (e.g. ``method=none``): its weights, never its pruner.
+
+        ``strict=False`` because the baseline has no predictors; any ``pruner.`` entries are
+        dropped so the predictors always keep their keep-biased init. Every other weight must
+        be present, else the file is not a checkpoint of this backbone and task.
+        """
+        if not Path(path).is_file():
+            raise UsageError(f"method.init_checkpoint: no such file '{path}'")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # not a torch file, or one holding more than tensors and plain data
+            raise UsageError(f"method.init_checkpoint '{path}' cannot be read as weights: {type(exc).__name__}") from None
+        state = checkpoint.get("state_dict", checkpoint)
+        state = {k: v for k, v in state.items() if not k.startswith("pruner.")}
+        try:
+            result = self.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatch: another backbone or number of labels
+            raise UsageError(f"method.init_checkpoint '{path}' does not fit this model: "
+                             f"{str(exc).splitlines()[-1].strip()}") from None
+        missing = [k for k in result.missing_keys if not k.startswith("pruner.")]
+        if missing:
+            raise UsageError(f"method.init_checkpoint '{path}' lacks {len(missing)} weights, e.g. {missing[0]}")
