@@ -114,3 +114,21 @@ def test_ratios_against_real_and_padded_references():
     pruned = counter.batch(half, max_length=32)
     assert pruned.ratio_real < 1.0 and pruned.unpruned_real == unpruned.unpruned_real
     assert pruned.per_layer[0] == unpruned.per_layer[0] and pruned.per_layer[1] < unpruned.per_layer[1]
+
+
+def test_a_pruners_own_work_is_charged_at_the_tokens_it_sees():
+    from tokprune.methods.transkimmer import SkimPruner
+
+    bert = tiny_bert(layers=3)
+    encoder = PrunableEncoder(bert).eval()
+    pruner = SkimPruner(32, 3, first_skim_layer=1, tau=1.0, keep_bias=5.0, hidden_init_std=0.02).eval()
+    batch = random_batch(batch=3, length=16)
+    with torch.no_grad():
+        out = encoder(batch["input_ids"], batch["attention_mask"], pruner=pruner, hard=True)
+    plain = FlopsCounter(encoder).batch(out, max_length=16)
+    charged = FlopsCounter(encoder, pruner).batch(out, max_length=16)
+    predictor = fvcore_flops(pruner.predictors[0], (torch.zeros(1, 10, 32),)) / 10  # linear in tokens
+    entering = out.kept_counts()[0].sum()  # the predictor before layer 1 sees layer 0's tokens
+    assert charged.per_layer[0] == plain.per_layer[0]  # no predictor before layer 0
+    assert charged.per_layer[1] - plain.per_layer[1] == pytest.approx(predictor * float(entering))
+    assert charged.unpruned_real == plain.unpruned_real and charged.ratio_real > plain.ratio_real

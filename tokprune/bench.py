@@ -135,7 +135,7 @@ def callback_overhead(cfg: DictConfig, steps_per_block: int = 10, rounds: int = 
     datamodule.setup("fit")
     module = build_method(cfg, load_bert(cfg.model), get_task(cfg.task.name))
     callback = TokenPruningCallback(cfg.task.max_length)
-    callback.counter = FlopsCounter(module.encoder)
+    callback.counter = FlopsCounter(module.encoder, module.pruner)
     trace_seconds = _time(lambda: callback.counter.per_layer(torch.arange(1, cfg.task.max_length + 1)[None]))
     timings: dict[str, list[float]] = {"on": [], "off": []}
     for _ in range(rounds):

@@ -28,7 +28,7 @@ class TokenPruningCallback(L.Callback):
 
     def setup(self, trainer, pl_module, stage):
         if self.counter is None or self.counter.encoder is not pl_module.encoder:
-            self.counter = FlopsCounter(pl_module.encoder)  # a warm cache survives refits
+            self.counter = FlopsCounter(pl_module.encoder, pl_module.pruner)  # a warm cache survives refits
 
     def _measure(self, out: EncoderOutput) -> tuple[BatchFlops, torch.Tensor]:
         fractions = out.kept_counts().double() / out.lengths.detach().clamp(min=1).double()

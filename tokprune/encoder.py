@@ -47,6 +47,11 @@ class Pruner(nn.Module):
         """Whether the call before ``layer`` reads ``attn_probs`` (lets hard mode skip work)."""
         return self.needs_attention
 
+    def cost_module(self, layer: int) -> nn.Module | None:
+        """The per-token module the pruner runs before ``layer`` (hidden 1 x n x d in), so
+        the FLOPs counter can charge its cost; ``None`` if it computes nothing fvcore counts."""
+        return None
+
     def forward(self, layer: int, hidden: Tensor, keep: Tensor, attn_probs: Tensor | None) -> Tensor:
         raise NotImplementedError
 

@@ -19,7 +19,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import Tensor, nn
 
-from tokprune.encoder import EncoderOutput, PrunableEncoder
+from tokprune.encoder import EncoderOutput, PrunableEncoder, Pruner
 
 
 def fvcore_flops(module: nn.Module, inputs: tuple[Tensor, ...]) -> int:
@@ -54,6 +54,17 @@ class _OneLayer(nn.Module):
         return self.encoder._layer(self.encoder.layers[self.index], hidden, bias, None)[0]
 
 
+class _PerToken(nn.Module):
+    """A pruner's per-token module (e.g. a skim predictor) on hidden (1 x n x d)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.module(hidden)
+
+
 class _Embeddings(nn.Module):
     def __init__(self, encoder: PrunableEncoder):
         super().__init__()
@@ -81,25 +92,49 @@ class BatchFlops:
         return self.pruned / self.unpruned_padded
 
 
-class FlopsCounter:
-    """Per-layer fvcore FLOPs of an encoder by input length, counted once and cached.
+def _signature(module: nn.Module) -> tuple:
+    return (type(module).__name__, *(tuple(p.shape) for p in module.parameters()))
 
-    Layers with the same parameter shapes (all of a BERT's) are one *kind* and share a
-    row of the table; the embeddings have a row of their own. Each (row, length) is
-    traced once; everything else is vectorised lookups.
+
+class FlopsCounter:
+    """Per-layer fvcore FLOPs of an encoder (and its pruner) by input length, cached.
+
+    Modules with the same type and parameter shapes (all of a BERT's layers; all of a
+    method's per-layer predictors) are one *kind* and share a row of the table; the
+    embeddings have a row of their own. Each (row, length) is traced once; everything
+    else is vectorised lookups.
+
+    A pruner's own per-token work (``Pruner.cost_module``) is charged to the layer it
+    decides for, at the number of tokens alive when it runs (the previous layer's kept
+    count). The unpruned references have no pruner.
     """
 
-    def __init__(self, encoder: PrunableEncoder):
+    def __init__(self, encoder: PrunableEncoder, pruner: Pruner | None = None):
         self.encoder = encoder
-        signatures = [tuple(p.shape for p in layer.parameters()) for layer in encoder.layers]
-        kinds = list(dict.fromkeys(signatures))
-        self._modules = [_OneLayer(encoder, signatures.index(k)) for k in kinds] + [_Embeddings(encoder)]
-        self._layer_rows = torch.tensor([kinds.index(s) for s in signatures])
-        self._embedding_row = len(kinds)
+        layers = [_OneLayer(encoder, index) for index in range(encoder.num_layers)]
+        costs = [pruner.cost_module(index) if pruner is not None else None for index in range(encoder.num_layers)]
+        signatures = [_signature(layer) for layer in encoder.layers]
+        rows: dict[tuple, nn.Module] = {}
+        for signature, module in zip(signatures, layers):
+            rows.setdefault(("layer", signature), module)
+        rows[("embeddings",)] = _Embeddings(encoder)
+        for module in costs:
+            if module is not None:
+                rows.setdefault(("pruner", _signature(module)), _PerToken(module))
+        rows[("nothing",)] = None
+        keys = list(rows)
+        self._modules = list(rows.values())
+        self._layer_rows = torch.tensor([keys.index(("layer", s)) for s in signatures])
+        self._embedding_row = keys.index(("embeddings",))
+        self._pruner_rows = torch.tensor(
+            [keys.index(("pruner", _signature(m)) if m is not None else ("nothing",)) for m in costs]
+        )
+        self.has_pruner_cost = any(m is not None for m in costs)
         self._table = torch.zeros(len(self._modules), 1, dtype=torch.float64)  # row x length
         self._known = torch.ones(1, dtype=torch.bool)  # length 0 costs nothing
 
     def _example(self, module: nn.Module, length: int) -> Tensor:
+        """A zero input of ``length`` tokens for a module's trace."""
         param = next(self.encoder.parameters())
         if isinstance(module, _Embeddings):
             return torch.zeros(1, length, dtype=torch.long, device=param.device)
@@ -115,8 +150,10 @@ class FlopsCounter:
         missing = [int(n) for n in lengths.unique() if not self._known[int(n)]]
         if not missing:
             return
-        with quiet_trace(self.encoder):
+        with quiet_trace(nn.ModuleList(m for m in self._modules if m is not None)):
             for row, module in enumerate(self._modules):
+                if module is None:
+                    continue
                 for length in missing:
                     self._table[row, length] = fvcore_flops(module, (self._example(module, length),))
         self._known[missing] = True
@@ -143,10 +180,20 @@ class FlopsCounter:
         full = lengths.expand(len(self._layer_rows), -1)
         return float(self.per_layer(full).sum() + self.embeddings(lengths).sum())
 
+    def pruner_cost(self, counts: Tensor, lengths: Tensor) -> Tensor:
+        """L x B FLOPs of the pruner's decisions: before layer l it sees layer l-1's tokens."""
+        entering = torch.cat([lengths[None], counts[:-1]]).detach().long().cpu()
+        self._ensure(entering)
+        return torch.gather(self._table[self._pruner_rows], 1, entering)
+
     def batch(self, out: EncoderOutput, max_length: int) -> BatchFlops:
         """FLOPs of a batch the encoder ran, with both references."""
         lengths = out.lengths.detach().long().cpu()
-        per_layer = self.per_layer(out.kept_counts()).sum(1)
+        counts = out.kept_counts()
+        per_layer = self.per_layer(counts)
+        if self.has_pruner_cost:
+            per_layer = per_layer + self.pruner_cost(counts.cpu(), lengths)
+        per_layer = per_layer.sum(1)
         return BatchFlops(
             pruned=float(per_layer.sum() + self.embeddings(lengths).sum()),
             unpruned_real=self.unpruned(lengths),

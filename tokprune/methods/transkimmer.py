@@ -70,6 +70,9 @@ class SkimPruner(Pruner):
             SkimPredictor(width, keep_bias, hidden_init_std) for _ in range(first_skim_layer, num_layers)
         )
 
+    def cost_module(self, layer: int) -> nn.Module | None:
+        return self.predictors[layer - self.first_skim_layer] if layer >= self.first_skim_layer else None
+
     def forward(self, layer, hidden, keep, attn_probs):
         if layer < self.first_skim_layer:
             return keep
