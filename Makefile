@@ -17,8 +17,14 @@ BUDGET ?= cpu
 MODEL ?= minilm
 SEED ?= 42
 ARGS ?=
+# make sweep: TRIALS = total wanted (empty: sweeps/<method>.yaml's default for the budget),
+# WORKERS = processes on this machine, STORAGE = empty (journal file beside mlflow.db) or a
+# database URL shared by many machines (postgresql://user@host/db).
+TRIALS ?=
+WORKERS ?=
+STORAGE ?=
 
-.PHONY: install test test-fast train ui clean
+.PHONY: install test test-fast train bench sweep ui clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +43,14 @@ test-fast: install
 
 train: install
 	$(PY) -m tokprune train method=$(METHOD) task=$(TASK) budget=$(BUDGET) model=$(MODEL) seed=$(SEED) $(ARGS)
+
+bench: install
+	$(PY) -m tokprune bench model=$(MODEL) seed=$(SEED) $(ARGS)
+
+sweep: install
+	$(PY) -m tokprune sweep method=$(METHOD) task=$(TASK) budget=$(BUDGET) model=$(MODEL) seed=$(SEED) \
+		$(if $(TRIALS),sweep.trials=$(TRIALS)) $(if $(WORKERS),sweep.workers=$(WORKERS)) \
+		$(if $(STORAGE),sweep.storage=$(STORAGE)) $(ARGS)
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --artifacts-destination $(abspath mlartifacts)

@@ -162,3 +162,12 @@ def test_datamodule_pads_each_batch_dynamically():
     batch = next(iter(dm.train_dataloader()))
     assert batch["attention_mask"].sum(1).max() == batch["input_ids"].shape[1]
     assert set(batch["token_type_ids"].unique().tolist()) == {0, 1}  # sentence pairs
+
+
+def test_hub_failure_is_one_clear_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UsageError, match=r"could not load nyu-mll/glue/rte from the hub \(ConnectionError\); set GLUE_DIR"):
+        load_splits(get_task("rte"), "", "nyu-mll/glue")

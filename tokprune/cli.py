@@ -12,6 +12,8 @@ from tokprune.errors import UsageError
 
 COMMANDS = {
     "train": "fine-tune one method on one task and log it to MLflow",
+    "bench": "measure callback overhead and hard-mode CPU speedup; writes reports/bench/",
+    "sweep": "trace the accuracy-vs-FLOPs Pareto front of a method with Optuna, logged to MLflow",
 }
 
 
@@ -55,6 +57,25 @@ def cmd_train(overrides: list[str]) -> int:
     return 0
 
 
+def cmd_bench(overrides: list[str]) -> int:
+    from pathlib import Path
+
+    from tokprune.bench import run_bench, summary
+    from tokprune.config import compose
+
+    cfg = compose(overrides)
+    out_dir = Path("reports") / "bench"
+    print(summary(run_bench(cfg, out_dir)))
+    print(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}")
+    return 0
+
+
+def cmd_sweep(overrides: list[str]) -> int:
+    from tokprune.sweep import run_sweep
+
+    return run_sweep(overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -62,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return {"train": cmd_train}[args.command](args.overrides)
+        return globals()[f"cmd_{args.command}"](args.overrides)
     except UsageError as exc:
         print(f"tokprune: error: {exc}", file=sys.stderr)
         return 2

@@ -185,7 +185,13 @@ def load_splits(task: GlueTask, glue_dir: str, hub_dataset: str) -> dict[str, da
             "train": datasets.Dataset.from_dict(read_glue_tsv(folder / "train.tsv", task)),
             "dev": datasets.Dataset.from_dict(read_glue_tsv(folder / task.dev_file, task)),
         }
-    hub = datasets.load_dataset(hub_dataset, task.name)
+    try:
+        hub = datasets.load_dataset(hub_dataset, task.name)
+    except Exception as exc:  # offline, unknown repo, ...: say what to do instead
+        raise UsageError(
+            f"could not load {hub_dataset}/{task.name} from the hub ({type(exc).__name__}); "
+            "set GLUE_DIR or data.glue_dir to a folder in GLUE's TSV layout"
+        ) from None
     names = {src: dst for src, dst in zip(task.hub_text, ("text_a", "text_b"))}
     out = {}
     for split, hub_split in (("train", "train"), ("dev", task.hub_eval_split)):

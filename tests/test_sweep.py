@@ -1,0 +1,551 @@
+"""`tokprune sweep`: Optuna study + MLflow parent/child runs, resumable, parallel, crash-safe.
+
+Trials are model=tiny, budget=smoke on real SST-2 rows (seconds each). method=none has no
+knobs, so the sweeps here read a search space from tmp_path that varies train.lr.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+import tokprune.sweep as sweep_module
+from tokprune import sweep_mlflow as track
+from conftest import ROOT
+from tokprune.cli import main
+from tokprune.config import choices, compose
+from tokprune.errors import UsageError
+from tokprune.sweep import HOST, FiniteLoss, Surplus, Sweep, TrialFailed, plan_sweep
+from tokprune.sweep_plan import load_space, override
+
+STUDY = "none-sst2-tiny-smoke-seed42"
+FAST = ["model=tiny", "budget=smoke", "train.max_steps=2", "data.train_subset=32", "data.eval_subset=32"]
+SPACE = """trials: {smoke: 3, default: 5}
+params:
+  train.lr: {distribution: float, low: 1.0e-5, high: 1.0e-3, log: true}
+"""
+
+
+@pytest.fixture
+def space_dir(tmp_path) -> Path:
+    folder = tmp_path / "space"
+    folder.mkdir()
+    (folder / "none.yaml").write_text(SPACE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory) -> Path:
+    """One MLflow store for the module's sweeps, so the baseline trains once and is reused."""
+    return tmp_path_factory.mktemp("store")
+
+
+def sweep_args(store: Path, space_dir: Path, glue_dir: str, *extra: str) -> list[str]:
+    return ["method=none", *FAST, f"data.glue_dir={glue_dir}", f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db",
+            f"train.checkpoint_dir={store}/ckpt", f"sweep.space_dir={space_dir}", *extra]
+
+
+def load(storage: str, name: str = STUDY) -> optuna.Study:
+    if "://" in storage:
+        return optuna.load_study(study_name=name, storage=storage)
+    backend = optuna.storages.journal.JournalFileBackend(storage)
+    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))
+
+
+def parent_and_children(store: Path, storage: str, study: str = STUDY):
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    exp = client.get_experiment_by_name("tokprune").experiment_id
+    where = f"tags.`tokprune.role` = 'sweep' and tags.study = '{study}' and tags.storage = '{storage}'"
+    parents = client.search_runs([exp], where)
+    assert len(parents) == 1, "exactly one parent run per study"
+    parent = parents[0]
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=1000)
+    return client, parent, children
+
+
+def assert_consistent(study: optuna.Study, children, complete: int) -> None:
+    """Nothing lost or duplicated: each complete trial has exactly one FINISHED child run, and back."""
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(len(trials))), "trial numbers are unique and dense"
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == complete
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    finished = {r.info.run_id: r for r in children if r.info.status == "FINISHED"}
+    assert sorted(t.user_attrs["mlflow_run_id"] for t in done) == sorted(finished)
+    for t in done:
+        run = finished[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["trial"] == str(t.number)
+        assert run.data.metrics["best/accuracy"] == pytest.approx(t.values[0])
+        assert run.data.metrics["best/flops_ratio_real"] == pytest.approx(t.values[1])
+        assert t.params and all(float(run.data.params[k]) == pytest.approx(v) for k, v in t.params.items())
+    assert not [r for r in children if r.info.status == "RUNNING"]
+
+
+# -- bad input: one line, exit 2, nothing trains -----------------------------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("bad input must be caught before anything trains")
+
+    monkeypatch.setattr(sweep_module, "train", refuse)
+
+
+def one_line_error(capsys, args) -> str:
+    assert main(["sweep", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tokprune: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("params:\n  train.lr: {distribution: gauss, low: 0.1, high: 1}\n", "unknown distribution 'gauss'"),
+    ("params:\n  train.lr: {distribution: float, low: 1.0, high: 0.5}\n", "low (1.0) must be below high (0.5)"),
+    ("params:\n  train.lr: {distribution: float, low: 0.1, high: 0.1}\n", "must be below high"),
+    ("params:\n  train.lr: {distribution: float, low: 0.0, high: 1.0, log: true}\n",
+     "a log distribution needs low > 0"),
+    ("params:\n  train.lr: {distribution: float, low: a, high: 1.0}\n", "low must be a number"),
+    ("params:\n  train.lr: {distribution: float, low: 0.1}\n", "missing high"),
+    ("params:\n  train.lr: {distribution: float, low: 0.1, high: 1, q: 2}\n", "unknown field(s) q"),
+    ("params:\n  train.lr: {distribution: categorical, choices: []}\n", "choices must be a non-empty list"),
+    ("params:\n  train.learning_rate: {distribution: float, low: 0.1, high: 1}\n",
+     "train.learning_rate: unknown config key 'train.learning_rate'"),
+    ("params:\n  train: {distribution: float, low: 0.1, high: 1}\n", "is not a dotted config key"),
+    ("params:\n  train.epochs: {distribution: float, low: 1, high: 3}\n", "holds an integer (1): use an int"),
+    ("params:\n  train.deterministic: {distribution: categorical, choices: [1, 2]}\n", "is not true/false"),
+    ("params: {}\n", "params must map at least one config key"),
+    ("trials: {smoke: 0}\nparams:\n  train.lr: {distribution: float, low: 0.1, high: 1}\n",
+     "trials.smoke must be a positive integer"),
+    ("trials: {tiny: 3}\nparams:\n  train.lr: {distribution: float, low: 0.1, high: 1}\n", "unknown budget 'tiny'"),
+    ("trials: {cpu: 3}\nparams:\n  train.lr: {distribution: float, low: 0.1, high: 1}\n",
+     "no trial count for budget 'smoke'"),
+    ("space:\n  train.lr: {distribution: float, low: 0.1, high: 1}\n", "unknown top-level key(s) space"),
+    ("params: [oops\n", "not valid YAML"),
+    (SPACE + "baseline_checkpoint: teacher\n", "baseline_checkpoint must be a dotted config key"),
+    (SPACE + "baseline_checkpoint: method.teacher\n", "baseline_checkpoint: unknown config key 'method.teacher'"),
+])
+def test_bad_search_space_is_one_line_exit_2(text, message, tmp_path, capsys, no_training):
+    (tmp_path / "none.yaml").write_text(text)
+    line = one_line_error(capsys, ["method=none", *FAST, f"sweep.space_dir={tmp_path}",
+                                   f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert message in line and str(tmp_path / "none.yaml") in line
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.journal").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["method=magic"], "unknown method 'magic': methods with a search space in"),
+    (["method=future"], "method 'future' is not implemented yet"),
+    (["sweep.trials=0"], "sweep.trials must be an integer >= 1, not 0"),
+    (["sweep.trials=many"], "sweep.trials must be an integer >= 1, not 'many'"),
+    (["sweep.workers=0"], "sweep.workers must be an integer >= 1"),
+    (["sweep.max_retry=-1"], "sweep.max_retry must be an integer >= 0"),
+    (["sweep.nope=1"], "unknown config key 'sweep.nope'"),
+    (["train.lr=1e-4"], "train.lr is searched by"),
+    (["sweep.storage=nosuchdb://x/y"], "storage nosuchdb://x/y: cannot open it"),
+    (["task=nope"], "unknown task 'nope'"),
+    (["oops"], "bad argument 'oops'"),
+])
+def test_bad_arguments_are_one_line_exit_2(extra, message, space_dir, tmp_path, capsys, no_training):
+    (space_dir / "future.yaml").write_text("params:\n  method.knob: {distribution: float, low: 0.1, high: 1}\n")
+    line = one_line_error(capsys, ["method=none", *FAST, f"sweep.space_dir={space_dir}",
+                                   f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *extra])
+    assert message in line
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_method_without_a_search_space_is_named(tmp_path, capsys, no_training):
+    line = one_line_error(capsys, ["method=none", f"sweep.space_dir={tmp_path}"])
+    assert f"no search space for method 'none': write {tmp_path / 'none.yaml'}" in line
+
+
+def test_the_command_line_path_exits_2_with_one_line():
+    result = subprocess.run([sys.executable, "-m", "tokprune", "sweep", "method=magic"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"tokprune: error: unknown method 'magic': methods with a search space in {ROOT / 'sweeps'}: "
+        + ", ".join(sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
+    ]
+
+
+def test_every_method_search_space_in_the_repo_is_valid():
+    files = sorted((ROOT / "sweeps").glob("*.yaml"))
+    assert {"transkimmer", "gate", "top"} <= {f.stem for f in files}
+    for path in files:
+        space = load_space(path, path.stem)  # structure, ranges, distributions
+        assert {"smoke", "cpu", "full"} <= set(space.trials), f"{path}: a trial count for every budget"
+        assert all(p.key.startswith("method.") for p in space.params), f"{path}: sweeps the method's own knobs"
+        implemented = path.stem in choices("method") and (ROOT / "tokprune" / "methods" / f"{path.stem}.py").is_file()
+        if implemented:  # every key exists in the method's config and takes the range's values
+            plan = plan_sweep([f"method={path.stem}", "model=tiny", "budget=smoke"])
+            assert plan.target == space.trials["smoke"]
+        else:
+            with pytest.raises(UsageError, match=f"method '{path.stem}' is not implemented yet"):
+                plan_sweep([f"method={path.stem}", "model=tiny", "budget=smoke"])
+
+
+def test_plan_names_the_study_and_puts_the_journal_beside_the_mlflow_store(space_dir, tmp_path):
+    plan = plan_sweep(["method=none", "model=tiny", "budget=smoke", "seed=7", f"sweep.space_dir={space_dir}",
+                       f"mlflow.tracking_uri=sqlite:///{tmp_path}/m/mlflow.db", "sweep.trials=9", "train.epochs=2"])
+    assert plan.study_name == "none-sst2-tiny-smoke-seed7"
+    assert plan.storage == str(tmp_path / "m" / "optuna.journal") and not plan.is_rdb
+    assert plan.target == 9 and plan.passthrough[-1] == "train.epochs=2"
+    remote = plan_sweep(["method=none", f"sweep.space_dir={space_dir}", "sweep.storage=postgresql://u:secret@h/db"])
+    assert remote.is_rdb and "secret" not in remote.storage_label and remote.target == 5  # `default` trials
+
+
+def test_sampled_values_reach_the_trial_config_with_their_types(tmp_path):
+    path = tmp_path / "none.yaml"
+    path.write_text("params:\n"
+                    "  train.epochs: {distribution: int, low: 1, high: 4}\n"
+                    "  train.deterministic: {distribution: categorical, choices: [true, false]}\n"
+                    "  train.gradient_clip_val: {distribution: float, low: 0.5, high: 2.0, step: 0.5}\n"
+                    "  train.lr: {distribution: float, low: 1.0e-6, high: 1.0e-5, log: true}\n")
+    space = load_space(path, "none")
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        values = space.suggest(study.ask())
+        cfg = compose(["model=tiny", *(override(k, v) for k, v in values.items())])
+        assert isinstance(cfg.train.epochs, int) and 1 <= cfg.train.epochs <= 4
+        assert isinstance(cfg.train.deterministic, bool)
+        assert cfg.train.gradient_clip_val in (0.5, 1.0, 1.5, 2.0)
+        assert cfg.train.lr == values["train.lr"] and 1e-6 <= cfg.train.lr <= 1e-5
+
+
+# -- fast unit checks of the crash machinery ---------------------------------------------
+
+
+def test_finite_loss_callback_fails_a_nan_step():
+    class Trainer:
+        global_step = 3
+
+    FiniteLoss().on_train_batch_end(Trainer(), None, {"loss": torch.tensor(0.7)}, None, 0)
+    with pytest.raises(TrialFailed, match="training loss is nan at step 3"):
+        FiniteLoss().on_train_batch_end(Trainer(), None, {"loss": torch.tensor(float("nan"))}, None, 0)
+
+
+def test_a_dead_workers_trial_is_failed_and_requeued(space_dir, tmp_path):
+    plan = plan_sweep(["method=none", *FAST, f"sweep.space_dir={space_dir}",
+                       f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    sweep = Sweep(plan)
+    sweep.exp_id = track.experiment_id(sweep.client, "tokprune", plan.tracking_uri)
+    sweep.parent_id = sweep.client.create_run(sweep.exp_id).info.run_id
+    study = optuna.create_study(study_name=STUDY, storage=sweep.storage, directions=["maximize", "minimize"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive, dead = study.ask(), study.ask()
+    for trial, pid in ((alive, os.getpid()), (dead, gone.pid)):
+        trial.suggest_float("train.lr", 1e-5, 1e-3, log=True)
+        trial.set_user_attr("host", HOST)
+        trial.set_user_attr("pid", pid)
+    study.ask()  # no owner yet: its process died between ask and claim
+    sweep.reap(study)
+    states = [t.state for t in study.get_trials()]
+    assert states[:3] == [TrialState.RUNNING, TrialState.FAIL, TrialState.FAIL]
+    retry = study.get_trials()[3]
+    assert retry.state == TrialState.WAITING and retry.params == study.get_trials()[1].params
+    assert retry.system_attrs["failed_trial"] == 1
+
+
+def test_rdb_storage_drops_a_trial_beyond_the_total(space_dir, tmp_path):
+    db = f"sqlite:///{tmp_path}/optuna.db"
+    plan = plan_sweep(["method=none", *FAST, f"sweep.space_dir={space_dir}", f"sweep.storage={db}",
+                       "sweep.trials=2", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    sweep = Sweep(plan)
+    study = optuna.create_study(study_name=STUDY, storage=sweep.storage, directions=["maximize", "minimize"])
+    first, second = study.ask(), study.ask()
+    sweep.claim(first)
+    sweep.claim(second)
+    with pytest.raises(Surplus):
+        sweep.claim(study.ask())
+    assert first.user_attrs["pid"] == os.getpid() and first.user_attrs["host"] == socket.gethostname()
+
+
+# -- real sweeps ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smoke_sweep_logs_study_parent_children_and_pareto_tags(space_dir, glue_dir, tmp_path, capsys):
+    assert main(["sweep", *sweep_args(tmp_path, space_dir, glue_dir)]) == 0
+    out = capsys.readouterr().out
+    journal = tmp_path / "optuna.journal"  # the default storage: beside mlflow.db
+    study = load(str(journal))
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3  # smoke default of the space file
+    client, parent, children = parent_and_children(tmp_path, str(journal))
+    assert parent.info.status == "FINISHED"
+    assert {k: parent.data.tags[k] for k in ("method", "task", "model", "budget", "study", "storage")} == {
+        "method": "none", "task": "sst2", "model": "tiny", "budget": "smoke", "study": STUDY, "storage": str(journal)}
+    assert len(children) == 3
+    assert_consistent(study, children, complete=3)
+    front = {t.number for t in study.best_trials}
+    assert front and {int(r.data.tags["trial"]) for r in children if r.data.tags["pareto"] == "true"} == front
+    assert {r.data.tags["pareto"] for r in children if int(r.data.tags["trial"]) not in front} <= {"false"}
+    assert all("sampled.train.lr" in r.data.params for r in children)
+    assert all(r.data.tags["mlflow.runName"] == f"{STUDY}-trial{r.data.tags['trial']}" for r in children)
+    assert all(client.get_metric_history(r.info.run_id, "train/flops") for r in children)  # per-step curves
+    # the unpruned baseline: trained once, found by tags, recorded on the parent
+    exp = parent.info.experiment_id
+    baselines = client.search_runs([exp], "tags.`tokprune.role` = 'baseline'")
+    assert len(baselines) == 1 and baselines[0].data.params["method.name"] == "none"
+    assert parent.data.tags["baseline_run_id"] == baselines[0].info.run_id
+    assert Path(parent.data.tags["baseline_checkpoint"]).is_file()
+    assert parent.data.metrics["baseline/accuracy"] == baselines[0].data.metrics["best/accuracy"]
+    assert parent.data.metrics["baseline/flops_ratio_real"] == pytest.approx(1.0)
+    assert parent.data.tags["pareto_trials"] == ",".join(map(str, sorted(front)))
+    table = Path(client.download_artifacts(parent.info.run_id, "sweep/trials.csv", str(tmp_path / "dl")))
+    rows = table.read_text().splitlines()
+    assert rows[0].startswith("trial,state,pareto,accuracy,flops_ratio_real") and len(rows) == 1 + 1 + 3
+    # progress for the user: which trial of how many, the front, where the store is
+    assert "trial 2 started (3 of 3)" in out and "Pareto front, 3/3 trials complete" in out
+    assert f"MLflow store sqlite:///{tmp_path}/mlflow.db" in out
+    # the same study name started afresh (its journal deleted) gets a parent run of its own
+    journal.unlink()
+    assert main(["sweep", *sweep_args(tmp_path, space_dir, glue_dir), "sweep.trials=1"]) == 0
+    parents = client.search_runs([exp], "tags.`tokprune.role` = 'sweep'")
+    new = [p for p in parents if p.info.run_id != parent.info.run_id]
+    assert len(parents) == 2 and new[0].data.tags["sweep_id"] == load(str(journal)).user_attrs["sweep_id"]
+    assert len(client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{new[0].info.run_id}'")) == 1
+    assert len(client.search_runs([exp], "tags.`tokprune.role` = 'baseline'")) == 1  # reused, not retrained
+
+
+@pytest.mark.slow
+def test_resume_runs_only_the_missing_trials(space_dir, glue_dir, shared_store, tmp_path, capsys):
+    journal = str(tmp_path / "resume.journal")
+    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={journal}")
+    assert main(["sweep", *args, "sweep.trials=2"]) == 0
+    first = {t.number: t.user_attrs["mlflow_run_id"] for t in load(journal).get_trials()}
+    assert main(["sweep", *args, "sweep.trials=4"]) == 0
+    assert "study none-sst2-tiny-smoke-seed42: 2/4 trials complete" in capsys.readouterr().out
+    study = load(journal)
+    _, _, children = parent_and_children(shared_store, storage=journal)  # one parent, reused
+    assert_consistent(study, children, complete=4)
+    assert len(study.get_trials()) == 4 and len(children) == 4
+    assert {t.number: t.user_attrs["mlflow_run_id"] for t in study.get_trials()[:2]} == first
+    assert main(["sweep", *args, "sweep.trials=4"]) == 0  # nothing left to do
+    assert len(load(journal).get_trials()) == 4
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_journal_make_exactly_the_total(space_dir, glue_dir, shared_store, tmp_path):
+    journal = str(tmp_path / "two.journal")
+    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={journal}", "sweep.trials=4",
+                      "sweep.workers=2")
+    result = subprocess.run([sys.executable, "-m", "tokprune", "sweep", *args], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(journal)
+    _, parent, children = parent_and_children(shared_store, storage=journal)
+    assert_consistent(study, children, complete=4)
+    assert len(study.get_trials()) == 4
+    assert len({t.user_attrs["pid"] for t in study.get_trials()}) == 2, "both workers ran trials"
+    assert "[sweep worker 1]" in result.stdout and "[sweep worker 2]" in result.stdout
+    assert parent.info.status == "FINISHED" and "pareto_trials" in parent.data.tags
+
+
+def start_sweep(args, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tokprune", "sweep", *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+
+def wait_for_running_trial(proc, storage: str, number: int, log: Path, timeout: float = 400):
+    """Until trial ``number`` is RUNNING with its MLflow run open (mid-training)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            trials = load(storage).get_trials()
+        except Exception:  # the study may not exist yet
+            trials = []
+        if len(trials) > number and trials[number].state == TrialState.RUNNING \
+                and trials[number].user_attrs.get("mlflow_run_id"):
+            return trials[number]
+        time.sleep(0.5)
+    raise AssertionError("the sweep never reached trial %d: %s" % (number, log.read_text()[-3000:]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["journal", "rdb"])
+def test_kill_9_then_rerun_loses_and_duplicates_nothing(kind, space_dir, glue_dir, shared_store, tmp_path):
+    storage = str(tmp_path / "k.journal") if kind == "journal" else f"sqlite:///{tmp_path}/k.db"
+    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={storage}", "sweep.trials=2",
+                      "sweep.heartbeat_interval=1", "sweep.grace_period=2", "sweep.poll_seconds=1")
+    proc = start_sweep(args, tmp_path / "log.txt")
+    killed = wait_for_running_trial(proc, storage, 1, tmp_path / "log.txt")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    client = MlflowClient(f"sqlite:///{shared_store}/mlflow.db")
+    assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "RUNNING"  # left open by the crash
+    before = load(storage).get_trials()[0]
+    assert before.state == TrialState.COMPLETE
+
+    assert main(["sweep", *args]) == 0
+    study = load(storage)
+    _, _, children = parent_and_children(shared_store, storage=storage)
+    assert_consistent(study, children, complete=2)
+    trials = study.get_trials()
+    assert trials[0].user_attrs["mlflow_run_id"] == before.user_attrs["mlflow_run_id"]  # not lost, not re-run
+    assert trials[1].state == TrialState.FAIL
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == killed.params
+    assert len(trials) == 3
+    assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_marks_the_running_trial_failed(signum, space_dir, glue_dir, shared_store, tmp_path):
+    storage = str(tmp_path / "i.journal")
+    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={storage}", "sweep.trials=3")
+    proc = start_sweep(args, tmp_path / "log.txt")
+    running = wait_for_running_trial(proc, storage, 0, tmp_path / "log.txt")
+    proc.send_signal(signum)
+    assert proc.wait(timeout=120) == 128 + signum, (tmp_path / "log.txt").read_text()[-3000:]
+    trial = load(storage).get_trials()[0]
+    assert trial.state == TrialState.FAIL and len(load(storage).get_trials()) == 1
+    client, parent, _ = parent_and_children(shared_store, storage=storage)
+    assert client.get_run(running.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert parent.info.status == "KILLED"
+    assert "run the same command to resume" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_failing_trials_are_marked_failed_and_the_sweep_goes_on(space_dir, glue_dir, shared_store, tmp_path,
+                                                                  monkeypatch):
+    real_train = sweep_module.train
+
+    class Boom(Exception):
+        pass
+
+    import lightning as L
+
+    class RaiseAtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            raise Boom("injected failure")
+
+    def flaky_train(cfg, callbacks=None, tags=None):
+        trial = (tags or {}).get("trial")
+        if trial == "0":
+            cfg.train.lr = 1e30  # weights blow up: the loss turns NaN
+        if trial == "1":
+            callbacks = [*callbacks, RaiseAtStart()]
+        return real_train(cfg, callbacks=callbacks, tags=tags)
+
+    monkeypatch.setattr(sweep_module, "train", flaky_train)
+    storage = str(tmp_path / "f.journal")
+    assert main(["sweep", *sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={storage}")]) == 0
+    study = load(storage)
+    client, _, children = parent_and_children(shared_store, storage=storage)
+    assert_consistent(study, children, complete=3)
+    trials = study.get_trials()
+    assert [t.state for t in trials[:2]] == [TrialState.FAIL, TrialState.FAIL] and len(trials) == 5
+    assert "training loss is nan" in trials[0].user_attrs["error"]
+    assert "injected failure" in trials[1].user_attrs["error"]
+    for t in trials[:2]:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED" and run.data.tags["pareto"] == "false"
+
+
+@pytest.mark.slow
+def test_a_worker_gives_up_after_too_many_failures_in_a_row(space_dir, glue_dir, shared_store, tmp_path,
+                                                             monkeypatch, capsys):
+    real_train = sweep_module.train
+
+    def broken(cfg, callbacks=None, tags=None):
+        if (tags or {}).get("tokprune.role") == "trial":
+            raise RuntimeError("always broken")
+        return real_train(cfg, callbacks=callbacks, tags=tags)
+
+    monkeypatch.setattr(sweep_module, "train", broken)
+    storage = str(tmp_path / "b.journal")
+    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={storage}", "sweep.max_failures=2")
+    assert main(["sweep", *args]) == 1
+    assert [t.state for t in load(storage).get_trials()] == [TrialState.FAIL, TrialState.FAIL]
+    assert "stopping: 2 trials in a row failed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / "tokprune" / "methods" / "transkimmer.py").is_file(), reason="no transkimmer yet")
+def test_trials_get_the_baseline_checkpoint_when_the_space_asks(glue_dir, shared_store, tmp_path):
+    (tmp_path / "transkimmer.yaml").write_text(
+        "params:\n  method.skim_lambda: {distribution: float, low: 0.05, high: 2.0, log: true}\n"
+        "baseline_checkpoint: method.init_checkpoint\n")
+    storage = str(tmp_path / "t.journal")
+    args = sweep_args(shared_store, tmp_path, glue_dir, f"sweep.storage={storage}", "sweep.trials=1")
+    assert main(["sweep", *[a.replace("method=none", "method=transkimmer") for a in args]]) == 0
+    study = load(storage, "transkimmer-sst2-tiny-smoke-seed42")
+    _, parent, children = parent_and_children(shared_store, storage, study="transkimmer-sst2-tiny-smoke-seed42")
+    assert_consistent(study, children, complete=1)
+    assert children[0].data.params["method.init_checkpoint"] == parent.data.tags["baseline_checkpoint"]
+    assert Path(parent.data.tags["baseline_checkpoint"]).is_file()
+
+
+# -- PostgreSQL: workers sharing one study through a database -------------------------------
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+@pytest.fixture
+def postgres_url():
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL is not installed (initdb/pg_ctl not found)")
+    pytest.importorskip("psycopg2", reason="no PostgreSQL driver for SQLAlchemy (pip install psycopg2-binary)")
+    data = Path(tempfile.mkdtemp(prefix="tokprune-pg-"))
+    run_as = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        import pwd
+
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server")
+        os.chown(data, user.pw_uid, user.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*run_as, initdb, "-D", str(data / "db"), "-U", "postgres", "--auth=trust"], check=True,
+                   capture_output=True)
+    subprocess.run([*run_as, pg_ctl, "-D", str(data / "db"), "-w", "-l", str(data / "log"), "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*run_as, pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_postgresql_study(postgres_url, space_dir, glue_dir, shared_store):
+    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={postgres_url}", "sweep.trials=4",
+                      "sweep.workers=2")
+    result = subprocess.run([sys.executable, "-m", "tokprune", "sweep", *args], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(postgres_url)
+    _, _, children = parent_and_children(shared_store, storage=postgres_url)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 4 and not study.get_trials(states=(TrialState.RUNNING,))
+    assert len({t.number for t in study.get_trials()}) == len(study.get_trials())
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert sorted(r.info.run_id for r in finished) == sorted(t.user_attrs["mlflow_run_id"] for t in done)

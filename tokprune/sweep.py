@@ -1,0 +1,453 @@
+"""``python -m tokprune sweep method=... task=...``: the accuracy-vs-FLOPs Pareto front.
+
+One Optuna study per (method, task, model, budget, seed): maximise the task's main dev
+metric, minimise the FLOPs ratio at real length, both from the best epoch. Each trial is an
+ordinary ``train()`` run nested under one MLflow parent run per study. The search space is
+``sweeps/<method>.yaml`` (see ``sweep_plan``), so a new method joins by adding that file.
+
+Resuming is the same command again: the study, the parent run and the baseline are found
+again (by name and by tags) and only the missing trials run; ``sweep.trials`` is the total.
+Exactness and crashes:
+
+- journal storage (the default, one machine): a file lock around "count, ask, claim" makes
+  the total exact; a RUNNING trial whose process (hostname + pid + start time, stored as
+  user attrs) is gone is failed and re-queued with the same values;
+- RDB storage (``sweep.storage=postgresql://...``, many machines): Optuna's heartbeats fail
+  stale trials (and re-queue them); a trial asked beyond the total is dropped at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import lightning as L
+import optuna
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from tokprune import sweep_mlflow as track
+from tokprune.config import compose
+from tokprune.errors import UsageError
+from tokprune.sweep_plan import FLOPS, NEUTRAL, Plan, override, plan_sweep
+from tokprune.train import train
+
+WORKER_ENV = "TOKPRUNE_SWEEP_WORKER"  # set on the processes that `sweep.workers=N` starts
+HOST = socket.gethostname()
+_received: list[int] = []  # the signals (SIGINT, SIGTERM) this process got during the sweep
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: stop after marking the running trial failed."""
+
+
+class TrialFailed(Exception):
+    """A trial whose loss or objective is not a finite number."""
+
+
+class Surplus(Exception):
+    """A trial asked after the study already had its total (RDB storage, racing workers)."""
+
+
+# -- storage, the lock, dead workers ------------------------------------------------------
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time (to tell a reused pid), or None when it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _alive(pid, start) -> bool:
+    if not isinstance(pid, int):
+        return False
+    if Path("/proc").is_dir():
+        now = _proc_start(pid)
+        return now is not None and (start is None or now == start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+class Gate:
+    """An exclusive file lock for journal studies (one machine); a no-op for RDB studies."""
+
+    def __init__(self, path: str | None):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        if self.path and self.fd is None:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class Sweep:
+    """One process's share of a study: setup (study, parent run, baseline), then trials."""
+
+    def __init__(self, plan: Plan, label: str = ""):
+        self.plan, self.label = plan, label
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=plan.cfg.sweep.max_retry)
+        self.gate = Gate(None if plan.is_rdb else plan.storage + ".sweep-lock")
+        self.storage = self._open_storage()  # first: a bad URL is an error before the MLflow store opens
+        self.client = MlflowClient(plan.tracking_uri)
+        self.exp_id = self.parent_id = None
+        self.baseline: dict = {}
+        self.outcome = None
+
+    def say(self, message: str) -> None:
+        print(f"[sweep{self.label}] {message}", flush=True)
+
+    def _open_storage(self):
+        plan = self.plan
+        if not plan.is_rdb:
+            Path(plan.storage).parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(plan.storage))
+        s = plan.cfg.sweep
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+                return RDBStorage(plan.storage, heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period,
+                                  heartbeat_stale_trial_callback=self._stale, engine_kwargs={"pool_pre_ping": True})
+        except ModuleNotFoundError as exc:
+            raise UsageError(f"storage {plan.storage_label}: {exc} (install its driver, e.g. psycopg2-binary)") \
+                from None
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"storage {plan.storage_label}: cannot open it ({first})") from None
+
+    def _stale(self, study: optuna.Study, trial) -> None:
+        """A trial whose worker died: re-queue its values, close its MLflow run(s)."""
+        self.say(f"trial {trial.number} was left running by a dead worker: failed, re-queued with the same values")
+        self.retry(study, trial)
+        if self.parent_id:
+            track.close_trial_runs(self.client, self.exp_id, self.parent_id, trial.number, "KILLED",
+                                   replace=("RUNNING", "FINISHED"))
+
+    def reap(self, study: optuna.Study) -> None:
+        if self.plan.is_rdb:
+            optuna.storages.fail_stale_trials(study)  # heartbeats; calls self._stale
+        else:  # under the gate: a RUNNING trial with no owner, or a dead one on this host, is stale
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                host = t.user_attrs.get("host")
+                if host not in (None, HOST) or _alive(t.user_attrs.get("pid"), t.user_attrs.get("pid_start")):
+                    continue
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                self._stale(study, next(f for f in study.get_trials(deepcopy=False) if f.number == t.number))
+        running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        for run_id in track.close_orphans(self.client, self.exp_id, self.parent_id, running):
+            self.say(f"MLflow run {run_id} belonged to a dead trial: marked KILLED")
+
+    def load(self) -> optuna.Study:
+        """The study with a TPE sampler seeded by (seed, trials so far): reproducible with one
+        worker, and parallel workers do not draw the same values."""
+        study = optuna.load_study(study_name=self.plan.study_name, storage=self.storage)
+        n = len(study.get_trials(deepcopy=False))
+        study.sampler = optuna.samplers.TPESampler(seed=(self.plan.cfg.seed * 1_000_003 + n) % 2**32)
+        return study
+
+    # -- setup ------------------------------------------------------------------------
+
+    def setup(self) -> optuna.Study:
+        """Under the gate: the study, its MLflow parent run and the baseline, found or created."""
+        plan, cfg = self.plan, self.plan.cfg
+        with self.gate:
+            study = self._study()
+            self.exp_id = track.experiment_id(self.client, cfg.mlflow.experiment, plan.tracking_uri)
+            tags = {"sweep_id": study.user_attrs["sweep_id"], "method": plan.space.method, "task": cfg.task.name,
+                    "model": cfg.model.name, "budget": cfg.budget.name, "seed": str(cfg.seed),
+                    "study": plan.study_name, "storage": plan.storage_label, "trials": str(plan.target),
+                    **{f"space.{k}": v for k, v in plan.space.describe().items()}}
+            self.parent_id = track.parent_run(self.client, self.exp_id, tags, f"sweep-{plan.study_name}")
+            for key, value in tags.items():
+                self.client.set_tag(self.parent_id, key, value)
+            if study.user_attrs.get("mlflow_parent_run_id") != self.parent_id:
+                study.set_user_attr("mlflow_parent_run_id", self.parent_id)
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            self.say(f"study {plan.study_name}: {done}/{plan.target} trials complete; storage {plan.storage_label}")
+            self.say(f"MLflow store {plan.tracking_uri}, experiment {cfg.mlflow.experiment}, parent run "
+                     f"{self.parent_id} (make ui; filter tags.pareto = 'true')")
+            self.baseline = self._baseline()
+            self.reap(study)
+        return study
+
+    def _study(self) -> optuna.Study:
+        plan, cfg = self.plan, self.plan.cfg
+        study = optuna.create_study(study_name=plan.study_name, storage=self.storage, load_if_exists=True,
+                                    directions=["maximize", "minimize"])
+        if study.directions != [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]:
+            raise UsageError(f"study {plan.study_name} in {plan.storage_label} is not a sweep study of this kind")
+        if study.user_attrs.get("overrides", plan.result_overrides) != plan.result_overrides:
+            self.say(f"warning: this study was started with overrides {study.user_attrs['overrides']}, "
+                     f"now {plan.result_overrides}: its trials are not all alike")
+        study.set_metric_names([plan.main_metric, FLOPS])
+        attrs = {"method": plan.space.method, "task": cfg.task.name, "model": cfg.model.name,
+                 "budget": cfg.budget.name, "seed": cfg.seed, "space": plan.space.describe(),
+                 "overrides": plan.result_overrides, "mlflow_tracking_uri": plan.tracking_uri,
+                 "sweep_id": uuid.uuid4().hex}  # tells this study from an earlier one of the same name
+        for key, value in attrs.items():
+            if key not in study.user_attrs:
+                study.set_user_attr(key, value)
+        return study
+
+    def _baseline(self) -> dict:
+        """The unpruned run (method=none) for this task, model, budget and seed: the FLOPs-ratio-1.0
+        point, trained once and shared by every sweep of every method (and ToP's teacher)."""
+        cfg = self.plan.cfg
+        extra = [a for a in self.plan.result_overrides if not a.startswith("method.")]
+        key = {"task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name, "seed": str(cfg.seed),
+               "overrides": " ".join(extra) or "none"}
+        run = track.find_baseline(self.client, self.exp_id, key)
+        if run is None:
+            self.say("training the unpruned baseline (method=none) once for "
+                     + " ".join(f"{k}={v}" for k, v in key.items()))
+            groups = [f"{g}={cfg[g].name}" for g in ("task", "model", "budget")]
+            paths = [a for a in self.plan.passthrough if a.startswith(NEUTRAL) and not a.startswith("mlflow.run_name")]
+            base_cfg = compose(["method=none", *groups, f"seed={cfg.seed}", *extra, *paths])
+            tags = {track.ROLE: "baseline", "seed": str(cfg.seed), "overrides": key["overrides"]}
+            result = train(base_cfg, tags=tags)
+            self.client.set_tag(result.run_id, "checkpoint", result.checkpoint)
+            run = self.client.get_run(result.run_id)
+        metric = run.data.metrics.get(f"best/{self.plan.main_metric}", float("nan"))
+        flops = run.data.metrics.get(f"best/{FLOPS}", 1.0)
+        parent_tags = self.client.get_run(self.parent_id).data.tags
+        if parent_tags.get("baseline_run_id") != run.info.run_id:
+            self.client.set_tag(self.parent_id, "baseline_run_id", run.info.run_id)
+            self.client.set_tag(self.parent_id, "baseline_checkpoint", run.data.tags.get("checkpoint", ""))
+            self.client.log_metric(self.parent_id, f"baseline/{self.plan.main_metric}", metric)
+            self.client.log_metric(self.parent_id, f"baseline/{FLOPS}", flops)
+        return {"run_id": run.info.run_id, "metric": metric, "flops": flops,
+                "checkpoint": run.data.tags.get("checkpoint", "")}
+
+    # -- trials -----------------------------------------------------------------------
+
+    def run_trials(self) -> int:
+        """Run trials until the study has ``target`` complete ones; 0, or 1 after too many failures."""
+        plan, failures, waiting = self.plan, 0, False
+        while True:
+            with self.gate:
+                study = self.load()
+                self.reap(study)
+                done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+                running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                if done >= plan.target:
+                    return 0
+                busy = done + running >= plan.target
+                if not busy:
+                    self.outcome, waiting = None, False
+                    study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=[self.after_trial])
+            if busy:
+                if not waiting:
+                    dead = (f" (a dead worker's trial fails after {plan.cfg.sweep.grace_period} s without a heartbeat)"
+                            if plan.is_rdb else "")
+                    self.say(f"{done}/{plan.target} done; waiting for {running} trial(s) running in other workers"
+                             + dead)
+                waiting = True
+                time.sleep(plan.cfg.sweep.poll_seconds)
+                continue
+            failures = failures + 1 if self.outcome == "fail" else (0 if self.outcome == "complete" else failures)
+            if failures >= plan.cfg.sweep.max_failures:
+                self.say(f"stopping: {failures} trials in a row failed (see the errors above)")
+                return 1
+
+    def claim(self, trial: optuna.Trial) -> None:
+        """Mark the trial as this process's; then, with RDB storage, drop it if it is one too many."""
+        for key, value in {"host": HOST, "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
+                           "mlflow_run_id": None, "error": None}.items():
+            trial.set_user_attr(key, value)
+        self.gate.release()
+        if self.plan.is_rdb:
+            taken = [t.number for t in trial.study.get_trials(deepcopy=False)
+                     if t.state in (TrialState.COMPLETE, TrialState.RUNNING)]
+            if trial.number not in sorted(taken)[: self.plan.target]:
+                trial.set_user_attr("surplus", True)
+                self.outcome = "surplus"
+                raise Surplus(f"trial {trial.number} is beyond the {self.plan.target} wanted")
+
+    def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+        plan = self.plan
+        self.claim(trial)
+        values = plan.space.suggest(trial)
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        taken = len(trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
+        self.say(f"trial {trial.number} started ({taken} of {plan.target}): {shown}")
+        teacher = plan.space.baseline_checkpoint
+        given = {a.partition("=")[0] for a in plan.passthrough}
+        extra = [override(teacher, self.baseline["checkpoint"])] if teacher and teacher not in given else []
+        cfg = compose([*plan.args, *(override(k, v) for k, v in values.items()), *extra,
+                       f"mlflow.run_name={plan.study_name}-trial{trial.number}"])
+        cfg.sweep.storage = plan.storage_label  # no password in the run's params
+        tags = {track.PARENT: self.parent_id, track.ROLE: "trial", "trial": str(trial.number),
+                "study": plan.study_name, "seed": str(cfg.seed)}
+        start = time.perf_counter()
+        try:
+            result = train(cfg, callbacks=[TrialLink(trial, values), FiniteLoss()], tags=tags)
+        except BaseException as exc:
+            stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            self.outcome = "interrupted" if stopped else "fail"
+            error = f"interrupted ({signal.Signals(_received[0]).name})" if stopped and _received else \
+                f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            trial.set_user_attr("error", error)
+            track.close_trial_runs(self.client, self.exp_id, self.parent_id, trial.number,
+                                   "KILLED" if stopped else "FAILED",
+                                   replace=("RUNNING", "FAILED") if stopped else ("RUNNING",))
+            if stopped and not isinstance(exc, Interrupted):
+                raise Interrupted(str(exc)) from exc
+            raise
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        trial.set_user_attr("seconds", round(time.perf_counter() - start, 1))
+        for key, value in result.best.items():
+            trial.set_user_attr(key.replace("val/", "best/"), value)
+        objective = (result.best.get(f"val/{plan.main_metric}", math.nan), result.best.get(f"val/{FLOPS}", math.nan))
+        if not all(math.isfinite(v) for v in objective):
+            self.outcome = "fail"
+            self.client.set_terminated(result.run_id, status="FAILED")
+            raise TrialFailed(f"objective values {objective} are not finite numbers")
+        self.outcome = "complete"
+        return objective
+
+    def after_trial(self, study: optuna.Study, trial) -> None:
+        if trial.user_attrs.get("surplus"):
+            return
+        if trial.state == TrialState.COMPLETE:
+            metric, flops = trial.values
+            self.say(f"trial {trial.number} done: {self.plan.main_metric}={metric:.4f} {FLOPS}={flops:.3f} "
+                     f"({trial.user_attrs.get('seconds', 0):.0f} s)")
+        else:
+            self.say(f"trial {trial.number} failed: {trial.user_attrs.get('error') or 'see above'}")
+        print(track.front_table(study, self.plan, self.baseline), flush=True)
+
+    # -- the end ----------------------------------------------------------------------
+
+    def finalize(self, study: optuna.Study, status: str | None) -> None:
+        """Pareto tags on the trial runs, the summary table on the parent run."""
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        front = {t.number: t.user_attrs.get("mlflow_run_id") for t in (study.best_trials if complete else [])}
+        track.tag_pareto(self.client, self.exp_id, self.parent_id, front)
+        track.log_summary(self.client, self.parent_id, study, self.plan, self.baseline, front)
+        if status:
+            self.client.set_terminated(self.parent_id, status=status)
+
+
+class TrialLink(L.Callback):
+    """As soon as the trial's MLflow run exists: its id on the Optuna trial, the sampled values on the run."""
+
+    def __init__(self, trial: optuna.Trial, values: dict):
+        self.trial, self.values = trial, values
+
+    def setup(self, trainer, pl_module, stage):
+        self.trial.set_user_attr("mlflow_run_id", trainer.logger.run_id)
+        trainer.logger.log_hyperparams({f"sampled.{k}": v for k, v in self.values.items()})
+
+
+class FiniteLoss(L.Callback):
+    """Fail the trial at the first NaN/inf training loss instead of training on garbage."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
+            raise TrialFailed(f"training loss is {loss.detach().float().mean().item()} at step {trainer.global_step}")
+
+
+# -- entry points -------------------------------------------------------------------------
+
+
+def _raise_interrupted(signum, frame):
+    if _received:  # already stopping: let the clean-up finish
+        return
+    _received.append(signum)
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _spawn_workers(plan: Plan) -> int:
+    """``sweep.workers=N``: N processes of this same command on the same study."""
+    cmd = [sys.executable, "-m", "tokprune", "sweep", *plan.args, "sweep.workers=1"]
+    procs = [subprocess.Popen(cmd, env={**os.environ, WORKER_ENV: str(i + 1)}) for i in range(plan.workers)]
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if received:
+        return 128 + received[0]
+    return max(codes)
+
+
+def run_sweep(args: list[str]) -> int:
+    """The ``sweep`` command. Bad input raises ``UsageError`` before anything trains."""
+    plan = plan_sweep(args)
+    worker = os.environ.get(WORKER_ENV)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sweep = Sweep(plan, label=f" worker {worker}" if worker else "")
+        _received.clear()
+        old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+        study = None
+        try:
+            study = sweep.setup()
+            if plan.workers > 1 and not worker:
+                code = _spawn_workers(plan)
+            else:
+                code = sweep.run_trials()
+        except (Interrupted, SystemExit):  # Lightning turns Ctrl-C during fit into SystemExit
+            if not _received:
+                raise
+            for s in old:
+                signal.signal(s, signal.SIG_IGN)
+            name = signal.Signals(_received[0]).name
+            sweep.say(f"interrupted ({name}): a running trial was marked failed; run the same command to resume")
+            if study is not None and not worker:
+                sweep.finalize(sweep.load(), status="KILLED")
+            return 128 + _received[0]
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        if worker:
+            return code
+        study = sweep.load()
+        complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        sweep.finalize(study, status="FINISHED" if complete >= plan.target else ("KILLED" if code > 128 else None))
+        print(track.front_table(study, plan, sweep.baseline), flush=True)
+        sweep.say(f"MLflow store {plan.tracking_uri}, parent run {sweep.parent_id}; Optuna study {plan.study_name} "
+                  f"in {plan.storage_label}")
+        return code if code else (0 if complete >= plan.target else 1)

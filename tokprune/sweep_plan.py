@@ -1,0 +1,292 @@
+"""What a sweep is: its search space (``sweeps/<method>.yaml``) and the checked plan.
+
+A file names the config keys a sweep samples and how many trials it runs by default::
+
+    trials:                      # total trials when TRIALS is not given, per budget
+      smoke: 3
+      cpu: 8
+      full: 30
+    params:                      # config key -> distribution (Optuna's suggest_* arguments)
+      method.skim_lambda: {distribution: float, low: 0.05, high: 2.0, log: true}
+      method.variant: {distribution: categorical, choices: [a, b]}
+    baseline_checkpoint: method.teacher_checkpoint   # optional: this key gets the unpruned
+                                 # baseline's checkpoint in every trial (unless the command sets it)
+
+Distributions: ``float`` and ``int`` (``low`` < ``high``, optional ``log`` or ``step``) and
+``categorical`` (``choices``). Everything wrong with a file, or with the command, is a
+one-line ``UsageError`` found by ``plan_sweep`` before anything trains.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from tokprune.config import CONF_DIR, _load_yaml, choices, compose, split_overrides
+from tokprune.data import get_task
+from tokprune.errors import UsageError
+from tokprune.tracking import resolve_tracking_uri
+
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
+FLOPS = "flops_ratio_real"  # the second objective: FLOPs vs the same examples unpruned
+
+FIELDS = {
+    "float": {"low", "high", "log", "step"},
+    "int": {"low", "high", "log", "step"},
+    "categorical": {"choices"},
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str  # a dotted config key, e.g. method.skim_lambda
+    distribution: str  # float | int | categorical
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple = ()
+
+    def suggest(self, trial: optuna.Trial):
+        if self.distribution == "float":
+            return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+        if self.distribution == "int":
+            return trial.suggest_int(self.key, self.low, self.high, log=self.log, step=self.step or 1)
+        return trial.suggest_categorical(self.key, list(self.choices))
+
+    def values_to_check(self) -> list:
+        """Values that must be valid settings of the key: the range ends, or every choice."""
+        return list(self.choices) if self.distribution == "categorical" else [self.low, self.high]
+
+    def describe(self) -> str:
+        if self.distribution == "categorical":
+            return f"categorical {list(self.choices)}"
+        extra = " log" if self.log else (f" step {self.step}" if self.step else "")
+        return f"{self.distribution} [{self.low}, {self.high}]{extra}"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    method: str
+    path: Path
+    params: tuple[Param, ...]
+    trials: dict[str, int]  # budget name (or "default") -> total trials
+    baseline_checkpoint: str | None = None  # a config key that gets the baseline's checkpoint path
+
+    def default_trials(self, budget: str) -> int:
+        if budget in self.trials:
+            return self.trials[budget]
+        if "default" in self.trials:
+            return self.trials["default"]
+        raise UsageError(f"{self.path}: no trial count for budget '{budget}': add trials.{budget} or give TRIALS=")
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, object]:
+        return {p.key: p.suggest(trial) for p in self.params}
+
+    def describe(self) -> dict[str, str]:
+        return {p.key: p.describe() for p in self.params}
+
+
+def override(key: str, value) -> str:
+    """``key=value`` in the form ``config.compose`` parses back to the same value."""
+    return f"{key}={json.dumps(value)}"
+
+
+def _number(path: Path, key: str, field: str, value, integer: bool):
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not math.isfinite(value):
+        kind = "an integer" if integer else "a number"
+        raise UsageError(f"{path}: {key}: {field} must be {kind}, not {value!r}")
+    return value if integer else float(value)
+
+
+def _param(path: Path, key: str, spec) -> Param:
+    if not isinstance(spec, dict):
+        raise UsageError(f"{path}: {key}: expected a mapping like {{distribution: float, low: 0.1, high: 1.0}}")
+    dist = spec.get("distribution")
+    if dist not in FIELDS:
+        raise UsageError(f"{path}: {key}: unknown distribution {dist!r}: use one of {', '.join(FIELDS)}")
+    unknown = sorted(set(spec) - FIELDS[dist] - {"distribution"})
+    if unknown:
+        raise UsageError(f"{path}: {key}: unknown field(s) {', '.join(unknown)} for a {dist} distribution")
+    if dist == "categorical":
+        values = spec.get("choices")
+        if not isinstance(values, list) or not values:
+            raise UsageError(f"{path}: {key}: choices must be a non-empty list")
+        if any(isinstance(v, (dict, list)) for v in values):
+            raise UsageError(f"{path}: {key}: choices must be plain values (numbers, strings, true/false, null)")
+        return Param(key, dist, choices=tuple(values))
+    integer = dist == "int"
+    for field in ("low", "high"):
+        if field not in spec:
+            raise UsageError(f"{path}: {key}: missing {field}")
+    low = _number(path, key, "low", spec["low"], integer)
+    high = _number(path, key, "high", spec["high"], integer)
+    if low >= high:
+        raise UsageError(f"{path}: {key}: low ({low}) must be below high ({high})")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise UsageError(f"{path}: {key}: log must be true or false")
+    step = spec.get("step")
+    if step is not None:
+        step = _number(path, key, "step", step, integer)
+        if step <= 0:
+            raise UsageError(f"{path}: {key}: step must be positive")
+        if log:
+            raise UsageError(f"{path}: {key}: step and log cannot be combined")
+    if log and low <= 0:
+        raise UsageError(f"{path}: {key}: a log distribution needs low > 0, not {low}")
+    return Param(key, dist, low=low, high=high, log=log, step=step)
+
+
+def load_space(path: Path, method: str, conf_dir: Path = CONF_DIR) -> SearchSpace:
+    """Read and check the file's structure (not yet whether its keys exist: see ``check_keys``)."""
+    data = _load_yaml(path)
+    unknown = sorted(set(data) - {"params", "trials", "baseline_checkpoint"})
+    if unknown:
+        raise UsageError(f"{path}: unknown top-level key(s) {', '.join(unknown)}: "
+                         "expected params, trials and baseline_checkpoint")
+    teacher = data.get("baseline_checkpoint")
+    if teacher is not None and (not isinstance(teacher, str) or "." not in teacher):
+        raise UsageError(f"{path}: baseline_checkpoint must be a dotted config key such as method.teacher_checkpoint")
+    params = data.get("params")
+    if not isinstance(params, dict) or not params:
+        raise UsageError(f"{path}: params must map at least one config key to a distribution")
+    parsed = []
+    for key, spec in params.items():
+        if not isinstance(key, str) or "." not in key:
+            raise UsageError(f"{path}: {key!r} is not a dotted config key such as method.skim_lambda")
+        parsed.append(_param(path, key, spec))
+    trials = data.get("trials") or {}
+    if not isinstance(trials, dict):
+        raise UsageError(f"{path}: trials must map budget names to trial counts, e.g. {{smoke: 3, cpu: 8}}")
+    budgets = set(choices("budget", conf_dir)) | {"default"}
+    for budget, count in trials.items():
+        if budget not in budgets:
+            raise UsageError(f"{path}: trials: unknown budget '{budget}': choose from {', '.join(sorted(budgets))}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise UsageError(f"{path}: trials.{budget} must be a positive integer, not {count!r}")
+    return SearchSpace(method=method, path=path, params=tuple(parsed), trials=dict(trials),
+                       baseline_checkpoint=teacher)
+
+
+def check_keys(space: SearchSpace, cfg: DictConfig, args: list[str]) -> None:
+    """Every parameter must be a config key that accepts every value the space can sample."""
+    _, dotted = split_overrides(args)
+    given = {item.partition("=")[0] for item in dotted}
+    for param in space.params:
+        if param.key in given:
+            raise UsageError(
+                f"{param.key} is searched by {space.path}; drop {param.key}=... from the command "
+                "or remove it from the search space"
+            )
+        for value in param.values_to_check():
+            try:
+                compose([*args, override(param.key, value)])
+            except UsageError as exc:
+                raise UsageError(f"{space.path}: {param.key}: {exc}") from None
+        current = OmegaConf.select(cfg, param.key)
+        if param.distribution == "float" and isinstance(current, int) and not isinstance(current, bool):
+            raise UsageError(f"{space.path}: {param.key} holds an integer ({current}): use an int distribution")
+    if space.baseline_checkpoint:
+        try:
+            compose([*args, override(space.baseline_checkpoint, "/a/baseline.ckpt")])
+        except UsageError as exc:
+            raise UsageError(f"{space.path}: baseline_checkpoint: {exc}") from None
+
+
+# -- the plan: everything checked before anything trains -----------------------------------
+
+
+@dataclass
+class Plan:
+    args: list[str]
+    cfg: DictConfig
+    space: SearchSpace
+    target: int
+    workers: int
+    study_name: str
+    storage: str  # a journal file path or an SQLAlchemy URL
+    storage_label: str  # the same, without a password
+    tracking_uri: str
+    main_metric: str
+
+    @property
+    def is_rdb(self) -> bool:
+        return "://" in self.storage
+
+    @property
+    def passthrough(self) -> list[str]:
+        """The command's dotted overrides that reach every trial (all but ``sweep.*``)."""
+        return [a for a in split_overrides(self.args)[1] if not a.startswith("sweep.")]
+
+    @property
+    def result_overrides(self) -> list[str]:
+        """The overrides that can change a result (not paths, logging or the MLflow store):
+        they tell apart baselines, and a resumed study warns when they differ."""
+        return sorted(a for a in self.passthrough if not a.partition("=")[0].startswith(NEUTRAL))
+
+
+# Keys that change where things go or how they are shown, never a run's numbers.
+NEUTRAL = ("mlflow.", "data.glue_dir", "data.hub_dataset", "data.num_workers", "train.checkpoint_dir",
+           "train.progress_bar", "train.log_every_n_steps")
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"sweep.{name} must be an integer >= {minimum}, not {value!r}")
+    return value
+
+
+def _label(url: str) -> str:
+    if "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        raise UsageError(f"storage '{url}' is not a database URL (e.g. postgresql://user@host/db)") from None
+
+
+def plan_sweep(args: list[str]) -> Plan:
+    groups, _ = split_overrides(args)
+    base = compose([a for a in args if a.startswith("sweep.")])
+    method = groups.get("method", base.method.name)
+    space_dir = Path(base.sweep.space_dir or SWEEPS_DIR)
+    path = space_dir / f"{method}.yaml"
+    if not path.is_file():
+        if method in choices("method"):
+            raise UsageError(f"no search space for method '{method}': write {path} (see sweeps/transkimmer.yaml)")
+        known = ", ".join(sorted(p.stem for p in space_dir.glob("*.yaml"))) or "none"
+        raise UsageError(f"unknown method '{method}': methods with a search space in {space_dir}: {known}")
+    space = load_space(path, method)
+    if method not in choices("method") or importlib.util.find_spec(f"tokprune.methods.{method}") is None:
+        raise UsageError(
+            f"method '{method}' is not implemented yet: {path} exists, but tokprune/methods/{method}.py "
+            f"and conf/method/{method}.yaml are needed before it can be swept"
+        )
+    cfg = compose(args)
+    check_keys(space, cfg, args)
+    s = cfg.sweep
+    target = space.default_trials(cfg.budget.name) if s.trials is None else _positive_int("trials", s.trials)
+    for name in ("heartbeat_interval", "grace_period", "max_failures", "poll_seconds"):
+        _positive_int(name, s[name])
+    _positive_int("max_retry", s.max_retry, minimum=0)
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    storage = str(s.storage or "")
+    if not storage:
+        beside = Path(tracking_uri[len("sqlite:///"):]).parent if tracking_uri.startswith("sqlite:///") else Path()
+        storage = str((beside / "optuna.journal").resolve())
+    elif "://" not in storage:
+        storage = str(Path(storage).resolve())
+    name = s.study_name or f"{method}-{cfg.task.name}-{cfg.model.name}-{cfg.budget.name}-seed{cfg.seed}"
+    return Plan(args=list(args), cfg=cfg, space=space, target=target, workers=_positive_int("workers", s.workers),
+                study_name=str(name), storage=storage, storage_label=_label(storage), tracking_uri=tracking_uri,
+                main_metric=get_task(cfg.task.name).main_metric)
