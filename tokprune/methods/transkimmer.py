@@ -76,7 +76,10 @@ class SkimPruner(Pruner):
     def forward(self, layer, hidden, keep, attn_probs):
         if layer < self.first_skim_layer:
             return keep
-        logits = self.predictors[layer - self.first_skim_layer](hidden)
+        # Only tokens still alive are scored (what the FLOPs counter charges); the rest stay dropped.
+        live = keep > 0
+        logits = hidden.new_zeros(*keep.shape, 2)
+        logits[live] = self.predictors[layer - self.first_skim_layer](hidden[live])
         if self.training:  # a binary sample whose gradient is the soft sample's (straight-through)
             return F.gumbel_softmax(logits, tau=self.tau, hard=True)[..., KEEP]
         return (logits[..., KEEP] > logits[..., SKIM]).to(hidden.dtype)
