@@ -24,7 +24,7 @@ TRIALS ?=
 WORKERS ?=
 STORAGE ?=
 
-.PHONY: install test test-fast train bench sweep ui clean
+.PHONY: install test test-fast train bench sweep report ui clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,9 @@ sweep: install
 	$(PY) -m tokprune sweep method=$(METHOD) task=$(TASK) budget=$(BUDGET) model=$(MODEL) seed=$(SEED) \
 		$(if $(TRIALS),sweep.trials=$(TRIALS)) $(if $(WORKERS),sweep.workers=$(WORKERS)) \
 		$(if $(STORAGE),sweep.storage=$(STORAGE)) $(ARGS)
+
+report: install
+	$(PY) -m tokprune report task=$(TASK) budget=$(BUDGET) model=$(MODEL) seed=$(SEED) $(ARGS)
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --artifacts-destination $(abspath mlartifacts)

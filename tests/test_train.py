@@ -32,6 +32,7 @@ def test_smoke_run_logs_params_and_metrics_to_mlflow(task, metrics, glue_dir, ml
     for name in metrics:
         assert f"val/{name}" in logged and f"best/{name}" in logged
     assert (tmp_path / "ckpt" / result.run_id / "best.ckpt").is_file()
+    assert run.data.tags["checkpoint"] == str(tmp_path / "ckpt" / result.run_id / "best.ckpt")
 
 
 def test_same_seed_gives_the_same_numbers(glue_dir, mlflow_uri, tmp_path):

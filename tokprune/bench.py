@@ -27,6 +27,7 @@ from tokprune.backbone import load_bert, load_tokenizer
 from tokprune.callbacks import TokenPruningCallback
 from tokprune.data import get_task, load_splits, seeded_subset
 from tokprune.encoder import KeepAll, PrunableEncoder, Pruner, received_attention
+from tokprune.errors import UsageError
 from tokprune.flops import FlopsCounter
 from tokprune.methods import build_method
 from tokprune.train import build_datamodule
@@ -115,6 +116,38 @@ def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_s
             }
         )
     return results
+
+
+def checkpoint_speedup(cfg: DictConfig, checkpoint: str, examples: int = 64) -> dict:
+    """Hard-mode latency at batch 1 of a trained method's own pruner vs KeepAll on the same
+    weights (its checkpoint), on ``examples`` seeded real dev rows: what its savings buy on a CPU."""
+    task = get_task(cfg.task.name)
+    module = build_method(cfg, load_bert(cfg.model), task)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    missing = module.load_state_dict(state.get("state_dict", state), strict=False).missing_keys
+    if any(k.startswith(("encoder.", "pruner.")) for k in missing):
+        raise UsageError(f"checkpoint {checkpoint} does not fit method {cfg.method.name}: lacks {missing[0]}")
+    module.eval()
+    dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset)["dev"], examples, cfg.seed)
+    batches = _batches(dev, load_tokenizer(cfg.model), 1, cfg.task.max_length)
+    encoder, pruner, unpruned = module.encoder, module.pruner, KeepAll()
+    t_pruned, t_unpruned, kept = [], [], []
+    with torch.inference_mode():
+        for batch in batches[:2]:  # warm-up
+            encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pruner=pruner)
+        for batch in batches:  # alternate per batch, so load on the machine hits both alike
+            args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            t_pruned.append(_time(lambda: kept.append(encoder(*args, pruner=pruner).kept_fraction().mean())))
+            t_unpruned.append(_time(lambda: encoder(*args, pruner=unpruned)))
+    return {
+        "examples": len(dev),
+        "batch_size": 1,
+        "ms_per_example_pruned": 1e3 * statistics.median(t_pruned),
+        "ms_per_example_unpruned": 1e3 * statistics.median(t_unpruned),
+        "wall_speedup": sum(t_unpruned) / sum(t_pruned),
+        "kept_fraction_mean": float(torch.stack(kept).mean()),
+        "threads": torch.get_num_threads(),
+    }
 
 
 class _StepTimer(L.Callback):

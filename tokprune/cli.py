@@ -14,6 +14,7 @@ COMMANDS = {
     "train": "fine-tune one method on one task and log it to MLflow",
     "bench": "measure callback overhead and hard-mode CPU speedup; writes reports/bench/",
     "sweep": "trace the accuracy-vs-FLOPs Pareto front of a method with Optuna, logged to MLflow",
+    "report": "Pareto plots and a comparison table of a task's sweeps: reports/<task>/ and MLflow",
 }
 
 
@@ -74,6 +75,12 @@ def cmd_sweep(overrides: list[str]) -> int:
     from tokprune.sweep import run_sweep
 
     return run_sweep(overrides)
+
+
+def cmd_report(overrides: list[str]) -> int:
+    from tokprune.report import run_report
+
+    return run_report(overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ from optuna.trial import TrialState
 from tokprune import sweep_mlflow as track
 from tokprune.config import compose
 from tokprune.errors import UsageError
+from tokprune.report import after_sweep
 from tokprune.sweep_plan import FLOPS, NEUTRAL, Plan, override, plan_sweep
 from tokprune.train import train
 
@@ -324,6 +325,7 @@ class Sweep:
                 raise Interrupted(str(exc)) from exc
             raise
         trial.set_user_attr("mlflow_run_id", result.run_id)
+        trial.set_user_attr("checkpoint", result.checkpoint)
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 1))
         for key, value in result.best.items():
             trial.set_user_attr(key.replace("val/", "best/"), value)
@@ -450,4 +452,5 @@ def run_sweep(args: list[str]) -> int:
         print(track.front_table(study, plan, sweep.baseline), flush=True)
         sweep.say(f"MLflow store {plan.tracking_uri}, parent run {sweep.parent_id}; Optuna study {plan.study_name} "
                   f"in {plan.storage_label}")
+        after_sweep([*plan.args, f"sweep.storage={plan.storage}"], sweep.say)  # the task's report; never fails
         return code if code else (0 if complete >= plan.target else 1)

@@ -234,7 +234,7 @@ class Plan:
 
 
 # Keys that change where things go or how they are shown, never a run's numbers.
-NEUTRAL = ("mlflow.", "data.glue_dir", "data.hub_dataset", "data.num_workers", "train.checkpoint_dir",
+NEUTRAL = ("mlflow.", "report.", "data.glue_dir", "data.hub_dataset", "data.num_workers", "train.checkpoint_dir",
            "train.progress_bar", "train.log_every_n_steps")
 
 

@@ -107,6 +107,8 @@ def train(cfg: DictConfig, callbacks: list | None = None, tags: dict[str, str] |
     seconds = time.perf_counter() - start
     best = history.best()
     logger.log_metrics({k.replace("val/", "best/"): v for k, v in best.items()} | {"time/fit_seconds": seconds})
+    if checkpoint.best_model_path:
+        logger.experiment.set_tag(logger.run_id, "checkpoint", str(Path(checkpoint.best_model_path).resolve()))
     logger.finalize("success")
     return RunResult(
         run_id=logger.run_id,

@@ -1,0 +1,262 @@
+"""`tokprune report`: Pareto plots, the comparison table and the HTML page of a task's sweeps.
+
+The recorded studies are real tiny sweeps (model=tiny, budget=smoke, real SST-2 rows): a
+transkimmer study whose space also samples the predictors' initial keep bias and the lr, so
+trials keep different numbers of tokens (a random tiny model learns nothing in 4 steps), and
+a method=none study over the lr, so the overlay has two methods.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from PIL import Image
+
+from conftest import GLUE, QQP_SAMPLE
+from tokprune.cli import main
+from tokprune.report import after_sweep
+
+CHROMIUM = Path("/usr/bin/chromium")
+EXAMPLES = 8  # dev rows timed for each method's best point: enough to exercise the code
+SPACES = {
+    "transkimmer": "trials: {smoke: 4}\nparams:\n"
+                   "  method.skim_lambda: {distribution: float, low: 0.05, high: 2.0, log: true}\n"
+                   "  method.keep_bias: {distribution: float, low: -0.3, high: 0.3}\n"
+                   "  train.lr: {distribution: float, low: 1.0e-4, high: 1.0e-2, log: true}\n",
+    "none": "trials: {smoke: 2}\nparams:\n  train.lr: {distribution: float, low: 1.0e-5, high: 1.0e-3, log: true}\n",
+}
+FILES = {"pareto_all.png", "pareto_none.png", "pareto_transkimmer.png", "kept_none.png", "kept_transkimmer.png",
+         "pareto.md", "report.html", "report.json"}
+
+
+def common(store: Path) -> list[str]:
+    return ["task=sst2", "model=tiny", "budget=smoke", f"data.glue_dir={GLUE}:{QQP_SAMPLE}",
+            f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db"]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Path:
+    """Two real tiny sweeps in one tmp store; each ends by writing the report beside the store."""
+    if not GLUE.is_dir():
+        pytest.skip(f"real GLUE data not found at {GLUE}")
+    store = tmp_path_factory.mktemp("recorded")
+    (store / "space").mkdir()
+    for method, text in SPACES.items():
+        (store / "space" / f"{method}.yaml").write_text(text)
+    for method in SPACES:
+        args = [f"method={method}", *common(store), "data.eval_subset=64", f"train.checkpoint_dir={store}/ckpt",
+                f"sweep.space_dir={store}/space", f"report.speedup_examples={EXAMPLES}"]
+        assert main(["sweep", *args]) == 0
+    return store
+
+
+def studies(store: Path) -> dict[str, optuna.Study]:
+    storage = JournalStorage(JournalFileBackend(str(store / "optuna.journal")))
+    return {m: optuna.load_study(study_name=f"{m}-sst2-tiny-smoke-seed42", storage=storage) for m in SPACES}
+
+
+def table(md: str) -> list[list[str]]:
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("| ").split(" | ")] for line in lines[1:]]
+
+
+def report(store: Path, out: Path, *extra: str) -> int:
+    return main(["report", *common(store), f"report.dir={out}", f"report.speedup_examples={EXAMPLES}", *extra])
+
+
+# -- bad input, without training -----------------------------------------------------------
+
+
+def one_line_error(capsys, args) -> str:
+    assert main(["report", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tokprune: error: "), lines
+    return lines[0]
+
+
+def test_a_task_without_studies_names_the_sweep_to_run(tmp_path, capsys):
+    line = one_line_error(capsys, ["task=rte", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert f"no sweep study of task rte for model=minilm budget=cpu seed=42 in {tmp_path / 'optuna.journal'}" in line
+    assert "run `make sweep METHOD=<method> TASK=rte MODEL=minilm BUDGET=cpu SEED=42` first" in line
+    assert not list(tmp_path.iterdir()), "looking must not create a store, a journal or a report"
+
+
+def test_studies_of_another_model_are_named_in_the_error(tmp_path, capsys):
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    study = optuna.create_study(study_name="x", storage=storage, directions=["maximize", "minimize"])
+    for key, value in {"method": "transkimmer", "task": "sst2", "model": "tiny", "budget": "smoke", "seed": 42}.items():
+        study.set_user_attr(key, value)
+    line = one_line_error(capsys, ["task=sst2", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert "no sweep study of task sst2 for model=minilm" in line
+    assert "(it has studies of sst2 for model=tiny budget=smoke seed=42)" in line
+
+
+def test_negative_speedup_examples_is_one_line_exit_2(tmp_path, capsys):
+    line = one_line_error(capsys, ["report.speedup_examples=-1", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    assert "report.speedup_examples must be >= 0 (0 = skip), not -1" in line
+
+
+def test_a_study_written_directly_renders_without_mlflow_runs(tmp_path, capsys):
+    """No training: a study with realistic values but no MLflow records (another store, say)."""
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    study = optuna.create_study(study_name="gate-sst2", storage=storage, directions=["maximize", "minimize"])
+    for key, value in {"method": "gate", "task": "sst2", "model": "tiny", "budget": "smoke", "seed": 42,
+                       "mlflow_parent_run_id": "not-in-this-store"}.items():
+        study.set_user_attr(key, value)
+    lam = optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)
+    for value, (acc, flops) in zip([0.002, 0.03, 0.2, 0.6], [(0.91, 0.95), (0.90, 0.61), (0.88, 0.72), (0.84, 0.38)]):
+        study.add_trial(optuna.trial.create_trial(
+            params={"method.lambda_sparse": value}, distributions={"method.lambda_sparse": lam}, values=[acc, flops],
+            user_attrs={"best/flops_ratio_padded": flops * 0.4, "best/kept_fraction/layer_0": 1.0,
+                        "best/kept_fraction/layer_1": flops}))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    assert main(["report", "task=sst2", "model=tiny", "budget=smoke", f"report.dir={tmp_path}/out",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]) == 0
+    rows = table((tmp_path / "out" / "sst2" / "pareto.md").read_text())
+    assert [r[:2] + r[3:6] for r in rows] == [  # trial 2 (0.88 at 0.72) is dominated by trial 1
+        ["gate", "3", "0.8400", "0.3800", "0.1520"],
+        ["gate", "1", "0.9000", "0.6100", "0.2440"],
+        ["gate", "0 (best)", "0.9100", "0.9500", "0.3800"]]
+    assert rows[2][6] == "skipped: no Pareto point with an MLflow run"
+    assert {p.name for p in (tmp_path / "out" / "sst2").iterdir()} == {
+        "pareto_all.png", "pareto_gate.png", "kept_gate.png", "pareto.md", "report.html", "report.json"}
+    assert "<title>gate trial 2 (dominated)" in (tmp_path / "out" / "sst2" / "report.html").read_text()
+    assert "logged them to the report/ artifacts of 0 parent run(s)" in capsys.readouterr().out
+
+
+def test_a_failing_report_only_warns_at_the_end_of_a_sweep(monkeypatch):
+    import tokprune.report as report_module
+
+    def broken(cfg):
+        raise RuntimeError("disk full\nsecond line")
+
+    monkeypatch.setattr(report_module, "build_report", broken)
+    said = []
+    after_sweep(["task=sst2"], said.append)  # must not raise
+    assert said == ["warning: report not written (RuntimeError: disk full); run `python -m tokprune report` later"]
+
+
+# -- a report of real recorded studies -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_each_sweep_ends_by_writing_the_report_and_logging_it(recorded):
+    data = json.loads((recorded / "reports" / "sst2" / "report.json").read_text())
+    assert [m["method"] for m in data["methods"]] == ["none", "transkimmer"]  # the second sweep saw both
+    assert {p.name for p in (recorded / "reports" / "sst2").iterdir()} == FILES
+    client = MlflowClient(f"sqlite:///{recorded}/mlflow.db")
+    for study in studies(recorded).values():
+        logged = {Path(a.path).name for a in client.list_artifacts(study.user_attrs["mlflow_parent_run_id"], "report")}
+        assert "report.html" in logged and "pareto.md" in logged
+
+
+@pytest.mark.slow
+def test_report_renders_every_file_and_its_table_is_the_studys(recorded, tmp_path):
+    out = tmp_path / "reports"
+    assert report(recorded, out) == 0
+    folder = out / "sst2"
+    assert {p.name for p in folder.iterdir()} == FILES
+    for png in folder.glob("*.png"):
+        with Image.open(png) as image:
+            assert image.size[0] > 500 and len(image.convert("RGB").getcolors(1 << 24)) > 50, png
+    rows = table((folder / "pareto.md").read_text())
+    client = MlflowClient(f"sqlite:///{recorded}/mlflow.db")
+    baseline_ids = set()
+    for method, study in studies(recorded).items():
+        front = {t.number: t for t in study.best_trials}
+        mine = {int(r[1].split()[0]): r for r in rows if r[0] == method}
+        assert set(mine) == set(front), f"{method}: every Pareto point, and only those"
+        for number, t in front.items():
+            row = mine[number]
+            assert row[3] == f"{t.values[0]:.4f}" and row[4] == f"{t.values[1]:.4f}"
+            assert row[5] == f"{t.user_attrs['best/flops_ratio_padded']:.4f}"
+            assert all(f"{k}={v:.4g}" in row[2] for k, v in t.params.items())
+        best = max(front.values(), key=lambda t: (t.values[0], -t.values[1]))
+        assert [r[1] for r in mine.values() if "(best)" in r[1]] == [f"{best.number} (best)"]
+        speedup = re.fullmatch(r"x(\d+\.\d\d) \((\d+) rows\)", mine[best.number][6])
+        assert speedup and float(speedup[1]) > 0 and int(speedup[2]) == EXAMPLES, mine[best.number][6]
+        baseline_ids.add(client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags["baseline_run_id"])
+    assert len(baseline_ids) == 1, "both sweeps share one baseline"
+    base = client.get_run(baseline_ids.pop()).data.metrics
+    assert [r for r in rows if r[0] == "none (baseline)"][0][3:6] == [
+        f"{base['best/accuracy']:.4f}", f"{base['best/flops_ratio_real']:.4f}", f"{base['best/flops_ratio_padded']:.4f}"]
+    page = (folder / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)|url\(\s*["']?https?:|<img|<script|<link""", page)
+    for study in studies(recorded).values():  # every complete trial can be hovered for its parameters
+        for t in study.get_trials(states=(TrialState.COMPLETE,)):
+            assert f"<title>{study.user_attrs['method']} trial {t.number} (" in page
+    for text in ("fvcore (1 multiply-add = 1 FLOP)", "at their real length", "padded to task.max_length=64"):
+        assert text in page and text in (folder / "pareto.md").read_text()
+
+
+@pytest.mark.slow
+def test_rerunning_replaces_the_mlflow_artifacts_and_stale_files(recorded, tmp_path):
+    out = tmp_path / "reports"
+    client = MlflowClient(f"sqlite:///{recorded}/mlflow.db")
+    parent = studies(recorded)["transkimmer"].user_attrs["mlflow_parent_run_id"]
+    stale = tmp_path / "pareto_gone.png"
+    stale.write_bytes(b"old")
+    client.log_artifact(parent, str(stale), "report")  # a method no longer in the report
+    (out / "sst2").mkdir(parents=True)
+    shutil.copy(stale, out / "sst2" / stale.name)
+    for _ in range(2):
+        assert report(recorded, out, "report.speedup_examples=0") == 0
+    logged = sorted(Path(a.path).name for a in client.list_artifacts(parent, "report"))
+    assert logged == sorted(FILES) == sorted(p.name for p in (out / "sst2").iterdir())
+    remote = Path(client.download_artifacts(parent, "report/pareto.md", str(tmp_path / "dl")))
+    assert remote.read_text() == (out / "sst2" / "pareto.md").read_text()
+    assert "skipped: report.speedup_examples=0" in remote.read_text()
+
+
+@pytest.mark.slow
+def test_a_missing_checkpoint_skips_the_speedup_cleanly(recorded, tmp_path, capsys):
+    study = studies(recorded)["transkimmer"]
+    best = max(study.best_trials, key=lambda t: (t.values[0], -t.values[1]))
+    ckpt = recorded / "ckpt" / best.user_attrs["mlflow_run_id"] / "best.ckpt"
+    moved = tmp_path / "best.ckpt"
+    shutil.move(ckpt, moved)
+    try:
+        assert report(recorded, tmp_path / "reports") == 0
+    finally:
+        shutil.move(moved, ckpt)
+    row = [r for r in table((tmp_path / "reports" / "sst2" / "pareto.md").read_text()) if "(best)" in r[1]
+           and r[0] == "transkimmer"][0]
+    assert row[6] == f"skipped: checkpoint missing ({ckpt})"
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="Chromium is not installed (apt-get install chromium)")
+def test_the_page_renders_its_charts_in_headless_chromium(recorded, tmp_path):
+    out = tmp_path / "reports"
+    assert report(recorded, out, "report.speedup_examples=0") == 0
+    page = out / "sst2" / "report.html"
+    no_charts = tmp_path / "no_charts.html"  # the control: the same page, its figures removed
+    no_charts.write_text(re.sub(r"<svg.*?</svg>", "", page.read_text(), flags=re.S))
+
+    def screenshot(html: Path) -> Image.Image:
+        shot = tmp_path / f"{html.stem}.png"
+        subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                        "--window-size=1200,2000", html.as_uri()], capture_output=True, timeout=120, check=True)
+        return Image.open(shot).convert("RGB")
+
+    def coloured(image: Image.Image) -> int:
+        """Saturated pixels: markers and lines of the charts (text and tables are grey)."""
+        return sum(n for n, (r, g, b) in image.getcolors(1 << 24) if max(r, g, b) - min(r, g, b) > 80)
+
+    image = screenshot(page)
+    assert image.size == (1200, 2000)
+    assert len(image.getcolors(1 << 24)) > 200 and coloured(image) > 300
+    assert coloured(screenshot(no_charts)) < 20

@@ -1,0 +1,222 @@
+"""The report's figures, its Markdown table and its HTML page.
+
+Each figure is drawn once and saved twice: as a PNG (short labels, for files and MLflow) and
+as inline SVG whose points carry ``<title>`` tooltips (for the HTML page, which must work
+offline, so no plotting library runs in the browser).
+
+A point is drawn as its own artist with a ``gid``; the SVG is then parsed and each such
+group gets a ``<title>`` child, which browsers show on hover.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SVG_NS = "http://www.w3.org/2000/svg"
+ET.register_namespace("", SVG_NS)
+ET.register_namespace("xlink", "http://www.w3.org/1999/xlink")
+
+CONVENTION = "fvcore: 1 multiply-add = 1 FLOP"
+X_REAL = f"FLOPs ratio vs unpruned, same examples at real length ({CONVENTION})"
+BASELINE_COLOR = "black"
+PALETTE = plt.get_cmap("tab10").colors
+
+
+def color(index: int):
+    return PALETTE[index % len(PALETTE)]
+
+
+def short_label(point) -> str:
+    """``t3`` plus the value when a trial has one parameter: fits beside a point in a PNG."""
+    label = f"t{point.trial}"
+    if len(point.params) == 1:
+        (key, value), = point.params.items()
+        label += f" {key.rsplit('.', 1)[-1]}={value:.3g}" if isinstance(value, float) else f" {key}={value}"
+    return label
+
+
+def _save(fig, png: Path, tips: dict[str, str]) -> str:
+    """Write the PNG, return the SVG text with a ``<title>`` on every tipped point."""
+    fig.savefig(png, dpi=110)
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg")
+    plt.close(fig)
+    root = ET.fromstring(buffer.getvalue())
+    for meta in root.findall(f"{{{SVG_NS}}}metadata"):  # RDF with the creator's URL: no URLs in the page
+        root.remove(meta)
+    for element in root.iter():
+        tip = tips.get(element.get("id", ""))
+        if tip is not None:
+            title = ET.Element(f"{{{SVG_NS}}}title")
+            title.text = tip
+            element.insert(0, title)
+    root.set("style", "max-width:100%;height:auto")
+    return ET.tostring(root, encoding="unicode")
+
+
+def _baseline(ax, base: dict, metric: str, tips: dict, gid: str, label: str = "unpruned baseline (method=none)"):
+    if not base or not math.isfinite(base.get("metric", math.nan)):
+        return
+    ax.plot([1.0], [base["metric"]], marker="*", markersize=14, color=BASELINE_COLOR, linestyle="none",
+            label=label, gid=gid, zorder=5)
+    tips[gid] = (f"unpruned baseline (method=none), run {base['run_id']}\n{metric}={base['metric']:.4f}\n"
+                 f"FLOPs ratio real=1.000, padded={base.get('flops_padded', math.nan):.3f}")
+
+
+def _front_line(ax, front, col, label=None):
+    """The front as a staircase: at a FLOPs budget x, the best metric reached at or below x."""
+    if front:
+        xs = [p.flops_real for p in front]
+        ys = [p.metric for p in front]
+        ax.plot(xs, ys, drawstyle="steps-post", color=col, alpha=0.7, linewidth=1.5, label=label)
+
+
+def method_front(result, task: str, metric: str, max_length: int, index: int, png: Path) -> str:
+    """One method: every complete trial (dominated ones faded), the front, the baseline."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    col, tips = color(index), {}
+    front = result.front
+    _front_line(ax, front, col, "Pareto front")
+    faded = dict(alpha=0.25, markersize=6)
+    for n, p in enumerate(sorted(result.points, key=lambda p: p.trial)):
+        gid = f"pt-{result.slug}-{n}"
+        style = dict(markersize=8) if p.pareto else faded
+        ax.plot([p.flops_real], [p.metric], marker="o", color=col, linestyle="none", gid=gid, zorder=4, **style)
+        tips[gid] = tooltip(result.method, p, metric, max_length)
+    for (x, y), labels in _coincident(front).items():  # one label per spot, so equal points stay legible
+        ax.annotate(", ".join(labels), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=col)
+    if any(not p.pareto for p in result.points):
+        ax.plot([], [], marker="o", color=col, linestyle="none", label="dominated trials", **faded)
+    _baseline(ax, result.baseline, metric, tips, f"base-{result.slug}")
+    ax.set_xlabel(X_REAL, fontsize=8)
+    ax.set_ylabel(f"dev {metric} (best epoch)")
+    ax.set_title(f"{task} · {result.label}: dev {metric} vs FLOPs ratio at real length\n"
+                 f"{len(result.points)} complete trials, {len(front)} Pareto-optimal; {CONVENTION}", fontsize=9)
+    _finish(ax)
+    fig.tight_layout()
+    return _save(fig, png, tips)
+
+
+def overlay(results, task: str, metric: str, max_length: int, png: Path) -> str:
+    """All methods of the task on one chart: fronts (dominated trials faint) and the baseline(s)."""
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    tips: dict[str, str] = {}
+    for index, result in enumerate(results):
+        col = color(index)
+        _front_line(ax, result.front, col, f"{result.label} front")
+        for n, p in enumerate(result.points):
+            gid = f"all-{result.slug}-{n}"
+            ax.plot([p.flops_real], [p.metric], marker="o", color=col, linestyle="none", gid=gid, zorder=4,
+                    **(dict(markersize=7) if p.pareto else dict(markersize=4, alpha=0.2)))
+            tips[gid] = tooltip(result.method, p, metric, max_length)
+    seen = []
+    for result in results:
+        base = result.baseline
+        if base and base["run_id"] not in seen:
+            seen.append(base["run_id"])
+            label = "unpruned baseline (method=none)" + (f" [{result.label}]" if len(seen) > 1 else "")
+            _baseline(ax, base, metric, tips, f"base-all-{len(seen)}", label)
+    ax.set_xlabel(X_REAL, fontsize=8)
+    ax.set_ylabel(f"dev {metric} (best epoch)")
+    ax.set_title(f"{task}: all methods, dev {metric} vs FLOPs ratio at real length ({CONVENTION})", fontsize=9)
+    _finish(ax)
+    fig.tight_layout()
+    return _save(fig, png, tips)
+
+
+def kept_profile(result, task: str, metric: str, max_length: int, index: int, png: Path) -> str:
+    """Kept fraction of real tokens per layer (mean over dev examples) of each Pareto-optimal trial."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    tips: dict[str, str] = {}
+    front = [p for p in result.front if p.kept]
+    cmap = plt.get_cmap("viridis")
+    for n, p in enumerate(front):
+        col = cmap(n / max(1, len(front) - 1) * 0.85)
+        gid = f"kept-{result.slug}-{n}"
+        ax.plot(range(len(p.kept)), p.kept, marker="o", color=col, label=short_label(p), gid=gid)
+        tips[gid] = tooltip(result.method, p, metric, max_length) + "\nkept per layer: " + \
+            " ".join(f"{k:.2f}" for k in p.kept)
+    if front:
+        layers = max(len(p.kept) for p in front)
+        ax.plot(range(layers), [1.0] * layers, linestyle="--", color=BASELINE_COLOR, label="unpruned (all kept)")
+        ax.set_xticks(range(layers))
+    else:
+        ax.text(0.5, 0.5, "no Pareto-optimal trial with per-layer data", ha="center", transform=ax.transAxes)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of real tokens computed\n(mean over dev examples)")
+    ax.set_title(f"{task} · {result.label}: tokens kept per layer, Pareto-optimal trials (dev, best epoch)",
+                 fontsize=9)
+    _finish(ax)
+    fig.tight_layout()
+    return _save(fig, png, tips)
+
+
+def tooltip(method: str, p, metric: str, max_length: int) -> str:
+    lines = [f"{method} trial {p.trial}" + (" (Pareto-optimal)" if p.pareto else " (dominated)")]
+    lines += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.params.items()]
+    lines.append(f"{metric}={p.metric:.4f}")
+    padded = f"{p.flops_padded:.3f}" if p.flops_padded is not None else "n/a"
+    lines.append(f"FLOPs ratio real={p.flops_real:.3f}, padded to {max_length}={padded}")
+    return "\n".join(lines)
+
+
+def _coincident(points) -> dict[tuple[float, float], list[str]]:
+    spots: dict[tuple[float, float], list[str]] = {}
+    for p in points:
+        spots.setdefault((p.flops_real, p.metric), []).append(short_label(p))
+    return spots
+
+
+def _finish(ax):
+    ax.grid(True, alpha=0.3)
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=7, loc="best")
+
+
+# -- the table and the page ------------------------------------------------------------------
+
+
+def markdown(title: str, head: list[str], rows: list[list[str]], note: str) -> str:
+    lines = [f"# {title}", "", note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.85em; }} td, th {{ border: 1px solid #ccc; padding: 3px 6px; }}
+th {{ background: #f0f0f0; }} .note {{ color: #555; font-size: 0.9em; }} figure {{ margin: 0.5em 0; }}
+</style></head><body>
+<h1>{title}</h1>
+<p class="note">{meta}</p>
+<p class="note">{note} Hover a point for its trial's parameters.</p>
+<h2>All methods</h2>
+<figure>{overlay}</figure>
+<h2>Pareto points</h2>
+{table}
+{sections}
+</body></html>
+"""
+
+
+def page(title: str, meta: str, note: str, head, rows, overlay_svg: str, sections: list[tuple[str, str, str]]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    table = f"<table><tr>{cells}</tr>{body}</table>"
+    parts = "".join(f"<h2>{html.escape(label)}</h2><figure>{front}</figure><figure>{kept}</figure>"
+                    for label, front, kept in sections)
+    return PAGE.format(title=html.escape(title), meta=html.escape(meta), note=html.escape(note),
+                       overlay=overlay_svg, table=table, sections=parts)
