@@ -161,6 +161,31 @@ class _StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def layer_latency_by_length(cfg: DictConfig, lengths=(4, 8, 16, 32, 64, 128), repeats: int = 50) -> list[dict]:
+    """Where batch-1 time goes: one layer's latency against its FLOPs as the input shrinks.
+
+    Wall time only follows FLOPs once a layer's matmuls are big enough to outweigh the fixed
+    cost of each op; below that, dropping tokens saves FLOPs but little time.
+    """
+    encoder = PrunableEncoder(load_bert(cfg.model)).eval()
+    counter = FlopsCounter(encoder)
+    layer = encoder.layers[0]
+    rows = []
+    with torch.inference_mode():
+        for length in lengths:
+            hidden = torch.randn(1, length, encoder.config.hidden_size)
+            bias = hidden.new_zeros(1, 1, 1, length)
+            for _ in range(5):
+                encoder._layer(layer, hidden, bias, None)
+            times = [_time(lambda: encoder._layer(layer, hidden, bias, None)) for _ in range(repeats)]
+            rows.append({"length": length, "ms": 1e3 * statistics.median(times), "flops": counter.layer(0, length)})
+    top = rows[-1]
+    for row in rows:
+        row["time_fraction_of_longest"] = row["ms"] / top["ms"]
+        row["flops_fraction_of_longest"] = row["flops"] / top["flops"]
+    return rows
+
+
 def callback_overhead(cfg: DictConfig, steps_per_block: int = 10, rounds: int = 3) -> dict:
     """Median training-step time with the callback on / off, alternating blocks in one run."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -203,7 +228,16 @@ def plot(results: dict, path: Path) -> None:
     rows = results["speedup"]
     labels = [f"{r['task']}\nbatch {r['batch_size']}" for r in rows]
     x = range(len(rows))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [3, 1.6, 1]})
+    lat = results["layer_latency_batch1"]
+    middle.plot([r["length"] for r in lat], [r["flops_fraction_of_longest"] for r in lat], "o-", label="FLOPs")
+    middle.plot([r["length"] for r in lat], [r["time_fraction_of_longest"] for r in lat], "s-", label="wall time")
+    middle.set_xscale("log", base=2)
+    middle.set_yscale("log")
+    middle.set_xlabel("tokens in the layer (batch 1)")
+    middle.set_ylabel(f"fraction of the {lat[-1]['length']}-token layer")
+    middle.set_title("one layer: time vs FLOPs as tokens drop", fontsize=9)
+    middle.legend(fontsize=8)
     left.bar([i - 0.2 for i in x], [r["flops_reduction"] for r in rows], 0.4, label="FLOPs reduction (fvcore, real length)")
     left.bar([i + 0.2 for i in x], [r["wall_speedup"] for r in rows], 0.4, label="wall-time speedup (hard mode, CPU)")
     left.axhline(1.0, color="grey", lw=0.8)
@@ -236,6 +270,7 @@ def run_bench(
         "schedule": {str(k): v for k, v in schedule.items()},
         "flops_convention": "fvcore: one fused multiply-add = one FLOP",
         "speedup": [row for task in tasks for row in speedup(cfg, task, schedule, examples=examples)],
+        "layer_latency_batch1": layer_latency_by_length(cfg),
         "callback_overhead": callback_overhead(cfg, steps_per_block, rounds),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,6 +287,8 @@ def summary(results: dict) -> str:
             f"faster ({r['ms_per_batch_unpruned']:.1f} -> {r['ms_per_batch_pruned']:.1f} ms/batch), "
             f"speedup/FLOPs-reduction {r['speedup_over_flops_reduction']:.2f}"
         )
+    lat = " ".join(f"{r['length']}:{r['ms']:.2f}ms/{r['flops_fraction_of_longest']:.3f}F" for r in results["layer_latency_batch1"])
+    lines.append(f"one layer at batch 1, tokens:latency/FLOPs-fraction: {lat}")
     o = results["callback_overhead"]
     lines.append(
         f"callback overhead: {o['median_step_ms_callback_on']:.0f} vs {o['median_step_ms_callback_off']:.0f} ms/step "
