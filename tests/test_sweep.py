@@ -478,7 +478,6 @@ def test_a_worker_gives_up_after_too_many_failures_in_a_row(space_dir, glue_dir,
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "tokprune" / "methods" / "transkimmer.py").is_file(), reason="no transkimmer yet")
 def test_trials_get_the_baseline_checkpoint_when_the_space_asks(glue_dir, shared_store, tmp_path):
     (tmp_path / "transkimmer.yaml").write_text(
         "params:\n  method.skim_lambda: {distribution: float, low: 0.05, high: 2.0, log: true}\n"
