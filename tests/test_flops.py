@@ -1,6 +1,5 @@
 """FLOPs: cached per-length lookups agree with direct fvcore traces and with the MAC formula."""
 
-import lightning as L
 import pytest
 import torch
 from torch import nn

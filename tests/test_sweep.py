@@ -339,20 +339,24 @@ def test_resume_runs_only_the_missing_trials(space_dir, glue_dir, shared_store, 
     assert len(load(journal).get_trials()) == 4
 
 
-@pytest.mark.slow
-def test_two_workers_on_one_journal_make_exactly_the_total(space_dir, glue_dir, shared_store, tmp_path):
-    journal = str(tmp_path / "two.journal")
-    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={journal}", "sweep.trials=4",
+def sweep_with_two_workers(storage, shared_store, space_dir, glue_dir):
+    """A 4-trial sweep by two worker processes on one storage: (study, parent run, child runs, stdout)."""
+    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={storage}", "sweep.trials=4",
                       "sweep.workers=2")
     result = subprocess.run([sys.executable, "-m", "tokprune", "sweep", *args], capture_output=True, text=True,
                             cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    study = load(journal)
-    _, parent, children = parent_and_children(shared_store, storage=journal)
+    _, parent, children = parent_and_children(shared_store, storage=storage)
+    return load(storage), parent, children, result.stdout
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_journal_make_exactly_the_total(space_dir, glue_dir, shared_store, tmp_path):
+    study, parent, children, stdout = sweep_with_two_workers(str(tmp_path / "two.journal"), shared_store, space_dir, glue_dir)
     assert_consistent(study, children, complete=4)
     assert len(study.get_trials()) == 4
     assert len({t.user_attrs["pid"] for t in study.get_trials()}) == 2, "both workers ran trials"
-    assert "[sweep worker 1]" in result.stdout and "[sweep worker 2]" in result.stdout
+    assert "[sweep worker 1]" in stdout and "[sweep worker 2]" in stdout
     assert parent.info.status == "FINISHED" and "pareto_trials" in parent.data.tags
 
 
@@ -536,13 +540,7 @@ def postgres_url():
 
 @pytest.mark.slow
 def test_two_workers_share_a_postgresql_study(postgres_url, space_dir, glue_dir, shared_store):
-    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={postgres_url}", "sweep.trials=4",
-                      "sweep.workers=2")
-    result = subprocess.run([sys.executable, "-m", "tokprune", "sweep", *args], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    study = load(postgres_url)
-    _, _, children = parent_and_children(shared_store, storage=postgres_url)
+    study, _, children, _ = sweep_with_two_workers(postgres_url, shared_store, space_dir, glue_dir)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 4 and not study.get_trials(states=(TrialState.RUNNING,))
     assert len({t.number for t in study.get_trials()}) == len(study.get_trials())
