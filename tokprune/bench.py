@@ -71,6 +71,26 @@ def _batches(rows: dict, tokenizer, size: int, max_length: int) -> list[dict]:
     return out
 
 
+def _alternate(encoder: PrunableEncoder, pruner: Pruner, batches: list[dict], other=None):
+    """Hard-mode forwards with ``pruner`` and unpruned (and ``other(batch)`` if given), timed
+    alternately per batch after two warm-up batches, so load on the machine hits all alike.
+
+    Returns (pruned seconds, unpruned seconds, other seconds, the pruned outputs).
+    """
+    unpruned = KeepAll()
+    t_pruned, t_unpruned, t_other, outputs = [], [], [], []
+    with torch.inference_mode():
+        for batch in batches[:2]:  # warm-up
+            encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pruner=pruner)
+        for batch in batches:
+            args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            t_pruned.append(_time(lambda: outputs.append(encoder(*args, pruner=pruner))))
+            t_unpruned.append(_time(lambda: encoder(*args, pruner=unpruned)))
+            if other is not None:
+                t_other.append(_time(lambda: other(batch)))
+    return t_pruned, t_unpruned, t_other, outputs
+
+
 def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_sizes=(1, 32), examples=256) -> list[dict]:
     """Hard-mode latency of ``schedule`` vs the unpruned encoder on real dev rows."""
     task = get_task(task_name)
@@ -79,24 +99,14 @@ def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_s
     encoder = PrunableEncoder(bert).eval()
     counter = FlopsCounter(encoder)
     dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset)["dev"], examples, cfg.seed)
-    pruner, unpruned = KeepSchedule(schedule), KeepAll()
+    pruner = KeepSchedule(schedule)
     results = []
     for size in batch_sizes:
         batches = _batches(dev, tokenizer, size, 512)
-        t_pruned, t_unpruned, t_backbone = [], [], []
-        flops_pruned = flops_unpruned = 0.0
-        with torch.inference_mode():
-            for batch in batches[:2]:  # warm-up
-                encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pruner=pruner)
-            for batch in batches:
-                args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-                t_pruned.append(_time(lambda: encoder(*args, pruner=pruner)))
-                t_unpruned.append(_time(lambda: encoder(*args, pruner=unpruned)))
-                t_backbone.append(_time(lambda: bert(**batch)))
-                out = encoder(*args, pruner=pruner)
-                flops = counter.batch(out, max_length=args[0].shape[1])
-                flops_pruned += flops.pruned
-                flops_unpruned += flops.unpruned_real
+        t_pruned, t_unpruned, t_backbone, outputs = _alternate(encoder, pruner, batches, other=lambda b: bert(**b))
+        flops = [counter.batch(out, max_length=out.hidden.shape[1]) for out in outputs]
+        flops_pruned = sum(f.pruned for f in flops)
+        flops_unpruned = sum(f.unpruned_real for f in flops)
         flops_reduction = flops_unpruned / flops_pruned
         wall = sum(t_unpruned) / sum(t_pruned)
         results.append(
@@ -130,15 +140,8 @@ def checkpoint_speedup(cfg: DictConfig, checkpoint: str, examples: int = 64) -> 
     module.eval()
     dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset)["dev"], examples, cfg.seed)
     batches = _batches(dev, load_tokenizer(cfg.model), 1, cfg.task.max_length)
-    encoder, pruner, unpruned = module.encoder, module.pruner, KeepAll()
-    t_pruned, t_unpruned, kept = [], [], []
-    with torch.inference_mode():
-        for batch in batches[:2]:  # warm-up
-            encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pruner=pruner)
-        for batch in batches:  # alternate per batch, so load on the machine hits both alike
-            args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-            t_pruned.append(_time(lambda: kept.append(encoder(*args, pruner=pruner).kept_fraction().mean())))
-            t_unpruned.append(_time(lambda: encoder(*args, pruner=unpruned)))
+    t_pruned, t_unpruned, _, outputs = _alternate(module.encoder, module.pruner, batches)
+    kept = [out.kept_fraction().mean() for out in outputs]
     return {
         "examples": len(dev),
         "batch_size": 1,

@@ -24,7 +24,6 @@ class TokenPruningCallback(L.Callback):
         self.max_length = max_length
         self.counter: FlopsCounter | None = None
         self._val: dict[str, torch.Tensor | float] = {}
-        self.last_validation: dict[str, float] = {}
 
     def setup(self, trainer, pl_module, stage):
         if self.counter is None or self.counter.encoder is not pl_module.encoder:
@@ -81,4 +80,3 @@ class TokenPruningCallback(L.Callback):
             "val", acc["pruned"], acc["real"], acc["padded"], acc["per_layer"], acc["kept"], acc["examples"]
         )
         pl_module.log_dict(metrics)
-        self.last_validation = metrics

@@ -24,7 +24,7 @@ Two modes:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +74,6 @@ class EncoderOutput:
     attentions: list[Tensor | None]  # per layer: B x H x N x N probabilities, full coordinates
     padding: Tensor  # B x N, 1 = real token
     hard: bool = False
-    extras: dict = field(default_factory=dict)  # anything a pruner wants to hand its method
 
     @property
     def lengths(self) -> Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +30,6 @@ class RunResult:
     epochs: int
     steps: int
     seconds: float
-    extra: dict = field(default_factory=dict)
 
 
 class ValidationHistory(L.Callback):
