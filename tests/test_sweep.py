@@ -360,14 +360,21 @@ def test_two_workers_on_one_journal_make_exactly_the_total(space_dir, glue_dir, 
     assert parent.info.status == "FINISHED" and "pareto_trials" in parent.data.tags
 
 
+# One 200-step epoch (~7 s on the tiny model): long enough that a signal sent after the first
+# logged step cannot arrive after the trial has finished.
+LONG_TRIAL = ["data.train_subset=3200", "train.max_steps=200"]
+
+
 def start_sweep(args, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tokprune", "sweep", *args], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
 
-def wait_for_running_trial(proc, storage: str, number: int, log: Path, timeout: float = 400):
-    """Until trial ``number`` is RUNNING with its MLflow run open (mid-training)."""
+def wait_for_running_trial(proc, storage: str, number: int, log: Path, store: Path, timeout: float = 400):
+    """Until trial ``number`` is RUNNING and its MLflow run has logged a training step: with
+    LONG_TRIAL's settings a signal sent then lands mid-training, never after the trial ended."""
     deadline = time.monotonic() + timeout
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
         try:
@@ -376,8 +383,9 @@ def wait_for_running_trial(proc, storage: str, number: int, log: Path, timeout: 
             trials = []
         if len(trials) > number and trials[number].state == TrialState.RUNNING \
                 and trials[number].user_attrs.get("mlflow_run_id"):
-            return trials[number]
-        time.sleep(0.5)
+            if client.get_metric_history(trials[number].user_attrs["mlflow_run_id"], "train/loss"):
+                return trials[number]
+        time.sleep(0.2)
     raise AssertionError("the sweep never reached trial %d: %s" % (number, log.read_text()[-3000:]))
 
 
@@ -386,9 +394,9 @@ def wait_for_running_trial(proc, storage: str, number: int, log: Path, timeout: 
 def test_kill_9_then_rerun_loses_and_duplicates_nothing(kind, space_dir, glue_dir, shared_store, tmp_path):
     storage = str(tmp_path / "k.journal") if kind == "journal" else f"sqlite:///{tmp_path}/k.db"
     args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={storage}", "sweep.trials=2",
-                      "sweep.heartbeat_interval=1", "sweep.grace_period=2", "sweep.poll_seconds=1")
+                      "sweep.heartbeat_interval=1", "sweep.grace_period=2", "sweep.poll_seconds=1", *LONG_TRIAL)
     proc = start_sweep(args, tmp_path / "log.txt")
-    killed = wait_for_running_trial(proc, storage, 1, tmp_path / "log.txt")
+    killed = wait_for_running_trial(proc, storage, 1, tmp_path / "log.txt", store=shared_store)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     client = MlflowClient(f"sqlite:///{shared_store}/mlflow.db")
@@ -413,9 +421,9 @@ def test_kill_9_then_rerun_loses_and_duplicates_nothing(kind, space_dir, glue_di
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_marks_the_running_trial_failed(signum, space_dir, glue_dir, shared_store, tmp_path):
     storage = str(tmp_path / "i.journal")
-    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={storage}", "sweep.trials=3")
+    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={storage}", "sweep.trials=3", *LONG_TRIAL)
     proc = start_sweep(args, tmp_path / "log.txt")
-    running = wait_for_running_trial(proc, storage, 0, tmp_path / "log.txt")
+    running = wait_for_running_trial(proc, storage, 0, tmp_path / "log.txt", store=shared_store)
     proc.send_signal(signum)
     assert proc.wait(timeout=120) == 128 + signum, (tmp_path / "log.txt").read_text()[-3000:]
     trial = load(storage).get_trials()[0]
