@@ -137,6 +137,14 @@ def one_line_error(capsys, args) -> str:
     ("params: [oops\n", "not valid YAML"),
     (SPACE + "baseline_checkpoint: teacher\n", "baseline_checkpoint must be a dotted config key"),
     (SPACE + "baseline_checkpoint: method.teacher\n", "baseline_checkpoint: unknown config key 'method.teacher'"),
+    (SPACE + "per_budget:\n  tiny: {params: {train.lr: {distribution: float, low: 0.1, high: 1}}}\n",
+     "per_budget: unknown budget 'tiny'"),
+    (SPACE + "per_budget:\n  smoke: {trials: 3}\n", "per_budget.smoke must hold exactly one key, params"),
+    (SPACE + "per_budget:\n  smoke: {params: {}}\n", "per_budget.smoke.params must map at least one"),
+    (SPACE + "per_budget:\n  smoke: {params: {train.lr: {distribution: float, low: 2, high: 1}}}\n",
+     "low (2.0) must be below high (1.0)"),
+    (SPACE + "per_budget:\n  smoke: {params: {train.nope: {distribution: float, low: 0.1, high: 1}}}\n",
+     "unknown config key 'train.nope'"),
 ])
 def test_bad_search_space_is_one_line_exit_2(text, message, tmp_path, capsys, no_training):
     (tmp_path / "none.yaml").write_text(text)
@@ -193,6 +201,8 @@ def test_every_method_search_space_in_the_repo_is_valid():
         if implemented:  # every key exists in the method's config and takes the range's values
             plan = plan_sweep([f"method={path.stem}", "model=tiny", "budget=smoke"])
             assert plan.target == space.trials["smoke"]
+            for budget, _ in space.per_budget:  # and so do a budget's own ranges
+                assert plan_sweep([f"method={path.stem}", "model=tiny", f"budget={budget}"]).space.per_budget == ()
         else:
             with pytest.raises(UsageError, match=f"method '{path.stem}' is not implemented yet"):
                 plan_sweep([f"method={path.stem}", "model=tiny", "budget=smoke"])
@@ -224,6 +234,25 @@ def test_sampled_values_reach_the_trial_config_with_their_types(tmp_path):
         assert isinstance(cfg.train.deterministic, bool)
         assert cfg.train.gradient_clip_val in (0.5, 1.0, 1.5, 2.0)
         assert cfg.train.lr == values["train.lr"] and 1e-6 <= cfg.train.lr <= 1e-5
+
+
+def test_a_budget_replaces_and_adds_to_the_searched_ranges(tmp_path):
+    (tmp_path / "none.yaml").write_text(
+        SPACE + "per_budget:\n  cpu:\n    params:\n"
+        "      train.lr: {distribution: float, low: 1.0e-4, high: 1.0e-3, log: true}\n"
+        "      train.warmup_ratio: {distribution: categorical, choices: [0.0]}\n")
+    args = ["method=none", "model=tiny", f"sweep.space_dir={tmp_path}"]
+    smoke = plan_sweep([*args, "budget=smoke"]).space.describe()
+    cpu = plan_sweep([*args, "budget=cpu"]).space.describe()
+    assert smoke == {"train.lr": "float [1e-05, 0.001] log"}
+    assert cpu == {"train.lr": "float [0.0001, 0.001] log", "train.warmup_ratio": "categorical [0.0]"}
+
+
+def test_the_transkimmer_cpu_sweep_samples_the_range_that_skims_on_that_budget():
+    cpu = plan_sweep(["method=transkimmer", "budget=cpu"]).space.describe()
+    full = plan_sweep(["method=transkimmer", "budget=full"]).space.describe()
+    assert full == {"method.skim_lambda": "float [0.05, 2.0] log"}  # around the paper's 0.5
+    assert cpu == {"method.skim_lambda": "float [0.01, 0.1] log", "method.predictor_lr": "categorical [0.001]"}
 
 
 # -- fast unit checks of the crash machinery ---------------------------------------------

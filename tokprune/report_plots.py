@@ -36,10 +36,10 @@ def color(index: int):
 
 
 def short_label(point) -> str:
-    """``t3`` plus the value when a trial has one parameter: fits beside a point in a PNG."""
+    """``t3`` plus the trial's first parameter (a space lists its operating-point knob first):
+    fits beside a point in a PNG; the hover text has them all."""
     label = f"t{point.trial}"
-    if len(point.params) == 1:
-        (key, value), = point.params.items()
+    for key, value in list(point.params.items())[:1]:
         label += f" {key.rsplit('.', 1)[-1]}={value:.3g}" if isinstance(value, float) else f" {key}={value}"
     return label
 

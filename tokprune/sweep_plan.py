@@ -11,6 +11,11 @@ A file names the config keys a sweep samples and how many trials it runs by defa
       method.variant: {distribution: categorical, choices: [a, b]}
     baseline_checkpoint: method.teacher_checkpoint   # optional: this key gets the unpruned
                                  # baseline's checkpoint in every trial (unless the command sets it)
+    per_budget:                  # optional: a budget's own ranges, replacing or adding to params
+      cpu:
+        params:
+          method.skim_lambda: {distribution: float, low: 0.01, high: 0.1, log: true}
+          method.predictor_lr: {distribution: categorical, choices: [1.0e-3]}   # one choice: fixed
 
 Distributions: ``float`` and ``int`` (``low`` < ``high``, optional ``log`` or ``step``) and
 ``categorical`` (``choices``). Everything wrong with a file, or with the command, is a
@@ -22,7 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -78,6 +83,13 @@ class SearchSpace:
     params: tuple[Param, ...]
     trials: dict[str, int]  # budget name (or "default") -> total trials
     baseline_checkpoint: str | None = None  # a config key that gets the baseline's checkpoint path
+    per_budget: tuple[tuple[str, tuple[Param, ...]], ...] = ()  # budget -> params replacing or adding
+
+    def for_budget(self, budget: str) -> "SearchSpace":
+        """The space a sweep at ``budget`` samples: ``params`` with that budget's entries merged in."""
+        own = dict(self.per_budget).get(budget, ())
+        merged = {p.key: p for p in self.params} | {p.key: p for p in own}
+        return replace(self, params=tuple(merged.values()), per_budget=())
 
     def default_trials(self, budget: str) -> int:
         if budget in self.trials:
@@ -148,32 +160,44 @@ def _param(path: Path, key: str, spec) -> Param:
 def load_space(path: Path, method: str, conf_dir: Path = CONF_DIR) -> SearchSpace:
     """Read and check the file's structure (not yet whether its keys exist: see ``check_keys``)."""
     data = _load_yaml(path)
-    unknown = sorted(set(data) - {"params", "trials", "baseline_checkpoint"})
+    unknown = sorted(set(data) - {"params", "trials", "baseline_checkpoint", "per_budget"})
     if unknown:
         raise UsageError(f"{path}: unknown top-level key(s) {', '.join(unknown)}: "
-                         "expected params, trials and baseline_checkpoint")
+                         "expected params, trials, baseline_checkpoint and per_budget")
     teacher = data.get("baseline_checkpoint")
     if teacher is not None and (not isinstance(teacher, str) or "." not in teacher):
         raise UsageError(f"{path}: baseline_checkpoint must be a dotted config key such as method.teacher_checkpoint")
-    params = data.get("params")
-    if not isinstance(params, dict) or not params:
-        raise UsageError(f"{path}: params must map at least one config key to a distribution")
-    parsed = []
-    for key, spec in params.items():
-        if not isinstance(key, str) or "." not in key:
-            raise UsageError(f"{path}: {key!r} is not a dotted config key such as method.skim_lambda")
-        parsed.append(_param(path, key, spec))
+    parsed = _params(path, data.get("params"), "params")
+    budgets = sorted(choices("budget", conf_dir))
     trials = data.get("trials") or {}
     if not isinstance(trials, dict):
         raise UsageError(f"{path}: trials must map budget names to trial counts, e.g. {{smoke: 3, cpu: 8}}")
-    budgets = set(choices("budget", conf_dir)) | {"default"}
     for budget, count in trials.items():
-        if budget not in budgets:
-            raise UsageError(f"{path}: trials: unknown budget '{budget}': choose from {', '.join(sorted(budgets))}")
+        if budget not in [*budgets, "default"]:
+            raise UsageError(f"{path}: trials: unknown budget '{budget}': choose from {', '.join(budgets)}, default")
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise UsageError(f"{path}: trials.{budget} must be a positive integer, not {count!r}")
+    per_budget = data.get("per_budget") or {}
+    if not isinstance(per_budget, dict):
+        raise UsageError(f"{path}: per_budget must map budget names to {{params: ...}}")
+    own = []
+    for budget, section in per_budget.items():
+        if budget not in budgets:
+            raise UsageError(f"{path}: per_budget: unknown budget '{budget}': choose from {', '.join(budgets)}")
+        if not isinstance(section, dict) or set(section) != {"params"}:
+            raise UsageError(f"{path}: per_budget.{budget} must hold exactly one key, params")
+        own.append((budget, tuple(_params(path, section["params"], f"per_budget.{budget}.params"))))
     return SearchSpace(method=method, path=path, params=tuple(parsed), trials=dict(trials),
-                       baseline_checkpoint=teacher)
+                       baseline_checkpoint=teacher, per_budget=tuple(own))
+
+
+def _params(path: Path, params, where: str) -> list[Param]:
+    if not isinstance(params, dict) or not params:
+        raise UsageError(f"{path}: {where} must map at least one config key to a distribution")
+    for key in params:
+        if not isinstance(key, str) or "." not in key:
+            raise UsageError(f"{path}: {key!r} is not a dotted config key such as method.skim_lambda")
+    return [_param(path, key, spec) for key, spec in params.items()]
 
 
 def check_keys(space: SearchSpace, cfg: DictConfig, args: list[str]) -> None:
@@ -273,6 +297,7 @@ def plan_sweep(args: list[str]) -> Plan:
             f"and conf/method/{method}.yaml are needed before it can be swept"
         )
     cfg = compose(args)
+    space = space.for_budget(cfg.budget.name)
     check_keys(space, cfg, args)
     s = cfg.sweep
     target = space.default_trials(cfg.budget.name) if s.trials is None else _positive_int("trials", s.trials)
