@@ -214,6 +214,7 @@ def test_plan_names_the_study_and_puts_the_journal_beside_the_mlflow_store(space
     assert plan.study_name == "none-sst2-tiny-smoke-seed7"
     assert plan.storage == str(tmp_path / "m" / "optuna.journal") and not plan.is_rdb
     assert plan.target == 9 and plan.passthrough[-1] == "train.epochs=2"
+    assert plan.result_overrides == ["train.epochs=2"]  # the seed is in the name; paths change no result
     remote = plan_sweep(["method=none", f"sweep.space_dir={space_dir}", "sweep.storage=postgresql://u:secret@h/db"])
     assert remote.is_rdb and "secret" not in remote.storage_label and remote.target == 5  # `default` trials
 

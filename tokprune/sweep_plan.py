@@ -252,9 +252,11 @@ class Plan:
 
     @property
     def result_overrides(self) -> list[str]:
-        """The overrides that can change a result (not paths, logging or the MLflow store):
-        they tell apart baselines, and a resumed study warns when they differ."""
-        return sorted(a for a in self.passthrough if not a.partition("=")[0].startswith(NEUTRAL))
+        """The overrides that can change a result (not paths, logging or the MLflow store, and
+        not the seed, which the study's name and the baseline's key hold already): they tell
+        apart baselines, and a resumed study warns when they differ."""
+        return sorted(a for a in self.passthrough
+                      if not a.partition("=")[0].startswith(NEUTRAL) and a.partition("=")[0] != "seed")
 
 
 # Keys that change where things go or how they are shown, never a run's numbers.
