@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,18 @@ from tokprune.backbone import load_bert, load_tokenizer
 from tokprune.data import GlueDataModule, get_task
 from tokprune.methods import build_method
 from tokprune.tracking import make_logger
+
+
+class _NoAdverts(logging.Filter):
+    """Lightning advertises a cloud logger at every Trainer start: not news about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+# Lightning's own use of a torch pytree API it has not caught up with; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 @dataclass
