@@ -160,6 +160,7 @@ def test_bad_search_space_is_one_line_exit_2(text, message, tmp_path, capsys, no
     (["sweep.trials=0"], "sweep.trials must be an integer >= 1, not 0"),
     (["sweep.trials=many"], "sweep.trials must be an integer >= 1, not 'many'"),
     (["sweep.workers=0"], "sweep.workers must be an integer >= 1"),
+    (["sweep.startup_trials=0"], "sweep.startup_trials must be an integer >= 1"),
     (["sweep.max_retry=-1"], "sweep.max_retry must be an integer >= 0"),
     (["sweep.nope=1"], "unknown config key 'sweep.nope'"),
     (["train.lr=1e-4"], "train.lr is searched by"),
@@ -215,6 +216,7 @@ def test_plan_names_the_study_and_puts_the_journal_beside_the_mlflow_store(space
     assert plan.storage == str(tmp_path / "m" / "optuna.journal") and not plan.is_rdb
     assert plan.target == 9 and plan.passthrough[-1] == "train.epochs=2"
     assert plan.result_overrides == ["train.epochs=2"]  # the seed is in the name; paths change no result
+    assert plan.startup_trials == 3  # TPE models the front after a third of the 9 trials
     remote = plan_sweep(["method=none", f"sweep.space_dir={space_dir}", "sweep.storage=postgresql://u:secret@h/db"])
     assert remote.is_rdb and "secret" not in remote.storage_label and remote.target == 5  # `default` trials
 
@@ -289,6 +291,15 @@ def test_a_dead_workers_trial_is_failed_and_requeued(space_dir, tmp_path):
     retry = study.get_trials()[3]
     assert retry.state == TrialState.WAITING and retry.params == study.get_trials()[1].params
     assert retry.system_attrs["failed_trial"] == 1
+
+
+def test_the_sampler_models_the_front_after_the_startup_trials(space_dir, tmp_path):
+    plan = plan_sweep(["method=none", *FAST, f"sweep.space_dir={space_dir}", "sweep.startup_trials=2",
+                       f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    sweep = Sweep(plan)
+    optuna.create_study(study_name=STUDY, storage=sweep.storage, directions=["maximize", "minimize"])
+    sampler = sweep.load().sampler
+    assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 2
 
 
 def test_rdb_storage_drops_a_trial_beyond_the_total(space_dir, tmp_path):

@@ -173,7 +173,8 @@ class Sweep:
         worker, and parallel workers do not draw the same values."""
         study = optuna.load_study(study_name=self.plan.study_name, storage=self.storage)
         n = len(study.get_trials(deepcopy=False))
-        study.sampler = optuna.samplers.TPESampler(seed=(self.plan.cfg.seed * 1_000_003 + n) % 2**32)
+        study.sampler = optuna.samplers.TPESampler(seed=(self.plan.cfg.seed * 1_000_003 + n) % 2**32,
+                                                   n_startup_trials=self.plan.startup_trials)
         return study
 
     # -- setup ------------------------------------------------------------------------

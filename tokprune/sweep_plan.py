@@ -240,6 +240,7 @@ class Plan:
     storage_label: str  # the same, without a password
     tracking_uri: str
     main_metric: str
+    startup_trials: int  # random trials before TPE models the front
 
     @property
     def is_rdb(self) -> bool:
@@ -305,6 +306,8 @@ def plan_sweep(args: list[str]) -> Plan:
     target = space.default_trials(cfg.budget.name) if s.trials is None else _positive_int("trials", s.trials)
     for name in ("heartbeat_interval", "grace_period", "max_failures", "poll_seconds"):
         _positive_int(name, s[name])
+    # Optuna's default of 10 random trials would leave a cpu sweep (8-12 trials) all random.
+    startup = max(3, target // 3) if s.startup_trials is None else _positive_int("startup_trials", s.startup_trials)
     _positive_int("max_retry", s.max_retry, minimum=0)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     storage = str(s.storage or "")
@@ -316,4 +319,4 @@ def plan_sweep(args: list[str]) -> Plan:
     name = s.study_name or f"{method}-{cfg.task.name}-{cfg.model.name}-{cfg.budget.name}-seed{cfg.seed}"
     return Plan(args=list(args), cfg=cfg, space=space, target=target, workers=_positive_int("workers", s.workers),
                 study_name=str(name), storage=storage, storage_label=_label(storage), tracking_uri=tracking_uri,
-                main_metric=get_task(cfg.task.name).main_metric)
+                main_metric=get_task(cfg.task.name).main_metric, startup_trials=startup)
