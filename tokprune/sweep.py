@@ -124,6 +124,7 @@ class Sweep:
         self.exp_id = self.parent_id = None
         self.baseline: dict = {}
         self.outcome = None
+        self.shown_front = ""  # the front table this process printed last
 
     def say(self, message: str) -> None:
         print(f"[sweep{self.label}] {message}", flush=True)
@@ -347,7 +348,13 @@ class Sweep:
                      f"({trial.user_attrs.get('seconds', 0):.0f} s)")
         else:
             self.say(f"trial {trial.number} failed: {trial.user_attrs.get('error') or 'see above'}")
-        print(track.front_table(study, self.plan, self.baseline), flush=True)
+        self.show_front(study)
+
+    def show_front(self, study: optuna.Study) -> None:
+        table = track.front_table(study, self.plan, self.baseline)
+        if table != self.shown_front:
+            print(table, flush=True)
+            self.shown_front = table
 
     # -- the end ----------------------------------------------------------------------
 
@@ -450,7 +457,7 @@ def run_sweep(args: list[str]) -> int:
         study = sweep.load()
         complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         sweep.finalize(study, status="FINISHED" if complete >= plan.target else ("KILLED" if code > 128 else None))
-        print(track.front_table(study, plan, sweep.baseline), flush=True)
+        sweep.show_front(study)  # unless the last trial's report above was this same table
         sweep.say(f"MLflow store {plan.tracking_uri}, parent run {sweep.parent_id}; Optuna study {plan.study_name} "
                   f"in {plan.storage_label}")
         after_sweep([*plan.args, f"sweep.storage={plan.storage}"], sweep.say)  # the task's report; never fails
