@@ -202,8 +202,8 @@ def test_every_method_search_space_in_the_repo_is_valid():
         if implemented:  # every key exists in the method's config and takes the range's values
             plan = plan_sweep([f"method={path.stem}", "model=tiny", "budget=smoke"])
             assert plan.target == space.trials["smoke"]
-            for budget, _ in space.per_budget:  # and so do a budget's own ranges
-                assert plan_sweep([f"method={path.stem}", "model=tiny", f"budget={budget}"]).space.per_budget == ()
+            for budget in space.per_budget:  # and so do a budget's own ranges
+                assert plan_sweep([f"method={path.stem}", "model=tiny", f"budget={budget}"]).space.per_budget == {}
         else:
             with pytest.raises(UsageError, match=f"method '{path.stem}' is not implemented yet"):
                 plan_sweep([f"method={path.stem}", "model=tiny", "budget=smoke"])

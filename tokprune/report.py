@@ -34,7 +34,8 @@ from optuna.trial import TrialState
 from tokprune.config import compose
 from tokprune.data import get_task
 from tokprune.errors import UsageError
-from tokprune.tracking import resolve_tracking_uri
+from tokprune.sweep_plan import override, param_strings, storage_label, study_storage
+from tokprune.tracking import resolve_tracking_uri, store_dir
 
 ARTIFACT_DIR = "report"
 OWNED = ("pareto_*.png", "kept_*.png", "pareto.md", "report.html", "report.json")  # replaced on each run
@@ -87,16 +88,9 @@ class MethodResult:
 def locate(cfg: DictConfig) -> tuple[str, str, Path]:
     """(tracking URI, Optuna storage, report folder), resolved as the sweep resolves them."""
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    beside = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else Path()
-    storage = str(cfg.sweep.storage or "") or str((beside / "optuna.journal").resolve())
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
-    folder = Path(cfg.report.dir) if cfg.report.dir else beside / "reports"
+    storage = study_storage(str(cfg.sweep.storage or ""), uri)
+    folder = Path(cfg.report.dir) if cfg.report.dir else (store_dir(uri) or Path()) / "reports"
     return uri, storage, folder.resolve() / cfg.task.name
-
-
-def _storage_label(storage: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", storage)
 
 
 def _open(storage: str):
@@ -116,7 +110,7 @@ def find_studies(cfg: DictConfig, storage: str) -> list[optuna.Study]:
         try:
             summaries = optuna.get_all_study_summaries(_open(storage), include_best_trial=False)
         except Exception as exc:
-            raise UsageError(f"storage {_storage_label(storage)}: cannot read it ({type(exc).__name__})") from None
+            raise UsageError(f"storage {storage_label(storage)}: cannot read it ({type(exc).__name__})") from None
     sweeps = [s for s in summaries if s.user_attrs.get("task") == task and "method" in s.user_attrs]
     mine = [s for s in sweeps if (s.user_attrs.get("model"), s.user_attrs.get("budget"), s.user_attrs.get("seed"))
             == (model, budget, seed)]
@@ -125,7 +119,7 @@ def find_studies(cfg: DictConfig, storage: str) -> list[optuna.Study]:
                          f"seed={s.user_attrs.get('seed')}" for s in sweeps})
         hint = f" (it has studies of {task} for {'; '.join(others)})" if others else ""
         raise UsageError(f"no sweep study of task {task} for model={model} budget={budget} seed={seed} in "
-                         f"{_storage_label(storage)}{hint}: run `make sweep METHOD=<method> TASK={task} "
+                         f"{storage_label(storage)}{hint}: run `make sweep METHOD=<method> TASK={task} "
                          f"MODEL={model} BUDGET={budget} SEED={seed}` first")
     opened = _open(storage)
     return [optuna.load_study(study_name=s.study_name, storage=opened)
@@ -201,7 +195,6 @@ def _checkpoint(client: MlflowClient, run_id: str, uri: str) -> Path | None:
 def measure_speedup(cfg: DictConfig, result: MethodResult, client: MlflowClient, uri: str) -> dict:
     """Hard-mode CPU speedup of the best point vs KeepAll, or ``{"skipped": why}``."""
     from tokprune.bench import checkpoint_speedup
-    from tokprune.sweep_plan import override
 
     best, examples = result.best, int(cfg.report.speedup_examples)
     if examples <= 0:
@@ -228,10 +221,6 @@ def _fmt(value, digits: int = 4) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _params(params: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-
-
 def _speedup_cell(result: MethodResult, point: Point) -> str:
     if point is not result.best:
         return ""
@@ -253,7 +242,7 @@ def table_rows(results: list[MethodResult]) -> list[list[str]]:
     for r in results:
         for p in r.front:
             trial = f"{p.trial} (best)" if p is r.best else str(p.trial)
-            rows.append([r.label, trial, _params(p.params), _fmt(p.metric), _fmt(p.flops_real),
+            rows.append([r.label, trial, " ".join(param_strings(p.params)), _fmt(p.metric), _fmt(p.flops_real),
                          _fmt(p.flops_padded), _speedup_cell(r, p)])
     return rows
 
@@ -290,11 +279,11 @@ def write(cfg: DictConfig, results: list[MethodResult], out: Path, storage: str,
     head, rows = header(metric, max_length, int(cfg.report.speedup_examples)), table_rows(results)
     note = conventions(metric, max_length)
     (out / "pareto.md").write_text(plots.markdown(title, head, rows, note))
-    meta = (f"Studies: {', '.join(r.study for r in results)} in {_storage_label(storage)}; MLflow store {uri}. "
+    meta = (f"Studies: {', '.join(r.study for r in results)} in {storage_label(storage)}; MLflow store {uri}. "
             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.")
     (out / "report.html").write_text(plots.page(title, meta, note, head, rows, overlay_svg, sections))
     data = {"task": task, "model": cfg.model.name, "budget": cfg.budget.name, "seed": cfg.seed, "metric": metric,
-            "max_length": max_length, "flops_convention": plots.CONVENTION, "storage": _storage_label(storage),
+            "max_length": max_length, "flops_convention": plots.CONVENTION, "storage": storage_label(storage),
             "tracking_uri": uri, "methods": [asdict(r) for r in results]}
     (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     return sorted(p for pattern in OWNED for p in out.glob(pattern))

@@ -21,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tokprune.sweep_plan import param_strings  # noqa: E402
+
 SVG_NS = "http://www.w3.org/2000/svg"
 ET.register_namespace("", SVG_NS)
 ET.register_namespace("xlink", "http://www.w3.org/1999/xlink")
@@ -163,7 +165,7 @@ def kept_profile(result, task: str, metric: str, max_length: int, index: int, pn
 
 def tooltip(method: str, p, metric: str, max_length: int) -> str:
     lines = [f"{method} trial {p.trial}" + (" (Pareto-optimal)" if p.pareto else " (dominated)")]
-    lines += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.params.items()]
+    lines += param_strings(p.params)
     lines.append(f"{metric}={p.metric:.4f}")
     padded = f"{p.flops_padded:.3f}" if p.flops_padded is not None else "n/a"
     lines.append(f"FLOPs ratio real={p.flops_real:.3f}, padded to {max_length}={padded}")

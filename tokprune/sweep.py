@@ -42,7 +42,7 @@ from tokprune import sweep_mlflow as track
 from tokprune.config import compose
 from tokprune.errors import UsageError
 from tokprune.report import after_sweep
-from tokprune.sweep_plan import FLOPS, NEUTRAL, Plan, override, plan_sweep
+from tokprune.sweep_plan import FLOPS, NEUTRAL, Plan, override, param_strings, plan_sweep
 from tokprune.train import train
 
 WORKER_ENV = "TOKPRUNE_SWEEP_WORKER"  # set on the processes that `sweep.workers=N` starts
@@ -300,7 +300,7 @@ class Sweep:
         plan = self.plan
         self.claim(trial)
         values = plan.space.suggest(trial)
-        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        shown = " ".join(param_strings(values))
         taken = len(trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
         self.say(f"trial {trial.number} started ({taken} of {plan.target}): {shown}")
         teacher = plan.space.baseline_checkpoint

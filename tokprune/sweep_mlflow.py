@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from optuna.trial import TrialState
 
-from tokprune.sweep_plan import FLOPS, Plan
+from tokprune.sweep_plan import FLOPS, Plan, param_strings
 from tokprune.tracking import artifact_root
 
 ROLE = "tokprune.role"
@@ -124,10 +124,6 @@ def tag_pareto(client: MlflowClient, exp_id: str, parent_id: str, front: dict[in
             client.set_tag(run.info.run_id, "pareto", value)
 
 
-def _show(params: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-
-
 def front_table(study: optuna.Study, plan: Plan, baseline: dict) -> str:
     """The Pareto-optimal trials so far, fewest FLOPs first, and the unpruned baseline."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -135,7 +131,7 @@ def front_table(study: optuna.Study, plan: Plan, baseline: dict) -> str:
              f"({plan.main_metric} up, {FLOPS} down; study {plan.study_name}):",
              f"  {'trial':>8}  {plan.main_metric:>10}  {FLOPS:>16}  params"]
     for t in sorted(study.best_trials if complete else [], key=lambda t: t.values[1]):
-        lines.append(f"  {t.number:>8}  {t.values[0]:>10.4f}  {t.values[1]:>16.3f}  {_show(t.params)}")
+        lines.append(f"  {t.number:>8}  {t.values[0]:>10.4f}  {t.values[1]:>16.3f}  {' '.join(param_strings(t.params))}")
     if baseline:
         lines.append(f"  {'baseline':>8}  {baseline['metric']:>10.4f}  {baseline['flops']:>16.3f}  "
                      f"method=none (run {baseline['run_id']})")

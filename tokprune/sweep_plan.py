@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokprune.config import CONF_DIR, _load_yaml, choices, compose, split_overrides
 from tokprune.data import get_task
 from tokprune.errors import UsageError
-from tokprune.tracking import resolve_tracking_uri
+from tokprune.tracking import resolve_tracking_uri, store_dir
 
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
 FLOPS = "flops_ratio_real"  # the second objective: FLOPs vs the same examples unpruned
@@ -83,13 +83,12 @@ class SearchSpace:
     params: tuple[Param, ...]
     trials: dict[str, int]  # budget name (or "default") -> total trials
     baseline_checkpoint: str | None = None  # a config key that gets the baseline's checkpoint path
-    per_budget: tuple[tuple[str, tuple[Param, ...]], ...] = ()  # budget -> params replacing or adding
+    per_budget: dict[str, tuple[Param, ...]] = field(default_factory=dict)  # budget -> params replacing or adding
 
     def for_budget(self, budget: str) -> "SearchSpace":
         """The space a sweep at ``budget`` samples: ``params`` with that budget's entries merged in."""
-        own = dict(self.per_budget).get(budget, ())
-        merged = {p.key: p for p in self.params} | {p.key: p for p in own}
-        return replace(self, params=tuple(merged.values()), per_budget=())
+        merged = {p.key: p for p in self.params} | {p.key: p for p in self.per_budget.get(budget, ())}
+        return replace(self, params=tuple(merged.values()), per_budget={})
 
     def default_trials(self, budget: str) -> int:
         if budget in self.trials:
@@ -103,6 +102,11 @@ class SearchSpace:
 
     def describe(self) -> dict[str, str]:
         return {p.key: p.describe() for p in self.params}
+
+
+def param_strings(params: dict) -> list[str]:
+    """``key=value`` per sampled parameter, floats to 4 significant digits: for people to read."""
+    return [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()]
 
 
 def override(key: str, value) -> str:
@@ -180,15 +184,15 @@ def load_space(path: Path, method: str, conf_dir: Path = CONF_DIR) -> SearchSpac
     per_budget = data.get("per_budget") or {}
     if not isinstance(per_budget, dict):
         raise UsageError(f"{path}: per_budget must map budget names to {{params: ...}}")
-    own = []
+    own = {}
     for budget, section in per_budget.items():
         if budget not in budgets:
             raise UsageError(f"{path}: per_budget: unknown budget '{budget}': choose from {', '.join(budgets)}")
         if not isinstance(section, dict) or set(section) != {"params"}:
             raise UsageError(f"{path}: per_budget.{budget} must hold exactly one key, params")
-        own.append((budget, tuple(_params(path, section["params"], f"per_budget.{budget}.params"))))
+        own[budget] = tuple(_params(path, section["params"], f"per_budget.{budget}.params"))
     return SearchSpace(method=method, path=path, params=tuple(parsed), trials=dict(trials),
-                       baseline_checkpoint=teacher, per_budget=tuple(own))
+                       baseline_checkpoint=teacher, per_budget=own)
 
 
 def _params(path: Path, params, where: str) -> list[Param]:
@@ -271,7 +275,16 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-def _label(url: str) -> str:
+def study_storage(storage: str, tracking_uri: str) -> str:
+    """Where the studies live: ``storage`` as given (a URL, or a journal path made absolute), or
+    by default ``optuna.journal`` beside the MLflow store."""
+    if "://" in storage:
+        return storage
+    return str(Path(storage or (store_dir(tracking_uri) or Path()) / "optuna.journal").resolve())
+
+
+def storage_label(url: str) -> str:
+    """The storage as shown in logs, tags and reports: a database URL without its password."""
     if "://" not in url:
         return url
     from sqlalchemy.engine import make_url
@@ -310,13 +323,8 @@ def plan_sweep(args: list[str]) -> Plan:
     startup = max(3, target // 3) if s.startup_trials is None else _positive_int("startup_trials", s.startup_trials)
     _positive_int("max_retry", s.max_retry, minimum=0)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    storage = str(s.storage or "")
-    if not storage:
-        beside = Path(tracking_uri[len("sqlite:///"):]).parent if tracking_uri.startswith("sqlite:///") else Path()
-        storage = str((beside / "optuna.journal").resolve())
-    elif "://" not in storage:
-        storage = str(Path(storage).resolve())
+    storage = study_storage(str(s.storage or ""), tracking_uri)
     name = s.study_name or f"{method}-{cfg.task.name}-{cfg.model.name}-{cfg.budget.name}-seed{cfg.seed}"
     return Plan(args=list(args), cfg=cfg, space=space, target=target, workers=_positive_int("workers", s.workers),
-                study_name=str(name), storage=storage, storage_label=_label(storage), tracking_uri=tracking_uri,
+                study_name=str(name), storage=storage, storage_label=storage_label(storage), tracking_uri=tracking_uri,
                 main_metric=get_task(cfg.task.name).main_metric, startup_trials=startup)

@@ -18,12 +18,17 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+def store_dir(uri: str) -> Path | None:
+    """The folder of a SQLite store (artifacts, the sweep journal and reports go beside it);
+    None for a tracking server."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]).parent if uri.startswith(prefix) else None
+
+
 def artifact_root(uri: str) -> str | None:
     """Artifacts beside a SQLite store (``mlartifacts/``); the server decides otherwise."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        return (Path(uri[len(prefix):]).parent / "mlartifacts").as_uri()
-    return None
+    folder = store_dir(uri)
+    return (folder / "mlartifacts").as_uri() if folder else None
 
 
 def run_name(cfg: DictConfig) -> str:
