@@ -38,9 +38,10 @@ class DropEveryOtherToken(Pruner):
 
     needs_attention = False
 
-    def forward(self, layer, hidden, keep, attn_probs):
-        if layer == 0:
-            return keep
+    def forward(self, ctx):
+        if ctx.layer == 0:
+            return ctx.keep
+        keep = ctx.keep
         return (torch.arange(keep.shape[1], device=keep.device) % 2 == 0).to(keep.dtype).expand_as(keep)
 
 

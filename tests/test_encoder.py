@@ -16,9 +16,9 @@ class FixedMasks(Pruner):
         self.masks = masks
         self.seen_probs: list = []
 
-    def forward(self, layer, hidden, keep, attn_probs):
-        self.seen_probs.append(attn_probs)
-        return self.masks.get(layer, torch.ones_like(keep))
+    def forward(self, ctx):
+        self.seen_probs.append(ctx.attn_probs)
+        return self.masks.get(ctx.layer, torch.ones_like(ctx.keep))
 
 
 def random_masks(batch: dict, layers: int, seed: int = 0) -> dict[int, torch.Tensor]:

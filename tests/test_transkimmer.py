@@ -47,7 +47,7 @@ def decide(predictor, skim: bool) -> None:
 
 def test_the_method_builds_from_the_config():
     module = make_method("method.skim_lambda=0.1", "method.first_skim_layer=1")
-    assert isinstance(module, Method) and module.key_mask == "post_softmax"
+    assert isinstance(module, Method) and module.soft_rule == "post_softmax"
     assert len(module.pruner.predictors) == LAYERS - 1  # none before layer 0
     defaults = compose(["method=transkimmer"]).method
     assert (defaults.skim_lambda, defaults.tau, defaults.first_skim_layer, defaults.init_checkpoint) == (0.5, 1.0, 0, None)
@@ -58,7 +58,7 @@ def test_the_method_builds_from_the_config():
     padding = batch["attention_mask"].float()
     assert torch.equal(out.keep[0], padding)  # layer 0 has no predictor: everything computed
     kept_fraction = torch.stack([k.sum(1) for k in out.keep]).div(padding.sum(1)).mean()
-    torch.testing.assert_close(module.pruning_loss(out, batch, None)["skim_loss"], 0.1 * kept_fraction)
+    torch.testing.assert_close(module.losses(torch.zeros(4, 2), out, batch)["skim_loss"], 0.1 * kept_fraction)
 
 
 def test_first_skim_layer_out_of_range_is_a_usage_error():
@@ -140,7 +140,7 @@ def test_skim_loss_divides_by_the_real_length_not_the_padded_one():
     keep_l1 = torch.tensor([[1.0, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]])
     out = EncoderOutput(torch.zeros(2, 8, 4), [keep_l0, keep_l1], [None, None], padding)
     # layer 0 keeps 4/4 and 8/8, layer 1 keeps 2/4 and 4/8: mean kept fraction (1 + 0.5) / 2
-    torch.testing.assert_close(module.pruning_loss(out, {}, None)["skim_loss"], torch.tensor(2.0 * 0.75))
+    torch.testing.assert_close(module.losses(torch.zeros(2, 2), out, {"labels": torch.zeros(2, dtype=torch.long)})["skim_loss"], torch.tensor(2.0 * 0.75))
 
 
 def kept_after_training(skim_lambda: float, seed: int, steps: int = 40) -> float:
@@ -152,7 +152,7 @@ def kept_after_training(skim_lambda: float, seed: int, steps: int = 40) -> float
     module.train()
     for _ in range(steps):
         logits, out = module(batch)
-        loss = module.task_loss(logits, batch["labels"]) + sum(module.pruning_loss(out, batch, logits).values())
+        loss = sum(module.losses(logits, out, batch).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -186,6 +186,7 @@ def baseline_checkpoint(tmp_path) -> tuple[str, dict]:
 def test_init_checkpoint_loads_the_baseline_but_keeps_the_predictor_init(tmp_path):
     path, weights = baseline_checkpoint(tmp_path)
     module = make_method(f"method.init_checkpoint={path}", seed=0)
+    module.prepare_fit()
     state = module.state_dict()
     for name, value in weights.items():
         assert torch.equal(state[name], value), name
@@ -196,11 +197,11 @@ def test_init_checkpoint_loads_the_baseline_but_keeps_the_predictor_init(tmp_pat
 
 def test_init_checkpoint_that_does_not_fit_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
-        make_method(f"method.init_checkpoint={tmp_path / 'missing.ckpt'}")
+        make_method(f"method.init_checkpoint={tmp_path / 'missing.ckpt'}").prepare_fit()
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"classifier.weight": torch.zeros(2, 32)}}, path)
     with pytest.raises(UsageError, match="lacks"):
-        make_method(f"method.init_checkpoint={path}")
+        make_method(f"method.init_checkpoint={path}").prepare_fit()
 
 
 def test_predictor_lr_gives_the_predictors_their_own_learning_rate():

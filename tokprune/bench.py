@@ -26,8 +26,8 @@ from omegaconf import DictConfig
 from tokprune.backbone import load_bert, load_tokenizer
 from tokprune.callbacks import TokenPruningCallback
 from tokprune.data import get_task, load_splits, seeded_subset
-from tokprune.encoder import KeepAll, PrunableEncoder, Pruner, received_attention
-from tokprune.errors import UsageError
+from tokprune.checkpoint import rebuild
+from tokprune.encoder import KeepAll, PrunableEncoder, PruneContext, Pruner
 from tokprune.flops import FlopsCounter
 from tokprune.methods import build_method
 from tokprune.train import build_datamodule
@@ -44,15 +44,13 @@ class KeepSchedule(Pruner):
     def wants_attention(self, layer: int) -> bool:
         return layer in self.schedule
 
-    def forward(self, layer, hidden, keep, attn_probs):
-        if layer == 0:  # nothing is pruned yet: keep is the padding mask
-            self._real_lengths = keep.sum(1)
-        if layer not in self.schedule:
-            return keep
-        scores = received_attention(attn_probs, keep).masked_fill(keep <= 0, -1.0)
-        target = torch.ceil(self._real_lengths * self.schedule[layer]).long().clamp(min=1)
+    def forward(self, ctx: PruneContext) -> torch.Tensor:
+        if ctx.layer not in self.schedule:
+            return ctx.keep
+        scores = ctx.received_attention().masked_fill(~ctx.live, -1.0)
+        target = torch.ceil(ctx.lengths * self.schedule[ctx.layer]).long().clamp(min=1)
         ranks = scores.argsort(dim=1, descending=True).argsort(dim=1)
-        return (ranks < target[:, None]).to(keep.dtype)
+        return (ranks < target[:, None]).to(ctx.keep.dtype)
 
 
 def _time(fn) -> float:
@@ -128,25 +126,27 @@ def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_s
     return results
 
 
-def checkpoint_speedup(cfg: DictConfig, checkpoint: str, examples: int = 64) -> dict:
-    """Hard-mode latency at batch 1 of a trained method's own pruner vs KeepAll on the same
-    weights (its checkpoint), on ``examples`` seeded real dev rows: what its savings buy on a CPU."""
+def checkpoint_speedup(checkpoint: str, glue_dir: str | None = None, examples: int = 64,
+                       batch_sizes=(1,)) -> list[dict]:
+    """Hard-mode latency of a trained model's own pruner vs KeepAll on the same weights, on
+    ``examples`` seeded real dev rows of its task, at each batch size: what its savings buy
+    on a CPU. The model, its task and its max length all come from the checkpoint file."""
+    described, module = rebuild(checkpoint)
+    cfg = described.cfg
     task = get_task(cfg.task.name)
-    module = build_method(cfg, load_bert(cfg.model), task)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    missing = module.load_state_dict(state.get("state_dict", state), strict=False).missing_keys
-    if any(k.startswith(("encoder.", "pruner.")) for k in missing):
-        raise UsageError(f"checkpoint {checkpoint} does not fit method {cfg.method.name}: lacks {missing[0]}")
-    module.eval()
-    dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset)["dev"], examples, cfg.seed)
-    batches = _batches(dev, load_tokenizer(cfg.model), 1, cfg.task.max_length)
-    t_pruned, t_unpruned, _, outputs = _alternate(module.encoder, module.pruner, batches)
+    rows = load_splits(task, cfg.data.glue_dir if glue_dir is None else glue_dir, cfg.data.hub_dataset)["dev"]
+    dev = seeded_subset(rows, examples, cfg.seed)
+    return [latency(module.encoder, module.pruner, _batches(dev, described.tokenizer(), size, cfg.task.max_length))
+            | {"examples": len(dev), "batch_size": size} for size in batch_sizes]
+
+
+def latency(encoder: PrunableEncoder, pruner: Pruner, batches: list[dict]) -> dict:
+    """Median hard-mode time per batch with ``pruner`` and unpruned, timed alternately."""
+    t_pruned, t_unpruned, _, outputs = _alternate(encoder, pruner, batches)
     kept = [out.kept_fraction().mean() for out in outputs]
     return {
-        "examples": len(dev),
-        "batch_size": 1,
-        "ms_per_example_pruned": 1e3 * statistics.median(t_pruned),
-        "ms_per_example_unpruned": 1e3 * statistics.median(t_unpruned),
+        "ms_per_batch_pruned": 1e3 * statistics.median(t_pruned),
+        "ms_per_batch_unpruned": 1e3 * statistics.median(t_unpruned),
         "wall_speedup": sum(t_unpruned) / sum(t_pruned),
         "kept_fraction_mean": float(torch.stack(kept).mean()),
         "threads": torch.get_num_threads(),
@@ -179,8 +179,8 @@ def layer_latency_by_length(cfg: DictConfig, lengths=(4, 8, 16, 32, 64, 128), re
             hidden = torch.randn(1, length, encoder.config.hidden_size)
             bias = hidden.new_zeros(1, 1, 1, length)
             for _ in range(5):
-                encoder._layer(layer, hidden, bias, None)
-            times = [_time(lambda: encoder._layer(layer, hidden, bias, None)) for _ in range(repeats)]
+                encoder.run_layer(layer, hidden, bias)
+            times = [_time(lambda: encoder.run_layer(layer, hidden, bias)) for _ in range(repeats)]
             rows.append({"length": length, "ms": 1e3 * statistics.median(times), "flops": counter.layer(0, length)})
     top = rows[-1]
     for row in rows:

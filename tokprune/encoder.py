@@ -6,7 +6,7 @@ layers with a pruning hook before each one::
 
     keep = padding mask
     for l, layer in enumerate(layers):
-        keep = pruner(l, hidden, keep, attn_probs_prev)   # made cumulative, [CLS] pinned to 1
+        keep = pruner(PruneContext(l, hidden, keep, attn_probs_prev, padding))  # cumulative, [CLS] pinned
         hidden, attn_probs_prev = run_layer(l, hidden, keep)
 
 What every method shares is enforced here, not in the pruners: masks are cumulative,
@@ -14,8 +14,11 @@ What every method shares is enforced here, not in the pruners: masks are cumulat
 hidden state forward to the output.
 
 Two modes:
-- soft (training): shapes stay N, dropped tokens are hidden as attention keys and passed
-  through unchanged (``h = keep * layer(h) + (1 - keep) * h``), so masks can carry gradients;
+- soft (training): shapes stay N and the mask acts through a *soft rule* (``SOFT_RULES``).
+  The default, ``renormalised``, weights the attention probabilities by the key mask and
+  renormalises over keys (``p' = p*m / sum_keys(p*m)``) and blends the residual stream
+  (``h = m * layer(h) + (1 - m) * h``): for binary masks this is exactly hard removal, and
+  its gradient reaches a mask entry even where the mask is 0;
 - hard (inference): dropped tokens are physically removed before a layer (gather the kept
   positions, run the layer on the shorter sequence, scatter back), so the saved compute is
   real. Examples of a batch that keep different numbers of tokens are packed to the largest
@@ -31,13 +34,47 @@ from torch import Tensor, nn
 from transformers import BertModel
 
 
+#: How soft (training) mode applies a mask value m in [0, 1] to attention keys.
+SOFT_RULES = {
+    "renormalised": "probabilities x mask, renormalised over keys: equals hard removal for binary masks",
+    "post_softmax": "probabilities x mask, not renormalised (Transkimmer's reference): NOT equal to hard removal",
+}
+
+
+@dataclass
+class PruneContext:
+    """What a pruner sees before layer ``layer``; everything is recomputed per forward,
+    so no pruner needs state from an earlier layer's call."""
+
+    layer: int
+    hidden: Tensor  # B x N x d entering the layer
+    keep: Tensor  # B x N cumulative mask so far (padding mask before layer 0)
+    attn_probs: Tensor | None  # B x H x N x N of the previous layer (query x key); None before layer 0
+    padding: Tensor  # B x N, 1 = real token
+
+    @property
+    def lengths(self) -> Tensor:
+        """B: real (unpadded) length of each example."""
+        return self.padding.sum(1)
+
+    @property
+    def live(self) -> Tensor:
+        """B x N bool: tokens still computed (kept so far)."""
+        return self.keep > 0
+
+    def received_attention(self) -> Tensor:
+        """B x N importance: attention received in the previous layer (see ``received_attention``)."""
+        if self.attn_probs is None:
+            raise ValueError(f"no attention before layer {self.layer}: importance needs a previous layer")
+        return received_attention(self.attn_probs, self.keep)
+
+
 class Pruner(nn.Module):
     """Decides, before each layer, which tokens the layer computes.
 
-    ``forward(layer, hidden, keep, attn_probs)`` gets the layer index, the hidden states
-    entering it (B x N x d), the current keep mask (B x N, 1 = computed) and the previous
-    layer's attention probabilities (B x H x N x N, ``None`` before layer 0) and returns the
-    new keep mask. Values may be soft (and carry gradients) in training.
+    ``forward(ctx)`` gets a ``PruneContext`` and returns the proposed keep mask (B x N);
+    the encoder multiplies it into the running mask, pins ``[CLS]`` and drops padding.
+    Values may be soft (and carry gradients) in training.
     """
 
     #: False lets hard mode skip scattering attention probabilities back to full size.
@@ -52,7 +89,7 @@ class Pruner(nn.Module):
         the FLOPs counter can charge its cost; ``None`` if it computes nothing fvcore counts."""
         return None
 
-    def forward(self, layer: int, hidden: Tensor, keep: Tensor, attn_probs: Tensor | None) -> Tensor:
+    def forward(self, ctx: PruneContext) -> Tensor:
         raise NotImplementedError
 
 
@@ -61,8 +98,8 @@ class KeepAll(Pruner):
 
     needs_attention = False
 
-    def forward(self, layer, hidden, keep, attn_probs):
-        return keep
+    def forward(self, ctx: PruneContext) -> Tensor:
+        return ctx.keep
 
 
 @dataclass
@@ -103,10 +140,8 @@ def received_attention(attn_probs: Tensor, keep: Tensor) -> Tensor:
 class PrunableEncoder(nn.Module):
     """Embeddings + BERT layers of a pretrained model, run with a pruning hook per layer.
 
-    ``key_mask`` chooses how soft mode hides dropped tokens from attention:
-    ``"pre_softmax"`` masks their scores (exactly what hard removal computes);
-    ``"post_softmax"`` multiplies the probabilities by the mask without renormalising
-    (Transkimmer's training rule; it lets gradients reach the mask through attention).
+    ``soft_rule`` (a key of ``SOFT_RULES``) chooses how soft mode applies mask values to
+    attention keys; hard mode always removes dropped tokens.
     """
 
     def __init__(self, bert: BertModel):
@@ -126,26 +161,26 @@ class PrunableEncoder(nn.Module):
         token_type_ids: Tensor | None = None,
         pruner: Pruner | None = None,
         hard: bool | None = None,
-        key_mask: str = "pre_softmax",
+        soft_rule: str = "renormalised",
         output_attentions: bool = False,
     ) -> EncoderOutput:
         pruner = pruner if pruner is not None else KeepAll()
         hard = (not self.training) if hard is None else hard
-        if key_mask not in ("pre_softmax", "post_softmax"):
-            raise ValueError(f"key_mask must be 'pre_softmax' or 'post_softmax', not {key_mask!r}")
+        if soft_rule not in SOFT_RULES:
+            raise ValueError(f"soft_rule must be one of {', '.join(SOFT_RULES)}, not {soft_rule!r}")
         hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         padding = attention_mask.to(hidden.dtype)
         keep, probs = padding, None
         keeps, attentions = [], []
         for index, layer in enumerate(self.layers):
-            proposed = pruner(index, hidden, keep, probs)
+            proposed = pruner(PruneContext(index, hidden, keep, probs, padding))
             keep = torch.cat([padding[:, :1], (proposed * keep)[:, 1:]], dim=1)  # cumulative, CLS pinned
             if hard:
                 keep = (keep > 0.5).to(hidden.dtype)
                 want_probs = output_attentions or pruner.wants_attention(index + 1)
                 hidden, probs = self._hard_layer(layer, hidden, keep.bool(), want_probs)
             else:
-                hidden, probs = self._soft_layer(layer, hidden, keep, padding, key_mask)
+                hidden, probs = self._soft_layer(layer, hidden, keep, padding, soft_rule)
             keeps.append(keep)
             attentions.append(probs)
         return EncoderOutput(hidden, keeps, attentions, padding, hard=hard)
@@ -153,13 +188,30 @@ class PrunableEncoder(nn.Module):
     # -- running one layer ------------------------------------------------------------
 
     @staticmethod
-    def _key_bias(visible: Tensor, dtype: torch.dtype) -> Tensor:
+    def key_bias(visible: Tensor, dtype: torch.dtype) -> Tensor:
         """Additive score mask, B x 1 x 1 x N: 0 for visible keys, the dtype's minimum else."""
         return ((~visible).to(dtype) * torch.finfo(dtype).min)[:, None, None, :]
 
     @staticmethod
-    def _layer(layer: nn.Module, hidden: Tensor, key_bias: Tensor, key_scale: Tensor | None):
-        """One BERT layer from its own modules, returning the attention probabilities too."""
+    def _weighted_softmax(scores: Tensor, weight: Tensor) -> Tensor:
+        """``softmax(scores) * w / sum_keys(softmax(scores) * w)``, computed stably.
+
+        Shifting by the max over keys with ``w > 0`` changes nothing mathematically but keeps
+        the kept keys' exponentials from underflowing when dropped keys dominated the scores.
+        """
+        w = weight[:, None, None, :]
+        shift = scores.masked_fill(w <= 0, torch.finfo(scores.dtype).min).amax(-1, keepdim=True).detach()
+        weighted = torch.exp(scores - shift) * w
+        return weighted / weighted.sum(-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny)
+
+    @classmethod
+    def run_layer(cls, layer: nn.Module, hidden: Tensor, key_bias: Tensor, key_weight: Tensor | None = None,
+               renormalise: bool = True):
+        """One BERT layer from its own modules, returning the attention probabilities too.
+
+        ``key_weight`` (B x N, optional) scales each key's attention probability, then
+        renormalises over keys (``renormalise``) or not (Transkimmer's reference rule).
+        """
         attn = layer.attention.self
         batch, length, _ = hidden.shape
         shape = (batch, length, attn.num_attention_heads, attn.attention_head_size)
@@ -167,19 +219,19 @@ class PrunableEncoder(nn.Module):
         key = attn.key(hidden).view(shape).transpose(1, 2)
         value = attn.value(hidden).view(shape).transpose(1, 2)
         scores = torch.matmul(query, key.transpose(2, 3)) * attn.scaling + key_bias
-        probs = scores.softmax(-1)
-        if key_scale is not None:
-            probs = probs * key_scale[:, None, None, :]
+        if key_weight is None:
+            probs = scores.softmax(-1)
+        elif renormalise:
+            probs = cls._weighted_softmax(scores, key_weight)
+        else:
+            probs = scores.softmax(-1) * key_weight[:, None, None, :]
         context = torch.matmul(attn.dropout(probs), value).transpose(1, 2).reshape(batch, length, -1)
         attention_output = layer.attention.output(context, hidden)
         return layer.feed_forward_chunk(attention_output), probs
 
-    def _soft_layer(self, layer, hidden, keep, padding, key_mask):
-        if key_mask == "pre_softmax":
-            bias, scale = self._key_bias(keep > 0, hidden.dtype), None
-        else:
-            bias, scale = self._key_bias(padding > 0, hidden.dtype), keep
-        out, probs = self._layer(layer, hidden, bias, scale)
+    def _soft_layer(self, layer, hidden, keep, padding, soft_rule):
+        bias = self.key_bias(padding > 0, hidden.dtype)
+        out, probs = self.run_layer(layer, hidden, bias, keep, renormalise=soft_rule == "renormalised")
         k = keep.unsqueeze(-1)
         return k * out + (1 - k) * hidden, probs
 
@@ -193,7 +245,7 @@ class PrunableEncoder(nn.Module):
         valid = torch.arange(packed_len, device=hidden.device)[None, :] < counts[:, None]
         index = order.unsqueeze(-1).expand(batch, packed_len, width)
         packed = hidden.gather(1, index)
-        out, probs = self._layer(layer, packed, self._key_bias(valid, hidden.dtype), None)
+        out, probs = self.run_layer(layer, packed, self.key_bias(valid, hidden.dtype))
         out = torch.where(valid.unsqueeze(-1), out, packed)
         hidden = hidden.scatter(1, index, out)
         if not want_probs:

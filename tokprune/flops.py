@@ -51,7 +51,7 @@ class _OneLayer(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         bias = hidden.new_zeros(hidden.shape[0], 1, 1, hidden.shape[1])
-        return self.encoder._layer(self.encoder.layers[self.index], hidden, bias, None)[0]
+        return self.encoder.run_layer(self.encoder.layers[self.index], hidden, bias)[0]
 
 
 class _PerToken(nn.Module):

@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from tokprune.config import compose
 from tokprune.data import get_task
 from tokprune.errors import UsageError
-from tokprune.sweep_plan import override, param_strings, storage_label, study_storage
+from tokprune.sweep_plan import param_strings, storage_label, study_storage
 from tokprune.tracking import resolve_tracking_uri, store_dir
 
 ARTIFACT_DIR = "report"
@@ -204,11 +204,8 @@ def measure_speedup(cfg: DictConfig, result: MethodResult, client: MlflowClient,
     path = _checkpoint(client, best.run_id, uri)
     if path is None or not path.is_file():
         return {"skipped": f"checkpoint missing ({path or 'not recorded'})"}
-    args = [f"method={result.method}", f"task={cfg.task.name}", f"model={cfg.model.name}",
-            f"budget={cfg.budget.name}", f"seed={cfg.seed}", *result.overrides,
-            *(override(k, v) for k, v in best.params.items()), f"data.glue_dir={cfg.data.glue_dir}"]
     try:
-        timed = checkpoint_speedup(compose(args), str(path), examples)
+        timed = checkpoint_speedup(str(path), cfg.data.glue_dir, examples)[0]
     except Exception as exc:  # one method's checkpoint must not stop the report: say why in its cell
         return {"skipped": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"}
     return {"trial": best.trial, "checkpoint": str(path), **timed}

@@ -9,14 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from tokprune.callbacks import TokenPruningCallback
 from tokprune.backbone import load_bert, load_tokenizer
+from tokprune.callbacks import TokenPruningCallback
+from tokprune.checkpoint import describe
 from tokprune.data import GlueDataModule, get_task
 from tokprune.methods import build_method
-from tokprune.tracking import make_logger
+from tokprune.selection import RULES, Selected
+from tokprune.tracking import make_logger, resolve_tracking_uri
 
 
 class _NoAdverts(logging.Filter):
@@ -37,7 +38,8 @@ class RunResult:
 
     run_id: str
     tracking_uri: str
-    best: dict[str, float]  # validation metrics of the best epoch (the kept checkpoint)
+    best: dict[str, float]  # validation metrics of the selected validation (the kept checkpoint)
+    selection: Selected | None
     checkpoint: str
     train_rows: int
     eval_rows: int
@@ -46,21 +48,39 @@ class RunResult:
     seconds: float
 
 
-class ValidationHistory(L.Callback):
-    """Every validation's logged ``val/`` values (the method's metrics and the callback's FLOPs)."""
+class SelectedCheckpoint(L.Callback):
+    """Every validation's ``val/`` values, the method's choice among them, and its checkpoint.
 
-    def __init__(self, main_metric: str):
-        self.key = f"val/{main_metric}"
-        self.epochs: list[dict[str, float]] = []
+    After each validation the method's selection rule (``PruningModule.select``) picks the
+    run's result; when it picks the newest validation, the weights are saved with the
+    run's self-description (``checkpoint.describe``), so the file always holds the selected
+    validation's model.
+    """
+
+    def __init__(self, path: Path, description: dict):
+        self.path, self.description = path, description
+        self.validations: list[dict[str, float]] = []
+        self.selected: Selected | None = None
 
     def on_validation_end(self, trainer, pl_module):
-        if not trainer.sanity_checking:
-            metrics = trainer.callback_metrics
-            self.epochs.append({k: float(v) for k, v in metrics.items() if k.startswith("val/")})
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        values = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+        self.validations.append(values | {"epoch": trainer.current_epoch, "step": trainer.global_step})
+        self.selected = pl_module.select(self.validations)
+        if self.selected.index == len(self.validations) - 1:
+            selected = {"rule": self.selected.rule, "epoch": trainer.current_epoch, "step": trainer.global_step,
+                        "metrics": values}
+            checkpoint = {"state_dict": pl_module.state_dict(), "epoch": trainer.current_epoch,
+                          "global_step": trainer.global_step, "tokprune": {**self.description, "selected": selected}}
+            trainer.strategy.save_checkpoint(checkpoint, self.path)
 
     def best(self) -> dict[str, float]:
-        """The validation with the best main metric: the one the checkpoint keeps."""
-        return max(self.epochs, key=lambda v: v[self.key]) if self.epochs else {}
+        """The selected validation's ``val/`` values."""
+        if self.selected is None:
+            return {}
+        return {k: v for k, v in self.validations[self.selected.index].items() if k.startswith("val/")}
 
 
 def build_datamodule(cfg: DictConfig, tokenizer) -> GlueDataModule:
@@ -80,27 +100,35 @@ def build_datamodule(cfg: DictConfig, tokenizer) -> GlueDataModule:
 
 
 def train(cfg: DictConfig, callbacks: list | None = None, tags: dict[str, str] | None = None) -> RunResult:
-    """Fine-tune ``cfg.method`` on ``cfg.task`` and log everything to MLflow."""
+    """Fine-tune ``cfg.method`` on ``cfg.task`` and log everything to MLflow.
+
+    Bad data or files fail before the MLflow run opens; once it is open, any exception marks
+    it FAILED before propagating, so no run is left RUNNING.
+    """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = get_task(cfg.task.name)
-    datamodule = build_datamodule(cfg, load_tokenizer(cfg.model))
+    tokenizer = load_tokenizer(cfg.model)
+    datamodule = build_datamodule(cfg, tokenizer)
     datamodule.setup("fit")  # fail on bad data before a model loads or an MLflow run opens
     module = build_method(cfg, load_bert(cfg.model), task)
+    module.prepare_fit()  # initial weights, a teacher: their errors come before the run opens too
     logger = make_logger(cfg, tags)
-    checkpoint = ModelCheckpoint(
-        dirpath=Path(cfg.train.checkpoint_dir) / logger.run_id,
-        filename="best",
-        monitor=f"val/{task.main_metric}",
-        mode="max",
-        save_top_k=1,
-        save_weights_only=True,
-    )
-    history = ValidationHistory(task.main_metric)
+    try:
+        return _fit(cfg, task, tokenizer, datamodule, module, logger, callbacks or [])
+    except BaseException:
+        logger.finalize("failed")
+        raise
+
+
+def _fit(cfg, task, tokenizer, datamodule, module, logger, callbacks) -> RunResult:
+    path = Path(cfg.train.checkpoint_dir) / str(logger.run_id) / "best.ckpt"
+    selected = SelectedCheckpoint(path, describe(cfg, module.encoder.config, tokenizer, logger.run_id))
     trainer = L.Trainer(
         max_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps,
         accelerator=cfg.train.accelerator,
         devices=cfg.train.devices,
+        strategy=cfg.train.strategy,
         precision=cfg.train.precision,
         deterministic=cfg.train.deterministic,
         accumulate_grad_batches=cfg.train.accumulate_grad_batches,
@@ -110,24 +138,33 @@ def train(cfg: DictConfig, callbacks: list | None = None, tags: dict[str, str] |
         log_every_n_steps=cfg.train.log_every_n_steps,
         enable_progress_bar=cfg.train.progress_bar,
         enable_model_summary=False,
+        enable_checkpointing=False,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[TokenPruningCallback(cfg.task.max_length), history, checkpoint, *(callbacks or [])],
+        callbacks=[TokenPruningCallback(cfg.task.max_length), selected, *callbacks],
         default_root_dir=cfg.train.checkpoint_dir,
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
-    best = history.best()
+    best, choice = selected.best(), selected.selected
     logger.log_metrics({k.replace("val/", "best/"): v for k, v in best.items()} | {"time/fit_seconds": seconds})
-    if checkpoint.best_model_path:
-        logger.experiment.set_tag(logger.run_id, "checkpoint", str(Path(checkpoint.best_model_path).resolve()))
+    if choice is not None:
+        chosen = selected.validations[choice.index]
+        logger.log_metrics({"selection/epoch": chosen["epoch"], "selection/step": chosen["step"]})
+        logger.experiment.set_tag(logger.run_id, "selection_rule", choice.rule)
+        logger.experiment.set_tag(logger.run_id, "selection", RULES[choice.rule] + (f"; {choice.note}" if choice.note else ""))
+        if choice.met_constraint is not None:
+            logger.log_metrics({"selection/met_constraint": float(choice.met_constraint)})
+    if path.is_file():
+        logger.experiment.set_tag(logger.run_id, "checkpoint", str(path.resolve()))
     logger.finalize("success")
     return RunResult(
         run_id=logger.run_id,
-        tracking_uri=logger._tracking_uri,
+        tracking_uri=resolve_tracking_uri(cfg.mlflow.tracking_uri),
         best=best,
-        checkpoint=checkpoint.best_model_path,
+        selection=choice,
+        checkpoint=str(path) if path.is_file() else "",
         train_rows=datamodule.size("train"),
         eval_rows=datamodule.size("dev"),
         epochs=trainer.current_epoch,

@@ -1,9 +1,19 @@
 """The LightningModule every method shares: task head, task loss, metrics, optimiser.
 
-A method subclasses it and supplies two things: ``build_pruner()`` (an
-``encoder.Pruner``) and ``pruning_loss()`` (its regularizer terms, by name). Nothing here
-knows MLflow or FLOPs: the Trainer's logger and the token-pruning callback see what
-``training_step``/``validation_step`` return.
+A method subclasses it and may supply:
+
+- ``build_pruner()``: its ``encoder.Pruner`` (default: keep everything);
+- ``losses()``: *all* its loss terms by name (default: the task loss alone); a method may
+  add terms or replace the task loss (ToP trains on a teacher's logits, not the labels);
+- ``selection_rule`` / ``meets_constraint()``: which validation is the run's result
+  (``tokprune.selection``);
+- ``reference_soft_rule``: the paper's own training rule, used with
+  ``method.train_attention=reference`` (default: the encoder's hard-equivalent rule);
+- ``prepare_fit()``: what training needs from other files (initial weights, a teacher),
+  done before fitting and never when a checkpoint is rebuilt for inference.
+
+Nothing here knows MLflow or FLOPs: the Trainer's logger and the token-pruning callback see
+what ``training_step``/``validation_step`` return.
 """
 
 from __future__ import annotations
@@ -18,13 +28,16 @@ from transformers.models.bert.modeling_bert import BertPooler
 
 from tokprune.data import GlueTask, build_metrics, metric_inputs
 from tokprune.encoder import EncoderOutput, KeepAll, PrunableEncoder, Pruner
+from tokprune.selection import Selected, Validation, select
 
 
 class PruningModule(L.LightningModule):
     """Sequence classification/regression on the prunable encoder."""
 
-    #: how soft (training) mode hides dropped tokens from attention; see PrunableEncoder
-    key_mask = "pre_softmax"
+    #: which validation is the run's result; pruning methods must not pick an epoch for pruning less
+    selection_rule = "last"
+    #: the soft rule of the method's paper (a key of encoder.SOFT_RULES), if it differs from ours
+    reference_soft_rule: str | None = None
 
     def __init__(self, cfg: DictConfig, bert: BertModel, task: GlueTask):
         super().__init__()
@@ -45,19 +58,38 @@ class PruningModule(L.LightningModule):
     def build_pruner(self) -> Pruner:
         return KeepAll()
 
-    def pruning_loss(self, out: EncoderOutput, batch: dict, logits: Tensor) -> dict[str, Tensor]:
-        """The method's regularizer terms, added to the task loss; logged by name."""
-        return {}
+    def losses(self, logits: Tensor, out: EncoderOutput, batch: dict) -> dict[str, Tensor]:
+        """Every term of the training loss by name; their sum is minimised, each is logged."""
+        return {"task_loss": self.task_loss(logits, batch["labels"])}
+
+    def meets_constraint(self, validation: Validation) -> bool:
+        """For ``selection_rule = "best_meeting_constraint"``: whether a validation counts."""
+        raise NotImplementedError(f"{type(self).__name__} has no constraint")
+
+    def prepare_fit(self) -> None:
+        """Load what training needs from other files (not done when rebuilding a checkpoint)."""
 
     # -- shared -----------------------------------------------------------------------
 
-    def forward(self, batch: dict) -> tuple[Tensor, EncoderOutput]:
+    @property
+    def soft_rule(self) -> str:
+        """The encoder's soft rule this method trains with (``method.train_attention``)."""
+        if self.cfg.method.get("train_attention", "renormalised") == "reference" and self.reference_soft_rule:
+            return self.reference_soft_rule
+        return "renormalised"
+
+    def select(self, validations: list[Validation]) -> Selected:
+        meets = self.meets_constraint if self.selection_rule == "best_meeting_constraint" else None
+        return select(self.selection_rule, validations, f"val/{self.task.main_metric}", meets)
+
+    def forward(self, batch: dict, hard: bool | None = None) -> tuple[Tensor, EncoderOutput]:
         out = self.encoder(
             batch["input_ids"],
             batch["attention_mask"],
             batch.get("token_type_ids"),
             pruner=self.pruner,
-            key_mask=self.key_mask,
+            hard=hard,
+            soft_rule=self.soft_rule,
         )
         logits = self.classifier(self.dropout(self.pooler(out.hidden)))
         return logits, out
@@ -69,14 +101,11 @@ class PruningModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         logits, out = self(batch)
-        task_loss = self.task_loss(logits, batch["labels"])
-        terms = self.pruning_loss(out, batch, logits)
-        loss = task_loss + sum(terms.values())
+        terms = self.losses(logits, out, batch)
+        loss = sum(terms.values())
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        if terms:
-            self.log("train/task_loss", task_loss, batch_size=size)
-            self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=size)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=size)
         return {"loss": loss, "encoder": out}
 
     def validation_step(self, batch: dict, batch_idx: int):

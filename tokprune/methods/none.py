@@ -5,3 +5,5 @@ from tokprune.methods.base import PruningModule
 
 class Method(PruningModule):
     """The unpruned baseline: the shared module with its keep-everything pruner."""
+
+    selection_rule = "best_metric"  # nothing is pruned, so the best epoch costs no FLOPs

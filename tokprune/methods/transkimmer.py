@@ -2,7 +2,7 @@
 
 Before each layer a small predictor reads every token's hidden state and decides keep or
 skim. Training samples the decision with straight-through Gumbel-softmax, so the task loss
-(through the post-softmax attention mask and forward-to-output) and the skim loss both reach
+(through the soft rule's key weighting and forward-to-output) and the skim loss both reach
 the predictors; evaluation takes the argmax, so results are deterministic (ours: the
 reference samples at evaluation too). The encoder makes masks cumulative, pins [CLS] and
 drops padding, and in eval mode removes skimmed tokens for real (hard mode).
@@ -16,13 +16,12 @@ keep-biased init of ``modeling_skim_predictor.py``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tokprune.encoder import EncoderOutput, Pruner
+from tokprune.checkpoint import load_weights
+from tokprune.encoder import EncoderOutput, PruneContext, Pruner
 from tokprune.errors import UsageError
 from tokprune.methods.base import PruningModule
 
@@ -73,13 +72,13 @@ class SkimPruner(Pruner):
     def cost_module(self, layer: int) -> nn.Module | None:
         return self.predictors[layer - self.first_skim_layer] if layer >= self.first_skim_layer else None
 
-    def forward(self, layer, hidden, keep, attn_probs):
-        if layer < self.first_skim_layer:
-            return keep
+    def forward(self, ctx: PruneContext) -> Tensor:
+        if ctx.layer < self.first_skim_layer:
+            return ctx.keep
         # Only tokens still alive are scored (what the FLOPs counter charges); the rest stay dropped.
-        live = keep > 0
-        logits = hidden.new_zeros(*keep.shape, 2)
-        logits[live] = self.predictors[layer - self.first_skim_layer](hidden[live])
+        hidden, live = ctx.hidden, ctx.live
+        logits = hidden.new_zeros(*live.shape, 2)
+        logits[live] = self.predictors[ctx.layer - self.first_skim_layer](hidden[live])
         if self.training:  # a binary sample whose gradient is the soft sample's (straight-through)
             return F.gumbel_softmax(logits, tau=self.tau, hard=True)[..., KEEP]
         return (logits[..., KEEP] > logits[..., SKIM]).to(hidden.dtype)
@@ -88,27 +87,28 @@ class SkimPruner(Pruner):
 class Method(PruningModule):
     """Task loss + ``skim_lambda`` x the mean fraction of real tokens kept per layer."""
 
-    key_mask = "post_softmax"  # the reference's training rule: attention probs x mask, no renormalising
+    reference_soft_rule = "post_softmax"  # method.train_attention=reference: probs x mask, no renormalising
 
-    def __init__(self, cfg, bert, task):
-        super().__init__(cfg, bert, task)
-        if cfg.method.init_checkpoint:
-            self.load_backbone_checkpoint(cfg.method.init_checkpoint)
+    def prepare_fit(self) -> None:
+        """``method.init_checkpoint``: start from a fine-tuned run (e.g. ``method=none``), its
+        weights but never its pruner, so the predictors keep their keep-biased init."""
+        if self.cfg.method.init_checkpoint:
+            load_weights(self, self.cfg.method.init_checkpoint, "method.init_checkpoint")
 
     def build_pruner(self) -> Pruner:
         m, config = self.cfg.method, self.encoder.config
         return SkimPruner(config.hidden_size, self.encoder.num_layers, m.first_skim_layer, m.tau,
                           keep_bias=m.keep_bias, hidden_init_std=config.initializer_range)
 
-    def pruning_loss(self, out: EncoderOutput, batch: dict, logits: Tensor) -> dict[str, Tensor]:
-        """``lambda * (1/L) sum_l mean_b(sum_j m_lj / n_b)`` on the effective (cumulative) masks.
+    def losses(self, logits: Tensor, out: EncoderOutput, batch: dict) -> dict[str, Tensor]:
+        """Task loss + ``lambda * (1/L) sum_l mean_b(sum_j m_lj / n_b)`` on the effective (cumulative) masks.
 
         Divided by the real length n_b (ours; the reference divides by the padded length), so
         the loss does not depend on how a batch happens to be padded.
         """
         kept = torch.stack([keep.sum(1) for keep in out.keep])  # L x B, carries straight-through grads
         kept_fraction = (kept / out.lengths.clamp(min=1)).mean()
-        return {"skim_loss": self.cfg.method.skim_lambda * kept_fraction}
+        return {**super().losses(logits, out, batch), "skim_loss": self.cfg.method.skim_lambda * kept_fraction}
 
     def parameter_groups(self) -> list[dict]:
         """The base groups; with ``method.predictor_lr`` set, the predictors get that lr (ours)."""
@@ -123,27 +123,3 @@ class Method(PruningModule):
             split.append({**group, "params": [p for p in group["params"] if id(p) in predictor_ids],
                           "lr": float(predictor_lr)})
         return [group for group in split if group["params"]]
-
-    def load_backbone_checkpoint(self, path: str) -> None:
-        """Start from a fine-tuned run (e.g. ``method=none``): its weights, never its pruner.
-
-        ``strict=False`` because the baseline has no predictors; any ``pruner.`` entries are
-        dropped so the predictors always keep their keep-biased init. Every other weight must
-        be present, else the file is not a checkpoint of this backbone and task.
-        """
-        if not Path(path).is_file():
-            raise UsageError(f"method.init_checkpoint: no such file '{path}'")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # not a torch file, or one holding more than tensors and plain data
-            raise UsageError(f"method.init_checkpoint '{path}' cannot be read as weights: {type(exc).__name__}") from None
-        state = checkpoint.get("state_dict", checkpoint)
-        state = {k: v for k, v in state.items() if not k.startswith("pruner.")}
-        try:
-            result = self.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # shape mismatch: another backbone or number of labels
-            raise UsageError(f"method.init_checkpoint '{path}' does not fit this model: "
-                             f"{str(exc).splitlines()[-1].strip()}") from None
-        missing = [k for k in result.missing_keys if not k.startswith("pruner.")]
-        if missing:
-            raise UsageError(f"method.init_checkpoint '{path}' lacks {len(missing)} weights, e.g. {missing[0]}")
