@@ -131,3 +131,40 @@ def test_real_backbone_keep_all_and_hard_equals_soft_on_real_rows(task, glue_dir
     torch.testing.assert_close(unpruned.hidden[real], expected[real], atol=1e-5, rtol=0)
     torch.testing.assert_close(hard.hidden[real], soft.hidden[real], atol=1e-4, rtol=0)
     assert hard.kept_counts()[-1].sum() < unpruned.kept_counts()[-1].sum()
+
+
+def test_post_softmax_rule_is_not_hard_equivalent():
+    """Transkimmer's reference rule drops dropped keys' probability mass without renormalising."""
+    bert = tiny_bert(seed=3, layers=3)
+    batch = random_batch(batch=4, length=12, seed=3)
+    masks = random_masks(batch, 3, seed=3)
+    enc = PrunableEncoder(bert).eval()
+    hard = run(enc, batch, pruner=FixedMasks(masks), hard=True)
+    reference = run(enc, batch, pruner=FixedMasks(masks), hard=False, soft_rule="post_softmax")
+    real = batch["attention_mask"].bool()
+    assert (hard.hidden[real] - reference.hidden[real]).abs().max() > 1e-3
+
+
+def test_unknown_soft_rule_is_rejected():
+    batch = random_batch()
+    with pytest.raises(ValueError, match="soft_rule"):
+        run(PrunableEncoder(tiny_bert()), batch, soft_rule="magic")
+
+
+def test_straight_through_mask_gets_a_finite_nonzero_gradient_where_it_is_zero():
+    """The renormalised rule lets a dropped token learn that it should have been kept."""
+    bert = tiny_bert(seed=4, layers=3)
+    batch = random_batch(batch=2, length=10, seed=4)
+    soft = torch.full((2, 10), 0.3, requires_grad=True)
+    hard_values = torch.ones(2, 10)
+    hard_values[:, 4] = 0  # token 4 dropped before layer 1
+    mask = hard_values + soft - soft.detach()  # forward binary, gradient to `soft` (straight-through)
+
+    class StraightThrough(Pruner):
+        def forward(self, ctx):
+            return mask if ctx.layer == 1 else ctx.keep
+
+    out = run(PrunableEncoder(bert).eval(), batch, pruner=StraightThrough(), hard=False)
+    out.hidden[:, 0].sum().backward()  # [CLS]'s final state: reaches token 4 only through attention
+    grad = soft.grad[:, 4]
+    assert torch.isfinite(grad).all() and (grad.abs() > 0).all()
