@@ -14,6 +14,7 @@ from typing import Iterable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from tokprune.checks import check_config
 from tokprune.errors import UsageError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -105,6 +106,7 @@ def compose(args: Iterable[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
         OmegaConf.resolve(cfg)
     except Exception as exc:  # interpolation errors name the key
         raise UsageError(f"config does not resolve: {exc}") from None
+    check_config(cfg)
     return cfg
 
 
