@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformers import BertModel, get_linear_schedule_with_warmup
+from transformers import BertModel
 from transformers.models.bert.modeling_bert import BertPooler
 
 from tokprune.data import GlueTask, build_metrics, metric_inputs
@@ -65,6 +65,11 @@ class PruningModule(L.LightningModule):
     def meets_constraint(self, validation: Validation) -> bool:
         """For ``selection_rule = "best_meeting_constraint"``: whether a validation counts."""
         raise NotImplementedError(f"{type(self).__name__} has no constraint")
+
+    def state_tables(self) -> dict[str, str]:
+        """Small text tables of the method's learned state (file name -> TSV), logged as
+        artifacts for the selected validation; the method never touches MLflow itself."""
+        return {}
 
     def prepare_fit(self) -> None:
         """Load what training needs from other files (not done when rebuilding a checkpoint)."""
@@ -120,20 +125,53 @@ class PruningModule(L.LightningModule):
         self.val_metrics.reset()
         self.log_dict(values)
 
+    @property
+    def progress(self) -> float:
+        """Fraction of training done (0 before the first step, 1 at the last): for schedules
+        a method runs inside its losses (warm-ups, ramps, decays)."""
+        try:
+            total = self.trainer.estimated_stepping_batches
+        except RuntimeError:  # not attached to a Trainer (unit tests)
+            return 0.0
+        return min(1.0, self.trainer.global_step / max(1.0, float(total)))
+
+    def own_parameter_groups(self) -> list[dict]:
+        """AdamW groups a method sets itself (own lr, no weight decay, ``constant_lr``); every
+        parameter not in them gets the shared groups."""
+        return []
+
+    @staticmethod
+    def decay_groups(params, weight_decay: float, **extra) -> list[dict]:
+        """Weight decay on matrices only (not on biases and LayerNorm weights)."""
+        params = [p for p in params if p.requires_grad]
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **extra},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]
+
     def parameter_groups(self) -> list[dict]:
-        """AdamW groups: no weight decay on biases and LayerNorm weights."""
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            (no_decay if param.ndim < 2 else decay).append(param)
-        return [
-            {"params": decay, "weight_decay": self.cfg.train.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        own = self.own_parameter_groups()
+        taken = {id(p) for group in own for p in group["params"]}
+        shared = self.decay_groups((p for p in self.parameters() if id(p) not in taken), self.cfg.train.weight_decay)
+        return [group for group in [*shared, *own] if group["params"]]
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.cfg.train.lr)
+        """AdamW, linear warm-up and decay; groups marked ``constant_lr`` keep their lr."""
+        groups = self.parameter_groups()
+        optimizer = torch.optim.AdamW(groups, lr=self.cfg.train.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.cfg.train.warmup_ratio * total), total)
+        warmup = int(self.cfg.train.warmup_ratio * total)
+
+        def linear(step: int) -> float:
+            if step < warmup:
+                return step / max(1, warmup)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        schedules = [(lambda step: 1.0) if g.get("constant_lr") else linear for g in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """Projections a method applies after every optimiser step (clipping gates, clamping log-alphas)."""

@@ -110,16 +110,9 @@ class Method(PruningModule):
         kept_fraction = (kept / out.lengths.clamp(min=1)).mean()
         return {**super().losses(logits, out, batch), "skim_loss": self.cfg.method.skim_lambda * kept_fraction}
 
-    def parameter_groups(self) -> list[dict]:
-        """The base groups; with ``method.predictor_lr`` set, the predictors get that lr (ours)."""
-        groups = super().parameter_groups()
+    def own_parameter_groups(self) -> list[dict]:
+        """With ``method.predictor_lr`` set, the predictors get that lr (ours); else train.lr."""
         predictor_lr = self.cfg.method.predictor_lr
         if predictor_lr is None:
-            return groups
-        predictor_ids = {id(p) for p in self.pruner.parameters()}
-        split = []
-        for group in groups:
-            split.append({**group, "params": [p for p in group["params"] if id(p) not in predictor_ids]})
-            split.append({**group, "params": [p for p in group["params"] if id(p) in predictor_ids],
-                          "lr": float(predictor_lr)})
-        return [group for group in split if group["params"]]
+            return []
+        return self.decay_groups(self.pruner.parameters(), self.cfg.train.weight_decay, lr=float(predictor_lr))
