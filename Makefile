@@ -23,8 +23,13 @@ ARGS ?=
 TRIALS ?=
 WORKERS ?=
 STORAGE ?=
+# make eval / make predict: CKPT = a checkpoint (checkpoints/<run id>/best.ckpt); predict reads
+# INPUT (GLUE TSV or plain text) and writes OUTPUT (TSV).
+CKPT ?=
+INPUT ?=
+OUTPUT ?=
 
-.PHONY: install test test-fast train bench sweep report ui clean
+.PHONY: install test test-fast train bench sweep report eval predict ui clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +59,13 @@ sweep: install
 
 report: install
 	$(PY) -m tokprune report task=$(TASK) budget=$(BUDGET) model=$(MODEL) seed=$(SEED) $(ARGS)
+
+eval: install
+	$(PY) -m tokprune eval $(if $(CKPT),checkpoint=$(CKPT)) $(ARGS)
+
+predict: install
+	$(PY) -m tokprune predict $(if $(CKPT),checkpoint=$(CKPT)) $(if $(INPUT),input=$(INPUT)) \
+		$(if $(OUTPUT),output=$(OUTPUT)) $(ARGS)
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --artifacts-destination $(abspath mlartifacts)

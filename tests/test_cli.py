@@ -1,10 +1,13 @@
-"""The command line: bad input is one line on stderr and exit code 2, never a traceback."""
+"""The command line: bad input is one line on stderr and exit code 2, anything else one line
+and exit code 1 with the traceback in a file; never a traceback on the terminal."""
 
 import os
 import subprocess
 import sys
 
 import pytest
+
+from tokprune import cli
 
 from conftest import GLUE, ROOT
 
@@ -25,6 +28,14 @@ def tokprune(*args, env=None, cwd=None):
         (["train", "train.lr=fast"], "bad value for train.lr: 'fast' is not a number"),
         (["train", "train.learning_rate=1"], "unknown config key 'train.learning_rate'"),
         (["train", "data.glue_dir=/no/such/glue"], "data directory /no/such/glue does not exist"),
+        (["train", "checkpoint=x.ckpt"], "unknown config key 'checkpoint'"),
+        (["eval"], "eval needs checkpoint=PATH"),
+        (["eval", "checkpoint=/no/such.ckpt"], "checkpoint: no such file '/no/such.ckpt'"),
+        (["eval", "checkpoint=/no/such.ckpt", "train.lr=1"], "eval cannot set 'train.lr' (the checkpoint fixes it)"),
+        (["eval", "checkpoint=x", "data.eval_subset=all"], "bad value for data.eval_subset: 'all'"),
+        (["predict", "checkpoint=x", "input=y"], "predict needs output=FILE"),
+        (["predict", "checkpoint=x", "input=/no/such.txt", "output=o.tsv"], "input: no such file '/no/such.txt'"),
+        (["predict", "checkpoint=x", "input=a", "output=b", "train.lr=1"], "predict takes checkpoint=PATH"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message):
@@ -49,3 +60,28 @@ def test_malformed_tsv_exits_2_naming_file_and_line(tmp_path):
 def test_no_command_prints_help_and_exits_2():
     result = tokprune()
     assert result.returncode == 2 and "train" in result.stderr
+
+
+def test_an_unexpected_error_is_one_line_exit_1_with_the_traceback_in_a_file(monkeypatch, tmp_path, capsys):
+    def broken(overrides):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_train", broken)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "task=sst2"]) == 1
+    log = tmp_path / cli.ERROR_LOG
+    stderr = capsys.readouterr().err
+    assert stderr.splitlines() == [f"tokprune: error: RuntimeError: disk on fire (full traceback in {log})"]
+    assert "Traceback" not in stderr
+    saved = log.read_text()
+    assert "tokprune train task=sst2" in saved and "Traceback (most recent call last)" in saved
+    assert "in broken" in saved and "RuntimeError: disk on fire\nsecond line" in saved
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(overrides):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    assert cli.main(["eval", "checkpoint=x"]) == 130
+    assert capsys.readouterr().err.splitlines() == ["tokprune: interrupted"]

@@ -103,7 +103,7 @@ def test_studies_of_another_model_are_named_in_the_error(tmp_path, capsys):
 
 def test_negative_speedup_examples_is_one_line_exit_2(tmp_path, capsys):
     line = one_line_error(capsys, ["report.speedup_examples=-1", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"])
-    assert "report.speedup_examples must be >= 0 (0 = skip), not -1" in line
+    assert "bad value for report.speedup_examples: -1 (expected an integer >= 0)" in line
 
 
 def test_a_study_written_directly_renders_without_mlflow_runs(tmp_path, capsys):

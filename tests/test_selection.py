@@ -1,6 +1,5 @@
 """Which validation is a run's result: the method's rule, for the checkpoint and best/* alike."""
 
-import lightning as L
 import pytest
 import torch
 from mlflow.tracking import MlflowClient

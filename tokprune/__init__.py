@@ -1,3 +1,17 @@
 """tokprune: token pruning for BERT-style encoders, compared fairly on accuracy vs FLOPs."""
 
 __version__ = "0.1.0"
+
+
+def load(path, engine: str = "torch", batch_size: int = 32):
+    """A trained checkpoint ready to label text, in hard mode::
+
+        model = tokprune.load("checkpoints/<run id>/best.ckpt")
+        model.predict(["a gripping film", "dull"])  # -> [Prediction(label="1", kept_per_layer=(6, 6, ...)), ...]
+
+    Returns a ``tokprune.predict.PrunedModel``. torch and transformers load on the first
+    call, not on ``import tokprune``.
+    """
+    from tokprune.predict import PrunedModel
+
+    return PrunedModel.load(path, engine=engine, batch_size=batch_size)

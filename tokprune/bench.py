@@ -26,10 +26,11 @@ from omegaconf import DictConfig
 from tokprune.backbone import load_bert, load_tokenizer
 from tokprune.callbacks import TokenPruningCallback
 from tokprune.data import get_task, load_splits, seeded_subset
-from tokprune.checkpoint import rebuild
+from tokprune.checkpoint import Described, rebuild
 from tokprune.encoder import KeepAll, PrunableEncoder, PruneContext, Pruner
 from tokprune.flops import FlopsCounter
 from tokprune.methods import build_method
+from tokprune.methods.base import PruningModule
 from tokprune.train import build_datamodule
 
 
@@ -128,15 +129,23 @@ def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_s
 
 def checkpoint_speedup(checkpoint: str, glue_dir: str | None = None, examples: int = 64,
                        batch_sizes=(1,)) -> list[dict]:
+    """``trained_speedup`` of the model in a checkpoint file."""
+    described, module = rebuild(checkpoint)
+    return trained_speedup(described, module, glue_dir, examples, batch_sizes)
+
+
+def trained_speedup(described: Described, module: PruningModule, glue_dir: str | None = None, examples: int = 64,
+                    batch_sizes=(1,)) -> list[dict]:
     """Hard-mode latency of a trained model's own pruner vs KeepAll on the same weights, on
     ``examples`` seeded real dev rows of its task, at each batch size: what its savings buy
-    on a CPU. The model, its task and its max length all come from the checkpoint file."""
-    described, module = rebuild(checkpoint)
+    on a CPU. The task, max length and (unless ``glue_dir`` is given) data come from the
+    checkpoint's description; ``module`` must be on the CPU."""
     cfg = described.cfg
     task = get_task(cfg.task.name)
     rows = load_splits(task, cfg.data.glue_dir if glue_dir is None else glue_dir, cfg.data.hub_dataset)["dev"]
     dev = seeded_subset(rows, examples, cfg.seed)
-    return [latency(module.encoder, module.pruner, _batches(dev, described.tokenizer(), size, cfg.task.max_length))
+    tokenizer = described.tokenizer()
+    return [latency(module.encoder, module.pruner, _batches(dev, tokenizer, size, cfg.task.max_length))
             | {"examples": len(dev), "batch_size": size} for size in batch_sizes]
 
 

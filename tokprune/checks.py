@@ -157,6 +157,12 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
 }
 
 # A method's own keys, relative to `method.`; applied only when `method.name` is that method.
+def _layer_list(value) -> str | None:
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return None
+    return "expected a non-empty list of 0-based layer indices, e.g. [2,3,4,5]"
+
+
 METHOD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
     "none": {},
     "transkimmer": {
@@ -182,6 +188,21 @@ METHOD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "first_gated_layer": Rule(INT, low=1),  # its upper end (layers - 1) is checked when the model is known
         "threshold": Rule(FLOAT, low=0, high=1),  # gates live in [0, 1]
         "inference": Rule("str", choices=("threshold", "top_sum")),
+    },
+    "top": {
+        "teacher_checkpoint": Rule("str", nullable=True),
+        "target_sparsity": Rule(FLOAT, low=0, high=1, high_open=True),
+        "target_warmup": Rule(FLOAT, low=0, high=1),  # a fraction of training
+        "reg_lr": Rule(FLOAT, low=0, low_open=True),
+        "distill_alpha": Rule(FLOAT, low=0),
+        "distill_layers": Rule(nullable=True, special=_layer_list),
+        "distill_topk": Rule(INT, low=1),
+        "temperature": Rule(FLOAT, low=0, low_open=True),
+        "bins": Rule(INT, low=1),
+        "prunable_layers": Rule(nullable=True, special=_layer_list),
+        "selection_epsilon": Rule(FLOAT, low=0, high=1),
+        "ffn_length": Rule("str", choices=("own", "next")),
+        "regression_target": Rule("str", choices=("labels", "teacher")),
     },
 }
 

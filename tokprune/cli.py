@@ -1,12 +1,20 @@
 """``python -m tokprune <command> key=value ...``
 
-Commands: ``train`` (one run). Every bad input ends in one line on stderr and exit code 2.
+Every bad input ends in one line on stderr and exit code 2. Anything else that goes wrong
+is one line too, exit code 1, with the full traceback appended to ``tokprune-error.log`` in
+the working folder (the system's temp folder if that is not writable): a user sees what
+failed, a bug report has the details. Ctrl-C is one line and exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import traceback
+from datetime import datetime
+from pathlib import Path
 
 from tokprune.errors import UsageError
 
@@ -15,7 +23,17 @@ COMMANDS = {
     "bench": "measure callback overhead and hard-mode CPU speedup; writes reports/bench/",
     "sweep": "trace the accuracy-vs-FLOPs Pareto front of a method with Optuna, logged to MLflow",
     "report": "Pareto plots and a comparison table of a task's sweeps: reports/<task>/ and MLflow",
+    "eval": "dev metrics, FLOPs, kept tokens per layer and CPU latency of a trained checkpoint (hard mode)",
+    "predict": "label the sentences or pairs of a file with a trained checkpoint (hard mode)",
 }
+#: Commands with name=value arguments of their own (not config keys), and what they take.
+ARGUMENTS_HELP = {
+    "eval": "checkpoint=PATH, then data.glue_dir= data.eval_subset= data.num_workers= train.eval_batch_size= "
+            "mlflow.tracking_uri= eval.latency_examples=",
+    "predict": "checkpoint=PATH input=FILE output=FILE [batch_size=N]",
+}
+PLACEHOLDERS = {"checkpoint": "PATH", "input": "FILE", "output": "FILE", "batch_size": "N"}
+ERROR_LOG = "tokprune-error.log"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, text in COMMANDS.items():
         cmd = sub.add_parser(name, help=text, description=text)
-        cmd.add_argument("overrides", nargs="*", metavar="key=value",
-                         help="group choices (method= task= model= budget=) and dotted keys (train.lr=3e-5)")
+        cmd.add_argument("overrides", nargs="*", metavar="key=value", help=ARGUMENTS_HELP.get(
+            name, "group choices (method= task= model= budget=) and dotted keys (train.lr=3e-5)"))
     return parser
 
 
@@ -38,6 +56,8 @@ def cmd_train(overrides: list[str]) -> int:
 
     cfg = compose(overrides)
     result = train(cfg)
+    if result.global_rank:  # under DDP, rank 0 prints the summary
+        return 0
     from tokprune.data import get_task
 
     best = result.best
@@ -83,7 +103,60 @@ def cmd_report(overrides: list[str]) -> int:
     return run_report(overrides)
 
 
+def _arguments(command: str, words: list[str], required: tuple[str, ...], optional: tuple[str, ...] = ()):
+    """(the command's own ``name=value`` arguments, the other words): these are not config keys."""
+    found, rest = {}, []
+    for word in words:
+        name, sep, value = word.partition("=")
+        if sep and name in required + optional:
+            if not value:
+                raise UsageError(f"{name}= is empty: give {name}={PLACEHOLDERS[name]}")
+            found[name] = value
+        else:
+            rest.append(word)
+    missing = [name for name in required if name not in found]
+    if missing:
+        raise UsageError(f"{command} needs {' '.join(f'{n}={PLACEHOLDERS[n]}' for n in missing)}")
+    return found, rest
+
+
+def cmd_eval(words: list[str]) -> int:
+    found, settings = _arguments("eval", words, ("checkpoint",))
+    from tokprune.evaluate import evaluate, summary
+
+    print(summary(evaluate(found["checkpoint"], settings)))
+    return 0
+
+
+def cmd_predict(words: list[str]) -> int:
+    found, rest = _arguments("predict", words, ("checkpoint", "input", "output"), ("batch_size",))
+    if rest:
+        raise UsageError(f"predict takes {ARGUMENTS_HELP['predict']}, not '{rest[0]}'")
+    batch_size = found.get("batch_size", "32")
+    if not batch_size.isdigit() or int(batch_size) < 1:
+        raise UsageError(f"bad value for batch_size: '{batch_size}' (expected an integer >= 1)")
+    from tokprune.predict import run_predict
+
+    print(run_predict(found["checkpoint"], found["input"], found["output"], int(batch_size)))
+    return 0
+
+
+def _save_traceback(argv: list[str]) -> Path | None:
+    """Append the exception being handled to the error log; where it went, or None."""
+    text = (f"--- {datetime.now().isoformat(timespec='seconds')} pid {os.getpid()}: tokprune {' '.join(argv)}\n"
+            f"{traceback.format_exc()}")
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        try:
+            with (folder / ERROR_LOG).open("a", encoding="utf-8") as log:
+                log.write(text)
+            return (folder / ERROR_LOG).resolve()
+        except OSError:
+            continue
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -94,3 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"tokprune: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tokprune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or a failure outside the user's input: one line here, details in the log
+        log = _save_traceback(argv)
+        message = (str(exc).strip().splitlines() or [""])[0]
+        where = f"full traceback in {log}" if log else "no traceback file could be written"
+        print(f"tokprune: error: {type(exc).__name__}{': ' + message if message else ''} ({where})", file=sys.stderr)
+        return 1

@@ -79,6 +79,10 @@ class Pruner(nn.Module):
 
     #: False lets hard mode skip scattering attention probabilities back to full size.
     needs_attention: bool = True
+    #: True: the encoder multiplies a proposal by the running mask *binarised* (> 0), so a soft
+    #: value acts only in the layer that proposed it (ToP); False: by the running mask as it is,
+    #: so soft values compound over layers. The same for binary masks (hard mode).
+    binary_history: bool = False
 
     def wants_attention(self, layer: int) -> bool:
         """Whether the call before ``layer`` reads ``attn_probs`` (lets hard mode skip work)."""
@@ -174,7 +178,8 @@ class PrunableEncoder(nn.Module):
         keeps, attentions = [], []
         for index, layer in enumerate(self.layers):
             proposed = pruner(PruneContext(index, hidden, keep, probs, padding))
-            keep = torch.cat([padding[:, :1], (proposed * keep)[:, 1:]], dim=1)  # cumulative, CLS pinned
+            history = (keep > 0).to(keep.dtype) if pruner.binary_history else keep
+            keep = torch.cat([padding[:, :1], (proposed * history)[:, 1:]], dim=1)  # cumulative, CLS pinned
             if hard:
                 keep = (keep > 0.5).to(hidden.dtype)
                 want_probs = output_attentions or pruner.wants_attention(index + 1)

@@ -304,8 +304,6 @@ def log_to_mlflow(client: MlflowClient, results: list[MethodResult], files: list
 
 def build_report(cfg: DictConfig) -> tuple[list[Path], list[MethodResult], list[str]]:
     """Read, measure, write, log: (the files written, what they show, parent runs logged to)."""
-    if int(cfg.report.speedup_examples) < 0:
-        raise UsageError(f"report.speedup_examples must be >= 0 (0 = skip), not {cfg.report.speedup_examples}")
     uri, storage, out = locate(cfg)
     studies = find_studies(cfg, storage)
     client = MlflowClient(uri)

@@ -46,6 +46,7 @@ class RunResult:
     epochs: int
     steps: int
     seconds: float
+    global_rank: int = 0  # under DDP every process returns a result; rank 0's is the one to report
 
 
 class SelectedCheckpoint(L.Callback):
@@ -55,12 +56,28 @@ class SelectedCheckpoint(L.Callback):
     run's result; when it picks the newest validation, the weights are saved with the
     run's self-description (``checkpoint.describe``), so the file always holds the selected
     validation's model.
+
+    The file is ``<checkpoint_dir>/<MLflow run id>/best.ckpt``. Under DDP only rank 0 has an
+    MLflow run (the logger is rank-zero only), so the run id is broadcast from rank 0 in
+    ``setup``, once the processes are connected: every process then knows the same run and
+    file. Every process selects alike (the ``val/`` values it sees are the whole dev set's);
+    rank 0 writes the file.
     """
 
-    def __init__(self, path: Path, description: dict):
-        self.path, self.description = path, description
+    def __init__(self, checkpoint_dir: str | Path, description: dict):
+        self.checkpoint_dir, self.description = Path(checkpoint_dir), description
+        self.run_id: str | None = None
         self.validations: list[dict[str, float]] = []
         self.selected: Selected | None = None
+        self.tables: dict[str, str] = {}  # the method's state tables at the selected validation
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint_dir / str(self.run_id) / "best.ckpt"
+
+    def setup(self, trainer, pl_module, stage):
+        self.run_id = trainer.strategy.broadcast(trainer.logger.run_id)
+        self.description = {**self.description, "run_id": self.run_id}
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:
@@ -74,7 +91,9 @@ class SelectedCheckpoint(L.Callback):
                         "metrics": values}
             checkpoint = {"state_dict": pl_module.state_dict(), "epoch": trainer.current_epoch,
                           "global_step": trainer.global_step, "tokprune": {**self.description, "selected": selected}}
-            trainer.strategy.save_checkpoint(checkpoint, self.path)
+            trainer.strategy.save_checkpoint(checkpoint, self.path)  # rank 0 only
+            self.tables = pl_module.state_tables()
+        trainer.strategy.barrier("SelectedCheckpoint")  # the file is there for every process before it goes on
 
     def best(self) -> dict[str, float]:
         """The selected validation's ``val/`` values."""
@@ -121,8 +140,8 @@ def train(cfg: DictConfig, callbacks: list | None = None, tags: dict[str, str] |
 
 
 def _fit(cfg, task, tokenizer, datamodule, module, logger, callbacks) -> RunResult:
-    path = Path(cfg.train.checkpoint_dir) / str(logger.run_id) / "best.ckpt"
-    selected = SelectedCheckpoint(path, describe(cfg, module.encoder.config, tokenizer, logger.run_id))
+    """Under DDP every process runs this; MLflow calls are no-ops on ranks other than 0."""
+    selected = SelectedCheckpoint(cfg.train.checkpoint_dir, describe(cfg, module.encoder.config, tokenizer, None))
     trainer = L.Trainer(
         max_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps,
@@ -147,7 +166,7 @@ def _fit(cfg, task, tokenizer, datamodule, module, logger, callbacks) -> RunResu
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
-    best, choice = selected.best(), selected.selected
+    best, choice, path = selected.best(), selected.selected, selected.path
     logger.log_metrics({k.replace("val/", "best/"): v for k, v in best.items()} | {"time/fit_seconds": seconds})
     if choice is not None:
         chosen = selected.validations[choice.index]
@@ -156,11 +175,13 @@ def _fit(cfg, task, tokenizer, datamodule, module, logger, callbacks) -> RunResu
         logger.experiment.set_tag(logger.run_id, "selection", RULES[choice.rule] + (f"; {choice.note}" if choice.note else ""))
         if choice.met_constraint is not None:
             logger.log_metrics({"selection/met_constraint": float(choice.met_constraint)})
+    for name, text in selected.tables.items():
+        logger.experiment.log_text(logger.run_id, text, f"method/{name}")
     if path.is_file():
         logger.experiment.set_tag(logger.run_id, "checkpoint", str(path.resolve()))
     logger.finalize("success")
     return RunResult(
-        run_id=logger.run_id,
+        run_id=selected.run_id,
         tracking_uri=resolve_tracking_uri(cfg.mlflow.tracking_uri),
         best=best,
         selection=choice,
@@ -170,4 +191,5 @@ def _fit(cfg, task, tokenizer, datamodule, module, logger, callbacks) -> RunResu
         epochs=trainer.current_epoch,
         steps=trainer.global_step,
         seconds=seconds,
+        global_rank=trainer.global_rank,
     )

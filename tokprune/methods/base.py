@@ -116,7 +116,7 @@ class PruningModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int):
         logits, out = self(batch)
         size = batch["input_ids"].shape[0]
-        self.log("val/loss", self.task_loss(logits, batch["labels"]), batch_size=size)
+        self.log("val/loss", self.task_loss(logits, batch["labels"]), batch_size=size, sync_dist=True)
         self.val_metrics.update(metric_inputs(self.task, logits), batch["labels"])
         return {"encoder": out}
 

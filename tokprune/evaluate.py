@@ -1,0 +1,213 @@
+"""``python -m tokprune eval checkpoint=PATH``: what a trained checkpoint does on its dev set.
+
+A checkpoint describes itself (``tokprune.checkpoint``), so its task, backbone, dev subset
+and batch size come from the file; an evaluation may change only where the data and the
+MLflow store are, how many dev rows and how big a batch. The dev set goes through the same
+Lightning validation loop and token-pruning callback as in training, in hard mode (pruned
+tokens really removed), so with nothing changed the metrics are the training run's own.
+CPU latency of the model's pruner against the unpruned encoder on the same weights is
+bench.py's measurement.
+
+The result is logged as an ``eval`` run beside its training run when the MLflow store is
+there. MLflow is never required: a missing or failing store costs one printed line.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import yaml
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from tokprune.bench import trained_speedup
+from tokprune.callbacks import TokenPruningCallback
+from tokprune.checkpoint import rebuild
+from tokprune.checks import Rule, check_config
+from tokprune.data import get_task
+from tokprune.errors import UsageError
+from tokprune.tracking import artifact_root, resolve_tracking_uri, run_name, store_dir
+from tokprune.train import build_datamodule
+
+#: Stored settings an evaluation may change; the checkpoint fixes every other one.
+CHANGEABLE = ("data.glue_dir", "data.eval_subset", "data.num_workers", "train.eval_batch_size", "mlflow.tracking_uri")
+#: Taken as typed, never parsed as YAML: paths and URIs.
+TEXT = ("data.glue_dir", "mlflow.tracking_uri")
+#: Where the environment overrides the stored value, as it does for a new run (conf/defaults.yaml).
+ENVIRONMENT = {"data.glue_dir": "GLUE_DIR", "mlflow.tracking_uri": "MLFLOW_TRACKING_URI"}
+#: The evaluation's own settings: default and rule.
+OWN = {"eval.latency_examples": (256, Rule("int", low=0))}
+LATENCY_BATCH_SIZES = (1, 32)
+
+
+@dataclass
+class Evaluation:
+    checkpoint: Path
+    cfg: DictConfig  # the stored config with this evaluation's changes
+    training_run_id: str | None
+    selected: dict  # the training validation the checkpoint holds: rule, epoch, step, metrics
+    rows: int
+    metrics: dict[str, float]  # eval/<metric>, eval/loss, eval/flops_ratio_*, eval/kept_fraction/layer_<l>, ...
+    latency: list[dict]  # bench.trained_speedup rows, one per batch size; empty when skipped
+    latency_examples: int
+    mlflow: str = ""  # the line saying where it was logged, or why not
+
+    @property
+    def kept_fractions(self) -> list[float]:
+        layers = sorted(int(k.rsplit("_", 1)[1]) for k in self.metrics if k.startswith("eval/kept_fraction/layer_"))
+        return [self.metrics[f"eval/kept_fraction/layer_{layer}"] for layer in layers]
+
+
+def parse_settings(words: list[str]) -> tuple[dict[str, object], dict[str, object]]:
+    """(changes to the stored config, the evaluation's own settings), checked like train's."""
+    changes, own = {}, {key: default for key, (default, _) in OWN.items()}
+    for word in words:
+        key, sep, raw = word.partition("=")
+        if not sep or not key:
+            raise UsageError(f"bad argument '{word}': expected key=value, e.g. data.eval_subset=500")
+        if key not in CHANGEABLE and key not in OWN:
+            raise UsageError(f"eval cannot set '{key}' (the checkpoint fixes it): "
+                             f"it takes {', '.join([*CHANGEABLE, *OWN])}")
+        value = raw if key in TEXT else _yaml(raw)
+        if key in OWN:
+            rule = OWN[key][1]
+            if not rule.accepts(value):
+                raise UsageError(f"bad value for {key}: '{raw}' (expected {rule.describe()})")
+            own[key] = value
+        else:
+            changes[key] = value
+    checked = OmegaConf.create()
+    for key, value in changes.items():
+        OmegaConf.update(checked, key, value)
+    check_config(checked)  # types and ranges of the changed keys, as for a new run
+    return {key: OmegaConf.select(checked, key) for key in changes}, own
+
+
+def _yaml(raw: str):
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def eval_config(stored: DictConfig, changes: dict[str, object]) -> DictConfig:
+    cfg = stored.copy()
+    for key, variable in ENVIRONMENT.items():
+        if variable in os.environ:
+            OmegaConf.update(cfg, key, os.environ[variable])
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def evaluate(checkpoint: str | Path, words: list[str] = ()) -> Evaluation:
+    """Rebuild ``checkpoint``, run its task's dev set in hard mode, time it, log it if possible."""
+    changes, own = parse_settings(list(words))
+    described, module = rebuild(checkpoint)
+    cfg = eval_config(described.cfg, changes)
+    # The data module reads both splits; one train row is all an evaluation needs to tokenise.
+    datamodule = build_datamodule(OmegaConf.merge(cfg, {"data": {"train_subset": 1}}), described.tokenizer())
+    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[TokenPruningCallback(cfg.task.max_length)])
+    [validated] = trainer.validate(module, datamodule=datamodule, verbose=False)
+    examples = own["eval.latency_examples"]
+    latency = (trained_speedup(described, module.cpu().eval(), cfg.data.glue_dir, examples, LATENCY_BATCH_SIZES)
+               if examples else [])
+    result = Evaluation(
+        checkpoint=Path(checkpoint).resolve(),
+        cfg=cfg,
+        training_run_id=described.run_id,
+        selected=described.contents["tokprune"]["selected"],
+        rows=datamodule.size("dev"),
+        metrics={name.replace("val/", "eval/", 1): float(value) for name, value in validated.items()},
+        latency=latency,
+        latency_examples=examples,
+    )
+    result.mlflow = log_evaluation(result)
+    return result
+
+
+def _unreachable(uri: str) -> str | None:
+    """Why ``uri`` cannot take the run, checked first so that a missing SQLite store is not
+    created empty and a dead server is not retried for minutes; None when it may."""
+    if store_dir(uri) is not None:
+        path = Path(uri[len("sqlite:///"):])
+        return None if path.is_file() else f"no MLflow store at {path}; give one with mlflow.tracking_uri="
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        except OSError as exc:
+            return f"tracking server {uri} does not answer ({exc})"
+    return None
+
+
+def _mlflow_metrics(result: Evaluation) -> dict[str, float]:
+    metrics = dict(result.metrics) | {"eval/rows": float(result.rows)}
+    for row in result.latency:
+        prefix = f"eval/cpu_batch_{row['batch_size']}"
+        metrics |= {f"{prefix}/ms_per_batch_pruned": row["ms_per_batch_pruned"],
+                    f"{prefix}/ms_per_batch_unpruned": row["ms_per_batch_unpruned"],
+                    f"{prefix}/wall_speedup": row["wall_speedup"]}
+    return metrics
+
+
+def log_evaluation(result: Evaluation) -> str:
+    """Log ``result`` as an ``eval`` run in the stored config's experiment; the line to print."""
+    cfg = result.cfg
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    why = _unreachable(uri)
+    if why:
+        return f"MLflow: not logged ({why})"
+    try:
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+        experiment_id = (experiment.experiment_id if experiment else
+                         client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_root(uri)))
+        tags = {"role": "eval", "training_run_id": result.training_run_id or "", "checkpoint": str(result.checkpoint),
+                "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name}
+        run_id = client.create_run(experiment_id, run_name=f"eval-{run_name(cfg)}", tags=tags).info.run_id
+        try:
+            now = int(time.time() * 1000)
+            settings = {key: OmegaConf.select(cfg, key) for key in CHANGEABLE if key != "mlflow.tracking_uri"}
+            params = settings | {"eval.latency_examples": result.latency_examples}
+            client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in _mlflow_metrics(result).items()],
+                             params=[Param(k, str(v)) for k, v in params.items()])
+            client.set_terminated(run_id, "FINISHED")
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
+    except Exception as exc:  # MLflow is never required: say why and go on
+        return f"MLflow: not logged ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})"
+    return f"MLflow: eval run {run_id} in experiment '{cfg.mlflow.experiment}' at {uri}"
+
+
+def summary(result: Evaluation) -> str:
+    cfg, m = result.cfg, result.metrics
+    selected = result.selected
+    metrics = "  ".join(f"{name}={m[f'eval/{name}']:.4f}" for name in get_task(cfg.task.name).metrics)
+    lines = [
+        f"checkpoint {result.checkpoint}",
+        f"  {cfg.method.name} {cfg.task.name} {cfg.model.name} {cfg.budget.name}, training run "
+        f"{result.training_run_id}, validation of epoch {selected['epoch']} step {selected['step']} "
+        f"(rule {selected['rule']})",
+        f"dev ({result.rows} rows, hard mode): {metrics}",
+        f"FLOPs (fvcore, 1 MAC = 1 FLOP): ratio {m['eval/flops_ratio_real']:.3f} vs unpruned at real length, "
+        f"{m['eval/flops_ratio_padded']:.3f} vs padded to {cfg.task.max_length}",
+        f"kept fraction per layer: {' '.join(f'{f:.2f}' for f in result.kept_fractions)}",
+    ]
+    if result.latency:
+        timed = "; ".join(f"batch {r['batch_size']}: {r['ms_per_batch_pruned']:.1f} vs "
+                          f"{r['ms_per_batch_unpruned']:.1f} ms = x{r['wall_speedup']:.2f}" for r in result.latency)
+        lines.append(f"CPU latency, pruned vs unpruned encoder, same weights ({result.latency[0]['examples']} dev rows, "
+                     f"{result.latency[0]['threads']} threads): {timed}")
+    else:
+        lines.append("CPU latency: skipped (eval.latency_examples=0)")
+    lines.append(result.mlflow)
+    return "\n".join(lines)
