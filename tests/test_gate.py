@@ -189,3 +189,23 @@ def test_sigmoid_parametrisation_starts_below_one_but_keeps_everything():
 def test_the_gate_table_artifact_has_one_row_per_gated_layer():
     table = make().state_tables()["gates.tsv"].splitlines()
     assert len(table) == 1 + LAYERS - 1 and table[1].split("\t")[0] == "1"
+
+
+def test_straight_through_trains_on_the_thresholded_gates_with_their_gradient():
+    module = make("method.straight_through=true")
+    g = torch.Generator().manual_seed(2)
+    set_gates(module, torch.rand(module.pruner.weights.shape, generator=g))
+    batch = labelled_batch(batch=6, length=16)
+    module.train()
+    for m in module.modules():  # training forward without dropout, to compare with evaluation
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    logits, out = module(batch)  # training forward: binary masks
+    assert all(torch.equal(k, (k > 0.5).float()) for k in out.keep)
+    module.eval()
+    with torch.no_grad():
+        hard_logits, hard = module(batch)
+    torch.testing.assert_close(logits.detach(), hard_logits, atol=1e-4, rtol=0)
+    assert torch.equal(out.kept_counts(), hard.kept_counts())
+    logits.sum().backward()
+    assert module.pruner.weights.grad.abs().sum() > 0

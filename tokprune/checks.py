@@ -163,6 +163,13 @@ def _layer_list(value) -> str | None:
     return "expected a non-empty list of 0-based layer indices, e.g. [2,3,4,5]"
 
 
+def _weight_list(value) -> str | None:
+    if (isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) and v >= 0 for v in value) and sum(value) > 0):
+        return None
+    return "expected a non-empty list of non-negative numbers, not all 0, one per layer, e.g. [0,0,1,1,1,1]"
+
+
 METHOD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
     "none": {},
     "transkimmer": {
@@ -174,6 +181,16 @@ METHOD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
                                                        # placeholder path, and their baseline's does not exist yet)
         "predictor_lr": Rule(FLOAT, nullable=True, low=0, low_open=True),
         "train_attention": Rule("str", choices=("reference", "renormalised")),
+        "skim_norm": Rule("str", choices=("real", "padded")),
+        "skim_target": Rule(FLOAT, nullable=True, low=0, high=1, low_open=True),  # a kept fraction
+        "skim_target_mode": Rule("str", choices=("lagrangian", "quadratic")),
+        "target_lr": Rule(FLOAT, low=0, low_open=True),
+        "skim_warmup": Rule(FLOAT, low=0, high=1),  # a fraction of training
+        "skim_layer_weights": Rule(nullable=True, special=_weight_list),  # its length: checked when the model is known
+        "skim_loss_on": Rule("str", choices=("cumulative", "own")),
+        "teacher_checkpoint": Rule("str", nullable=True),  # existence and fit: checked when it loads
+        "distill_weight": Rule(FLOAT, low=0, high=1),
+        "temperature": Rule(FLOAT, low=0, low_open=True),
     },
     "gate": {
         "lambda_sparse": Rule(FLOAT, low=0),
@@ -188,6 +205,7 @@ METHOD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "first_gated_layer": Rule(INT, low=1),  # its upper end (layers - 1) is checked when the model is known
         "threshold": Rule(FLOAT, low=0, high=1),  # gates live in [0, 1]
         "inference": Rule("str", choices=("threshold", "top_sum")),
+        "straight_through": Rule("bool"),
     },
     "top": {
         "teacher_checkpoint": Rule("str", nullable=True),

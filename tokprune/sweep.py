@@ -39,10 +39,11 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from tokprune import sweep_mlflow as track
+from tokprune.baseline import find_or_train
 from tokprune.config import compose
 from tokprune.errors import UsageError
 from tokprune.report import after_sweep
-from tokprune.sweep_plan import FLOPS, NEUTRAL, Plan, override, param_strings, plan_sweep
+from tokprune.sweep_plan import FLOPS, Plan, override, param_strings, plan_sweep
 from tokprune.train import train
 
 WORKER_ENV = "TOKPRUNE_SWEEP_WORKER"  # set on the processes that `sweep.workers=N` starts
@@ -225,21 +226,7 @@ class Sweep:
     def _baseline(self) -> dict:
         """The unpruned run (method=none) for this task, model, budget and seed: the FLOPs-ratio-1.0
         point, trained once and shared by every sweep of every method (and ToP's teacher)."""
-        cfg = self.plan.cfg
-        extra = [a for a in self.plan.result_overrides if not a.startswith("method.")]
-        key = {"task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name, "seed": str(cfg.seed),
-               "overrides": " ".join(extra) or "none"}
-        run = track.find_baseline(self.client, self.exp_id, key)
-        if run is None:
-            self.say("training the unpruned baseline (method=none) once for "
-                     + " ".join(f"{k}={v}" for k, v in key.items()))
-            groups = [f"{g}={cfg[g].name}" for g in ("task", "model", "budget")]
-            paths = [a for a in self.plan.passthrough if a.startswith(NEUTRAL) and not a.startswith("mlflow.run_name")]
-            base_cfg = compose(["method=none", *groups, f"seed={cfg.seed}", *extra, *paths])
-            tags = {track.ROLE: "baseline", "seed": str(cfg.seed), "overrides": key["overrides"]}
-            result = train(base_cfg, tags=tags)
-            self.client.set_tag(result.run_id, "checkpoint", result.checkpoint)
-            run = self.client.get_run(result.run_id)
+        run = find_or_train(self.plan.cfg, self.say, self.client, self.exp_id)
         metric = run.data.metrics.get(f"best/{self.plan.main_metric}", float("nan"))
         flops = run.data.metrics.get(f"best/{FLOPS}", 1.0)
         parent_tags = self.client.get_run(self.parent_id).data.tags

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tokprune.backbone import load_bert, load_tokenizer
+from tokprune.baseline import find_or_train
 from tokprune.callbacks import TokenPruningCallback
 from tokprune.checkpoint import describe
 from tokprune.data import GlueDataModule, get_task
@@ -130,6 +131,10 @@ def train(cfg: DictConfig, callbacks: list | None = None, tags: dict[str, str] |
     datamodule = build_datamodule(cfg, tokenizer)
     datamodule.setup("fit")  # fail on bad data before a model loads or an MLflow run opens
     module = build_method(cfg, load_bert(cfg.model), task)
+    key = module.baseline_checkpoint_key
+    if key and not OmegaConf.select(cfg, key):  # e.g. ToP's teacher: the baseline run's checkpoint
+        OmegaConf.update(cfg, key, find_or_train(cfg).data.tags["checkpoint"])
+        print(f"{key}={OmegaConf.select(cfg, key)} (the unpruned baseline's)")
     module.prepare_fit()  # initial weights, a teacher: their errors come before the run opens too
     logger = make_logger(cfg, tags)
     try:

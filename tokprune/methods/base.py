@@ -38,6 +38,9 @@ class PruningModule(L.LightningModule):
     selection_rule = "last"
     #: the soft rule of the method's paper (a key of encoder.SOFT_RULES), if it differs from ours
     reference_soft_rule: str | None = None
+    #: a config key that, left empty, gets the checkpoint of the unpruned baseline of the same
+    #: task, model, budget and seed (found in the MLflow store or trained first: tokprune.baseline)
+    baseline_checkpoint_key: str | None = None
 
     def __init__(self, cfg: DictConfig, bert: BertModel, task: GlueTask):
         super().__init__()
@@ -95,6 +98,7 @@ class PruningModule(L.LightningModule):
             pruner=self.pruner,
             hard=hard,
             soft_rule=self.soft_rule,
+            output="cls",  # the head reads [CLS] only: hard mode scatters nothing back
         )
         logits = self.classifier(self.dropout(self.pooler(out.hidden)))
         return logits, out

@@ -17,7 +17,10 @@ weighted by layer, their own lr, then hard extraction of the top tokens by atten
   (``parametrisation: clipped``, PoWER-BERT), or ``sigmoid(theta)`` (``sigmoid``; near 1 it
   has almost no gradient), with their own lr and no weight decay;
 - training: the gate value is the token's mask, made cumulative by the encoder and applied
-  with its hard-equivalent soft rule, so binary gates in soft mode equal hard removal;
+  with its hard-equivalent soft rule, so binary gates in soft mode equal hard removal; with
+  ``straight_through: true`` (ours) the forward mask is the thresholded gate and the gradient
+  reaches the gate value (straight-through), so training computes exactly what hard mode does
+  rather than relying on the bi-modal term to close the gap;
 - inference: a rank is kept iff its gate > ``threshold`` (``inference: threshold``), or the
   top ``floor(sum_r g_l[r])`` ranks (``top_sum``; with bins, that share of the live tokens).
 
@@ -51,8 +54,9 @@ class GatePruner(Pruner):
     """One gate vector per gated layer, indexed by importance rank (or rank bin)."""
 
     def __init__(self, num_layers: int, slots: int, first_gated_layer: int, ranks: str, parametrisation: str,
-                 sigmoid_init: float, threshold: float, inference: str):
+                 sigmoid_init: float, threshold: float, inference: str, straight_through: bool = False):
         super().__init__()
+        self.straight_through = straight_through
         if not 1 <= first_gated_layer < num_layers:
             raise UsageError(f"method.first_gated_layer must be in 1..{num_layers - 1} (layer 0 has no "
                              f"previous attention to rank by), not {first_gated_layer}")
@@ -73,6 +77,9 @@ class GatePruner(Pruner):
     def wants_attention(self, layer: int) -> bool:
         return layer >= self.first
 
+    def decides(self, layer: int) -> bool:
+        return layer >= self.first
+
     def slots_of(self, ranks: Tensor, live_count: Tensor) -> Tensor:
         """B x N gate index of each rank: the rank itself, or its length-normalised bin."""
         slots = self.weights.shape[1]
@@ -87,7 +94,10 @@ class GatePruner(Pruner):
         live_count = ctx.live.sum(1)
         gates = self.gates()[ctx.layer - self.first]
         if self.training:
-            return gates[self.slots_of(ranks, live_count)]
+            soft = gates[self.slots_of(ranks, live_count)]
+            if not self.straight_through:
+                return soft
+            return (soft > self.threshold).to(soft.dtype) + (soft - soft.detach())  # exactly binary forward
         if self.inference == "threshold":
             return (gates[self.slots_of(ranks, live_count)] > self.threshold).to(ctx.keep.dtype)
         total = gates.sum()  # top_sum: keep the top floor(sum g) ranks (a share of the live tokens with bins)
@@ -105,7 +115,7 @@ class Method(PruningModule):
         m = self.cfg.method
         slots = self.cfg.task.max_length if m.ranks == "absolute" else m.bins
         return GatePruner(self.encoder.num_layers, int(slots), m.first_gated_layer, m.ranks, m.parametrisation,
-                          m.sigmoid_init, m.threshold, m.inference)
+                          m.sigmoid_init, m.threshold, m.inference, m.straight_through)
 
     def layer_weights(self) -> Tensor:
         """``w_l = (l+1)/L`` of each gated layer: later layers cost more to keep."""
