@@ -169,7 +169,10 @@ def _fit(cfg, task, tokenizer, datamodule, module, logger, callbacks) -> RunResu
         default_root_dir=cfg.train.checkpoint_dir,
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    if module.trains:
+        trainer.fit(module, datamodule=datamodule)
+    else:  # one evaluation of the loaded weights: the run's only validation
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     seconds = time.perf_counter() - start
     best, choice, path = selected.best(), selected.selected, selected.path
     logger.log_metrics({k.replace("val/", "best/"): v for k, v in best.items()} | {"time/fit_seconds": seconds})

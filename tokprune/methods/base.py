@@ -74,6 +74,11 @@ class PruningModule(L.LightningModule):
         artifacts for the selected validation; the method never touches MLflow itself."""
         return {}
 
+    @property
+    def trains(self) -> bool:
+        """False: a run is one evaluation of the weights as loaded (a fixed schedule, say)."""
+        return True
+
     def prepare_fit(self) -> None:
         """Load what training needs from other files (not done when rebuilding a checkpoint)."""
 
