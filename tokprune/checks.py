@@ -222,6 +222,12 @@ METHOD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "ffn_length": Rule("str", choices=("own", "next")),
         "regression_target": Rule("str", choices=("labels", "teacher")),
     },
+    "static": {
+        "keep_last": Rule(FLOAT, low=0, high=1, low_open=True),
+        "first_pruned_layer": Rule(INT, low=1),  # its upper end (layers - 1) is checked when the model is known
+        "finetune": Rule("bool"),
+        "init_checkpoint": Rule("str", nullable=True),
+    },
 }
 
 

@@ -82,7 +82,8 @@ Ours, and why:
   never stops;
 - the multipliers' ascent flips their gradient inside the graph (``2*lambda.detach() - lambda``:
   same value, gradient negated) and uses AdamW with lr ``+reg_lr``; AdamW rejects the reference's
-  negative lr, and with weight decay 0 the two updates are identical;
+  negative lr, and with weight decay 0 the two updates are identical (``tokprune.methods.constraints``,
+  shared with Transkimmer's ``skim_target``; the logit distillation is ``tokprune.methods.distill``);
 - default ``distill_layers`` ``range(1, max(2, L // 3))``: the reference's rule with at least one
   layer. Layer 1's attention makes the first pruning decision (before layer 2), which is why the
   paper distils the early layers; on a 6-layer MiniLM that is layer 1 alone;
@@ -108,11 +109,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tokprune.checkpoint import FrozenReference, load_frozen, load_weights
-from tokprune.encoder import EncoderOutput, KeepAll, PruneContext, Pruner, received_attention
+from tokprune.checkpoint import FrozenReference, load_weights
+from tokprune.encoder import EncoderOutput, PruneContext, Pruner, received_attention, untraced
 from tokprune.errors import UsageError
 from tokprune.flops import analytic_layer_macs
+from tokprune.methods import constraints
 from tokprune.methods.base import PruningModule
+from tokprune.methods.distill import load_teacher, logit_distillation
 from tokprune.selection import Validation
 
 LIMIT_A, LIMIT_B = -0.1, 1.1  # the stretched interval of the hard-concrete distribution
@@ -194,6 +197,21 @@ class TopPruner(Pruner):
         tokens = torch.stack([deterministic_mask(row) for row in self.token_log_alpha.detach()])
         return tokens, (self.layer_prob().detach() >= 0.5).to(tokens.dtype)
 
+    def eval_masks(self) -> tuple[Tensor, Tensor]:
+        """``deterministic()``, cached while the log_alphas are unchanged (in place updates and
+        loads bump their versions) and computed outside any trace, so inference computes it once,
+        not per layer and call, and an ONNX export folds it into constants."""
+        key = (self.token_log_alpha._version, self.layer_log_alpha._version, self.token_log_alpha.data_ptr(),
+               self.layer_log_alpha.data_ptr())
+        if getattr(self, "_eval_key", None) != key:
+            with untraced():
+                self._eval_masks = self.deterministic()
+            self._eval_key = key
+        return self._eval_masks
+
+    def decides(self, layer: int) -> bool:
+        return layer in self.index
+
     def clamp_(self) -> None:
         with torch.no_grad():
             self.token_log_alpha.clamp_(*LOG_ALPHA_RANGE)
@@ -219,7 +237,7 @@ class TopPruner(Pruner):
             z = sample_hard_concrete(self.layer_log_alpha[i])
             gate = (z > 0).to(z.dtype) - z.detach() + z  # straight-through: forward 1{z>0}, gradient of z
         else:
-            tokens, gates = self.deterministic()
+            tokens, gates = self.eval_masks()
             tokens, gate = tokens[i], gates[i]
         tokens = torch.cat([tokens, tokens.new_zeros(1)]).to(ctx.keep.dtype)  # index `bins`: dead, always 0
         keep = 1 - (1 - tokens[self.bins_of(ctx)]) * gate
@@ -293,12 +311,6 @@ def rank_distillation_loss(student: Tensor, teacher: Tensor, padding: Tensor, to
     return (per_pair.sum((1, 2)) / k.clamp(min=1).to(student.dtype) ** 2).mean()
 
 
-def logit_distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """``KL(teacher || student)`` of the temperature-softened distributions, times ``T^2``."""
-    return F.kl_div(F.log_softmax(student / temperature, dim=-1), F.softmax(teacher / temperature, dim=-1),
-                    reduction="batchmean") * temperature**2
-
-
 # -- the method ----------------------------------------------------------------------------
 
 
@@ -306,11 +318,12 @@ class Method(PruningModule):
     """Teacher-distilled student whose token masks meet a FLOPs target through a Lagrangian."""
 
     selection_rule = "best_meeting_constraint"
+    baseline_checkpoint_key = "method.teacher_checkpoint"  # empty: the baseline run, found or trained once
 
     def __init__(self, cfg, bert, task):
         super().__init__(cfg, bert, task)
         m, num_layers = cfg.method, self.encoder.num_layers
-        self.multipliers = nn.Parameter(torch.zeros(2))  # lambda1, lambda2 of the Lagrangian
+        self.multipliers = constraints.multipliers()  # lambda1, lambda2 of the Lagrangian
         layers = m.distill_layers
         self.distill_layers = list(range(1, max(2, num_layers // 3))) if layers is None else list(layers)
         if not self.distill_layers or any(not 0 <= layer < num_layers for layer in self.distill_layers):
@@ -340,12 +353,8 @@ class Method(PruningModule):
         if not path:
             raise UsageError("method=top distils from the fine-tuned unpruned model: set "
                              "method.teacher_checkpoint=<best.ckpt of a method=none run> of the same task and "
-                             "model (a sweep passes its baseline's; a single run does not find or train one yet)")
-        teacher = load_frozen(path, self.cfg, WHAT)
-        if not isinstance(teacher.module.pruner, KeepAll):
-            raise UsageError(f"{WHAT} '{path}' is a method={teacher.module.cfg.method.name} run: the teacher "
-                             "must be unpruned (method=none)")
-        self.teacher = teacher
+                             "model (train and sweep fill it with the baseline run's, found in the MLflow store or trained once)")
+        self.teacher = load_teacher(path, self.cfg, WHAT)
         load_weights(self, path, WHAT, skip=("pruner.", "multipliers"))
         for name, param in self.named_parameters():
             if "embeddings" in name:
@@ -358,31 +367,23 @@ class Method(PruningModule):
     def own_parameter_groups(self) -> list[dict]:
         """Masks and multipliers: AdamW at a constant ``reg_lr``, no weight decay (the multipliers
         ascend: their gradient is negated in ``lagrangian``)."""
-        reg_lr = float(self.cfg.method.reg_lr)
-        own = {"lr": reg_lr, "weight_decay": 0.0, "constant_lr": True}
-        return [{"params": [self.pruner.token_log_alpha, self.pruner.layer_log_alpha], **own},
-                {"params": [self.multipliers], **own}]
+        reg_lr = self.cfg.method.reg_lr
+        return [constraints.constant_group([self.pruner.token_log_alpha, self.pruner.layer_log_alpha], reg_lr),
+                constraints.constant_group([self.multipliers], reg_lr)]
 
     def after_optimizer_step(self) -> None:
         self.pruner.clamp_()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip the model's gradients only, not the masks' and multipliers' (as the reference)."""
-        if not gradient_clip_val:
-            return
-        own = {id(p) for group in self.own_parameter_groups() for p in group["params"]}
-        params = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in own]
-        if gradient_clip_algorithm in (None, "norm"):
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        own = [p for group in self.own_parameter_groups() for p in group["params"]]
+        constraints.clip_gradients_except(optimizer, own, gradient_clip_val, gradient_clip_algorithm)
 
     # -- schedules and the constraint --------------------------------------------------------
 
     def warmup_progress(self) -> float:
         """``min(1, progress / target_warmup)``: the target's ramp, also the ranking weight's decay."""
-        warmup = float(self.cfg.method.target_warmup)
-        return 1.0 if warmup <= 0 else min(1.0, self.progress / warmup)
+        return constraints.linear_ramp(self.progress, float(self.cfg.method.target_warmup))
 
     def target(self) -> float:
         return float(self.cfg.method.target_sparsity) * self.warmup_progress()
@@ -402,9 +403,7 @@ class Method(PruningModule):
         towards the target and, since the multipliers enter with a negated gradient, *raises* the
         penalty through them while the target is missed (gradient ascent)."""
         s_hat, t = self.expected_sparsity(lengths), self.target()
-        ascending = 2 * self.multipliers.detach() - self.multipliers  # same value, gradient negated
-        gap = s_hat - t
-        return ascending[0] * gap + ascending[1] * gap**2, s_hat, t
+        return constraints.lagrangian(s_hat - t, self.multipliers), s_hat, t
 
     # -- losses --------------------------------------------------------------------------
 
@@ -423,16 +422,9 @@ class Method(PruningModule):
         rank = sum(rank_distillation_loss(received_attention(out.attentions[layer], out.keep[layer]), target,
                                           out.padding, int(m.distill_topk)) for layer in self.distill_layers)
         penalty, s_hat, t = self.lagrangian(out.lengths)
-        self._log_train({"expected_sparsity": s_hat, "target_sparsity": t, "lambda1": self.multipliers[0],
-                         "lambda2": self.multipliers[1], "rank_loss_unweighted": rank}, len(logits))
+        constraints.log_train(self, {"expected_sparsity": s_hat, "target_sparsity": t, "lambda1": self.multipliers[0],
+                                     "lambda2": self.multipliers[1], "rank_loss_unweighted": rank}, len(logits))
         return {**terms, "rank_loss": self.rank_weight() * rank, "lagrangian": penalty}
-
-    def _log_train(self, values: dict, size: int) -> None:
-        try:
-            self.trainer
-        except RuntimeError:  # not attached to a Trainer (unit tests)
-            return
-        self.log_dict({f"train/{k}": float(torch.as_tensor(v).detach()) for k, v in values.items()}, batch_size=size)
 
     # -- selection and reporting ---------------------------------------------------------
 

@@ -11,22 +11,62 @@ Reference facts (ChandlerGuan/Transkimmer, ``src/module/modeling_transkimer.py``
 ``BertEncoder``): one predictor per layer for *every* layer, the first one applied to the
 embedding output before layer 0 (hence ``first_skim_layer: 0``); the predictor's hidden
 Linear gets BERT's ``_init_weights`` (N(0, initializer_range), bias 0), its last Linear the
-keep-biased init of ``modeling_skim_predictor.py``.
+keep-biased init of ``modeling_skim_predictor.py``; the skim loss
+``lambda * (1/L) sum_l mean_b(sum_j m_lj) / N_padded`` on the cumulative masks.
+
+Ours, each an option (conf/method/transkimmer.yaml); by default off or as before, but for the training rule:
+
+- ``train_attention: renormalised`` (default): train with the encoder's hard-equivalent soft rule,
+  so what is trained is what hard mode evaluates; ``reference``: the paper's probabilities x mask
+  without renormalising, which hard removal does not compute;
+- ``skim_norm``: ``real`` (default) divides each example's kept count by its real length n_b;
+  ``padded`` by the padded length N, padding and [CLS] included (the reference's);
+- ``skim_target``: hold the kept fraction at a target instead of the linear skim loss, by ToP's
+  Lagrangian (``skim_target_mode: lagrangian``, multipliers ascending at ``target_lr``; shared
+  code: ``tokprune.methods.constraints``) or ``skim_lambda * (k - t)^2`` (``quadratic``);
+- ``skim_warmup``: the skim weight (or the target's reduction 1 -> target) ramps from 0;
+- ``skim_layer_weights`` (normalised to sum 1; null = uniform, the reference) and
+  ``skim_loss_on``: ``cumulative`` (the reference: the loss on the effective masks, so the
+  decision before layer l gets (L - l)/L of the gradient) or ``own``: layer l's term, same value,
+  reaches only layer l's predictor (its proposal from its detached input, times the detached mask
+  of the tokens alive before it), so the later, contextual predictors do their share;
+- ``teacher_checkpoint`` / ``distill_weight`` w / ``temperature`` T: ``(1 - w) * task + w * KD``
+  with ToP's logit distillation (``tokprune.methods.distill``; MSE to the teacher for regression).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from tokprune.checkpoint import load_weights
+from tokprune.checkpoint import FrozenReference, load_weights
 from tokprune.encoder import EncoderOutput, PruneContext, Pruner
 from tokprune.errors import UsageError
+from tokprune.methods import constraints
 from tokprune.methods.base import PruningModule
+from tokprune.methods.distill import load_teacher, prediction_distillation
 
 SKIM, KEEP = 0, 1  # indices of the predictor's two logits
 DECISION_INIT_STD = 0.02  # std of the last Linear's weights and biases at init (the reference's)
+CHOICES = {"skim_target_mode": ("lagrangian", "quadratic"), "skim_loss_on": ("cumulative", "own"),
+           "skim_norm": ("real", "padded")}
+#: the options' defaults (conf/method/transkimmer.yaml), for checkpoints written before the keys existed
+DEFAULTS = {"skim_target": None, "skim_target_mode": "lagrangian", "target_lr": 0.02, "skim_warmup": 0.0,
+            "skim_layer_weights": None, "skim_loss_on": "cumulative", "skim_norm": "real",
+            "teacher_checkpoint": None, "distill_weight": 0.5, "temperature": 2.0}
+
+
+def gumbel_noise(logits: Tensor) -> Tensor:
+    """Standard Gumbel noise of ``logits``' shape (drawn as ``F.gumbel_softmax`` draws it)."""
+    return -torch.empty_like(logits).exponential_().log()
+
+
+def straight_through(noisy_logits: Tensor, tau: float) -> Tensor:
+    """``F.gumbel_softmax(logits, tau, hard=True)`` given ``logits + gumbel_noise(logits)``: the
+    one-hot argmax forward, the gradient of ``softmax(noisy_logits / tau)``."""
+    soft = (noisy_logits / tau).softmax(-1)
+    hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
+    return hard - soft.detach() + soft
 
 
 class SkimPredictor(nn.Module):
@@ -58,6 +98,10 @@ class SkimPruner(Pruner):
     """One ``SkimPredictor`` per layer from ``first_skim_layer`` on; earlier layers keep all."""
 
     needs_attention = False  # decisions read hidden states only
+    #: ``method.skim_loss_on=own``: in training, also record in ``own_proposals[layer]`` the same
+    #: decision (same Gumbel noise, same value) computed from the *detached* hidden states, so a
+    #: loss on it reaches only that layer's predictor (not earlier ones through its input)
+    record_own: bool = False
 
     def __init__(self, width: int, num_layers: int, first_skim_layer: int, tau: float,
                  keep_bias: float, hidden_init_std: float):
@@ -65,6 +109,7 @@ class SkimPruner(Pruner):
         if not 0 <= first_skim_layer < num_layers:
             raise UsageError(f"method.first_skim_layer must be in 0..{num_layers - 1}, not {first_skim_layer}")
         self.first_skim_layer, self.tau = first_skim_layer, tau
+        self.own_proposals: dict[int, Tensor] = {}  # record_own's, per layer; emptied by the loss that reads them
         self.predictors = nn.ModuleList(
             SkimPredictor(width, keep_bias, hidden_init_std) for _ in range(first_skim_layer, num_layers)
         )
@@ -77,42 +122,157 @@ class SkimPruner(Pruner):
             return ctx.keep
         # Only tokens still alive are scored (what the FLOPs counter charges); the rest stay dropped.
         hidden, live = ctx.hidden, ctx.live
+        predictor = self.predictors[ctx.layer - self.first_skim_layer]
         logits = hidden.new_zeros(*live.shape, 2)
-        logits[live] = self.predictors[ctx.layer - self.first_skim_layer](hidden[live])
+        logits[live] = predictor(hidden[live])
         if self.training:  # a binary sample whose gradient is the soft sample's (straight-through)
-            return F.gumbel_softmax(logits, tau=self.tau, hard=True)[..., KEEP]
+            gumbels = gumbel_noise(logits)
+            if self.record_own:
+                own = hidden.new_zeros(*live.shape, 2)
+                own[live] = predictor(hidden[live].detach())
+                self.own_proposals[ctx.layer] = straight_through(own + gumbels, self.tau)[..., KEEP]
+            return straight_through(logits + gumbels, self.tau)[..., KEEP]
         return (logits[..., KEEP] > logits[..., SKIM]).to(hidden.dtype)
 
 
 class Method(PruningModule):
-    """Task loss + ``skim_lambda`` x the mean fraction of real tokens kept per layer."""
+    """Task loss (or its blend with a teacher's logits) + a skim term on the kept fraction."""
 
     reference_soft_rule = "post_softmax"  # method.train_attention=reference: probs x mask, no renormalising
 
-    def prepare_fit(self) -> None:
-        """``method.init_checkpoint``: start from a fine-tuned run (e.g. ``method=none``), its
-        weights but never its pruner, so the predictors keep their keep-biased init."""
-        if self.cfg.method.init_checkpoint:
-            load_weights(self, self.cfg.method.init_checkpoint, "method.init_checkpoint")
+    def __init__(self, cfg, bert, task):
+        super().__init__(cfg, bert, task)
+        num_layers = self.encoder.num_layers
+        for key, allowed in CHOICES.items():
+            if self.option(key) not in allowed:
+                raise UsageError(f"method.{key} must be one of {', '.join(allowed)}, not {self.option(key)!r}")
+        weights = self.option("skim_layer_weights")
+        weights = [1.0] * num_layers if weights is None else [float(w) for w in weights]
+        if len(weights) != num_layers or min(weights) < 0 or sum(weights) <= 0:
+            raise UsageError(f"method.skim_layer_weights must be {num_layers} non-negative weights (one per layer), "
+                             f"not all 0, or null; not {list(weights)}")
+        self.layer_weights = [w / sum(weights) for w in weights]  # uniform: the reference's 1/L
+        if self.option("skim_target") is not None and self.option("skim_target_mode") == "lagrangian":
+            self.multipliers = constraints.multipliers()  # lambda1, lambda2; only then (no unused parameters)
+        self.pruner.record_own = self.option("skim_loss_on") == "own"
+        self.teacher: FrozenReference | None = None
+
+    def option(self, key: str):
+        """``method.<key>``; a key that a checkpoint written before it lacks reads as its default."""
+        return self.cfg.method.get(key, DEFAULTS.get(key))
 
     def build_pruner(self) -> Pruner:
         m, config = self.cfg.method, self.encoder.config
         return SkimPruner(config.hidden_size, self.encoder.num_layers, m.first_skim_layer, m.tau,
                           keep_bias=m.keep_bias, hidden_init_std=config.initializer_range)
 
-    def losses(self, logits: Tensor, out: EncoderOutput, batch: dict) -> dict[str, Tensor]:
-        """Task loss + ``lambda * (1/L) sum_l mean_b(sum_j m_lj / n_b)`` on the effective (cumulative) masks.
+    # -- fitting -------------------------------------------------------------------------
 
-        Divided by the real length n_b (ours; the reference divides by the padded length), so
-        the loss does not depend on how a batch happens to be padded.
-        """
-        kept = torch.stack([keep.sum(1) for keep in out.keep])  # L x B, carries straight-through grads
-        kept_fraction = (kept / out.lengths.clamp(min=1)).mean()
-        return {**super().losses(logits, out, batch), "skim_loss": self.cfg.method.skim_lambda * kept_fraction}
+    def prepare_fit(self) -> None:
+        """``method.init_checkpoint``: start from a fine-tuned run (e.g. ``method=none``), its
+        weights but never its pruner, so the predictors keep their keep-biased init.
+        ``method.teacher_checkpoint``: the frozen unpruned model the logits are distilled from."""
+        m = self.cfg.method
+        if m.init_checkpoint:
+            load_weights(self, m.init_checkpoint, "method.init_checkpoint", skip=("pruner.", "multipliers"))
+        teacher = self.option("teacher_checkpoint")
+        if teacher:
+            self.teacher = load_teacher(teacher, self.cfg, "method.teacher_checkpoint")
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
 
     def own_parameter_groups(self) -> list[dict]:
-        """With ``method.predictor_lr`` set, the predictors get that lr (ours); else train.lr."""
+        """With ``method.predictor_lr`` set, the predictors get that lr (ours); else train.lr.
+        The multipliers of ``skim_target_mode=lagrangian``: ``method.target_lr``, constant, no decay."""
+        groups = []
         predictor_lr = self.cfg.method.predictor_lr
-        if predictor_lr is None:
-            return []
-        return self.decay_groups(self.pruner.parameters(), self.cfg.train.weight_decay, lr=float(predictor_lr))
+        if predictor_lr is not None:
+            groups += self.decay_groups(self.pruner.parameters(), self.cfg.train.weight_decay, lr=float(predictor_lr))
+        if hasattr(self, "multipliers"):
+            groups.append(constraints.constant_group([self.multipliers], self.option("target_lr")))
+        return groups
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip every gradient but the multipliers' (as ToP), which are the constraint's gap."""
+        excluded = [self.multipliers] if hasattr(self, "multipliers") else []
+        constraints.clip_gradients_except(optimizer, excluded, gradient_clip_val, gradient_clip_algorithm)
+
+    # -- the loss ------------------------------------------------------------------------
+
+    def ramp(self) -> float:
+        """``method.skim_warmup``: 0 at the first step, 1 from that fraction of training on."""
+        return constraints.linear_ramp(self.progress, float(self.option("skim_warmup")))
+
+    def target(self) -> float:
+        """The kept fraction the target modes hold, ramping 1 -> ``skim_target`` over the warm-up."""
+        return 1.0 - self.ramp() * (1.0 - float(self.option("skim_target")))
+
+    def layer_masks(self, out: EncoderOutput) -> list[Tensor]:
+        """Per layer, the B x N mask the skim term counts: the effective (cumulative) mask
+        (``skim_loss_on=cumulative``), or the same values with the gradient of the layer's own
+        decision alone (``own``: its predictor's proposal, from its detached input, times the
+        detached mask of the tokens alive before it); layers without a predictor: detached."""
+        if self.option("skim_loss_on") == "cumulative":
+            return list(out.keep)
+        own = self.pruner.own_proposals if self.pruner.training and not out.hard else {}
+        masks = []
+        for layer, keep in enumerate(out.keep):
+            if layer not in own or own[layer].shape != keep.shape:  # no predictor, or no training forward
+                masks.append(keep.detach())
+                continue
+            alive = out.keep[layer - 1] if layer > 0 else out.padding
+            masks.append(torch.cat([keep[:, :1].detach(), own[layer][:, 1:] * alive[:, 1:].detach()], dim=1))
+        return masks
+
+    def kept_fraction(self, out: EncoderOutput) -> Tensor:
+        """``sum_l w_l * mean_b(sum_j m_lj / norm_b)``: ``norm_b`` the real length n_b ([CLS]
+        included; ``skim_norm=real``, ours) or the padded length N (``padded``, the reference's);
+        ``w_l`` the normalised ``skim_layer_weights`` (uniform 1/L: the reference)."""
+        masks = self.layer_masks(out)
+        kept = torch.stack([mask.sum(1) for mask in masks])  # L x B, carries straight-through grads
+        if self.option("skim_norm") == "padded":
+            norm = torch.full_like(out.lengths, out.padding.shape[1])
+        else:
+            norm = out.lengths.clamp(min=1)
+        weights = torch.tensor(self.layer_weights, dtype=kept.dtype, device=kept.device)
+        return (weights[:, None] * kept / norm).sum(0).mean()
+
+    def prediction_losses(self, logits: Tensor, batch: dict) -> dict[str, Tensor]:
+        """The task loss; with a teacher, ``(1 - w) * task`` and ``w * KD`` (``distill_weight``)."""
+        task = self.task_loss(logits, batch["labels"])
+        if not self.option("teacher_checkpoint"):
+            return {"task_loss": task}
+        if self.teacher is None:
+            raise RuntimeError("method.teacher_checkpoint is set but no teacher is loaded: call prepare_fit()")
+        teacher_logits, _ = self.teacher(batch, hard=False)
+        w = float(self.option("distill_weight"))
+        distill = prediction_distillation(logits, teacher_logits, float(self.option("temperature")),
+                                          self.task.is_regression)
+        return {"task_loss": (1 - w) * task, "distill_loss": w * distill}
+
+    def losses(self, logits: Tensor, out: EncoderOutput, batch: dict) -> dict[str, Tensor]:
+        """Prediction losses + the skim term on ``kept_fraction`` (k):
+
+        - ``skim_target`` null: ``ramp * skim_lambda * k`` (the reference's linear skim loss);
+        - ``lagrangian``: ``lambda1 * (k - t) + lambda2 * (k - t)^2``, the multipliers ascending;
+        - ``quadratic``: ``skim_lambda * (k - t)^2``;
+
+        with ``t = 1 - ramp * (1 - skim_target)`` and ``ramp`` the ``skim_warmup``'s.
+        """
+        kept = self.kept_fraction(out)
+        values = {"skim_kept_fraction": kept}  # not "kept_fraction": the callback logs kept_fraction/layer_<l>
+        if self.option("skim_target") is None:
+            skim = self.ramp() * float(self.cfg.method.skim_lambda) * kept
+        else:
+            t = self.target()
+            values["skim_target"] = t
+            if hasattr(self, "multipliers"):
+                skim = constraints.lagrangian(kept - t, self.multipliers)
+                values.update(lambda1=self.multipliers[0], lambda2=self.multipliers[1])
+            else:
+                skim = float(self.cfg.method.skim_lambda) * (kept - t) ** 2
+        constraints.log_train(self, values, len(logits))
+        self.pruner.own_proposals = {}  # used; the next forward records anew (no graph kept on the module)
+        return {**self.prediction_losses(logits, batch), "skim_loss": skim}
