@@ -23,13 +23,16 @@ ARGS ?=
 TRIALS ?=
 WORKERS ?=
 STORAGE ?=
-# make eval / make predict: CKPT = a checkpoint (checkpoints/<run id>/best.ckpt); predict reads
-# INPUT (GLUE TSV or plain text) and writes OUTPUT (TSV).
+# make eval / make predict / make export: CKPT = a checkpoint (checkpoints/<run id>/best.ckpt); predict
+# reads INPUT (GLUE TSV or plain text) and writes OUTPUT (TSV); export writes OUT (default <CKPT>.onnx,
+# which engine=onnx reuses). ENGINE = torch (default) or onnx (ONNX Runtime) for eval and predict.
 CKPT ?=
 INPUT ?=
 OUTPUT ?=
+OUT ?=
+ENGINE ?=
 
-.PHONY: install test test-fast train bench sweep report eval predict ui clean
+.PHONY: install test test-fast train bench sweep report eval predict export ui clean
 
 install: $(VENV)/.installed
 
@@ -37,7 +40,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,onnx]'
 	touch $@
 
 test: install
@@ -61,11 +64,14 @@ report: install
 	$(PY) -m tokprune report task=$(TASK) budget=$(BUDGET) model=$(MODEL) seed=$(SEED) $(ARGS)
 
 eval: install
-	$(PY) -m tokprune eval $(if $(CKPT),checkpoint=$(CKPT)) $(ARGS)
+	$(PY) -m tokprune eval $(if $(CKPT),checkpoint=$(CKPT)) $(if $(ENGINE),engine=$(ENGINE)) $(ARGS)
 
 predict: install
 	$(PY) -m tokprune predict $(if $(CKPT),checkpoint=$(CKPT)) $(if $(INPUT),input=$(INPUT)) \
-		$(if $(OUTPUT),output=$(OUTPUT)) $(ARGS)
+		$(if $(OUTPUT),output=$(OUTPUT)) $(if $(ENGINE),engine=$(ENGINE)) $(ARGS)
+
+export: install
+	$(PY) -m tokprune export $(if $(CKPT),checkpoint=$(CKPT)) $(if $(OUT),output=$(OUT)) $(ARGS)
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --artifacts-destination $(abspath mlartifacts)

@@ -1,14 +1,17 @@
-"""The benchmark script runs end to end and writes its JSON and plot (tiny model: the
-numbers themselves are only meaningful from `make bench` on the real backbone)."""
+"""The benchmark script runs end to end and writes its JSON and plots, the engines table
+(transformers / ONNX Runtime, unpruned / pruned) included (tiny model: the numbers themselves are
+only meaningful from `make bench` on the real backbone)."""
 
 import json
 
 import pytest
 import torch
 
+from tokprune.backbone import load_tokenizer
 from tokprune.bench import KeepSchedule, run_bench, summary
 from tokprune.config import compose
 from tokprune.encoder import PrunableEncoder
+from tokprune.errors import UsageError
 
 from conftest import random_batch, tiny_bert
 
@@ -24,12 +27,53 @@ def test_keep_schedule_keeps_the_fraction_of_real_tokens_from_its_layer():
     assert torch.equal(out.kept_counts()[2], torch.ceil(lengths * 0.25).long())
 
 
+def test_keep_schedule_decides_only_at_its_layers_and_exports_with_real_removal(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from tokprune.export import EncoderGraph, OnnxModel, export_graph
+
+    pruner = KeepSchedule({1: 0.5, 2: 0.25})
+    assert [pruner.decides(layer) for layer in range(3)] == [False, True, True]
+    encoder = PrunableEncoder(tiny_bert(layers=3)).eval()
+    example = random_batch(batch=2, length=9, seed=9)
+    graph = OnnxModel(export_graph(EncoderGraph(encoder, pruner), (example["input_ids"], example["attention_mask"],
+                                                                   example["token_type_ids"]), tmp_path / "s.onnx"))
+    for seed, (size, length) in enumerate([(1, 7), (1, 20), (4, 16), (3, 30)]):
+        batch = random_batch(batch=size, length=length, seed=seed)
+        with torch.no_grad():
+            out = encoder(batch["input_ids"], batch["attention_mask"], pruner=pruner, hard=True, output="cls")
+        cls, kept = graph(batch)
+        torch.testing.assert_close(cls, out.hidden[:, 0], atol=1e-5, rtol=0)
+        assert torch.equal(kept, out.kept_counts().T)
+        assert torch.equal(kept[:, 2], torch.ceil(batch["attention_mask"].sum(1) * 0.25).long())
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and on a loaded machine much faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_bench_writes_json_and_plot(glue_dir, tmp_path):
+def test_bench_writes_json_and_plot(glue_dir, tmp_path, one_thread):
+    from test_export import pruning_model, write_checkpoint
+
     cfg = compose(["model=tiny", "budget=smoke", f"data.glue_dir={glue_dir}"])
-    results = run_bench(cfg, tmp_path, schedule={1: 0.5}, examples=16, steps_per_block=2, rounds=1)
-    saved = json.loads((tmp_path / "bench.json").read_text())
-    assert (tmp_path / "bench.png").stat().st_size > 0
+    # a sweep report of SST-2 for this model whose best Pareto point is a (tiny, pruning) gate checkpoint
+    tokenizer = load_tokenizer(cfg.model)
+    gate_cfg, gate = pruning_model("gate", "sst2", tokenizer, f"data.glue_dir={glue_dir}")
+    checkpoint = write_checkpoint(tmp_path / "gate.ckpt", gate_cfg, gate, tokenizer)
+    reports = tmp_path / "reports"
+    (reports / "sst2").mkdir(parents=True)
+    (reports / "sst2" / "report.json").write_text(json.dumps({"model": "tiny", "methods": [
+        {"method": "gate", "label": "gate", "speedup": {"trial": 3, "checkpoint": str(checkpoint)}},
+        {"method": "top", "label": "top", "speedup": {"skipped": "no Pareto point with an MLflow run"}}]}))
+    out = tmp_path / "bench"
+    results = run_bench(cfg, out, schedule={1: 0.5}, examples=16, steps_per_block=2, rounds=1, reports=reports)
+    saved = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").stat().st_size > 0 and (out / "engines.png").stat().st_size > 0
     assert saved["speedup"] == results["speedup"]
     assert {(r["task"], r["batch_size"]) for r in saved["speedup"]} == {("sst2", 1), ("sst2", 32), ("mrpc", 1), ("mrpc", 32)}
     for row in saved["speedup"]:
@@ -37,3 +81,25 @@ def test_bench_writes_json_and_plot(glue_dir, tmp_path):
         assert row["flops_ratio_real"] == pytest.approx(1 / row["flops_reduction"])
     assert saved["callback_overhead"]["ratio_on_over_off"] > 0
     assert "callback overhead" in summary(saved)
+
+    table = saved["engines"]
+    assert [(r["task"], r["config"], r["batch_size"]) for r in table["rows"]] == [
+        ("sst2", "keep schedule 0.5 from layer 1", 1), ("sst2", "keep schedule 0.5 from layer 1", 32),
+        ("sst2", "gate best (trial 3)", 1), ("sst2", "gate best (trial 3)", 32),
+        ("mrpc", "keep schedule 0.5 from layer 1", 1), ("mrpc", "keep schedule 0.5 from layer 1", 32)]
+    for row in table["rows"]:
+        assert row["onnx_kept_equal_torch"] and row["onnx_max_abs_diff"] < 1e-4  # ONNX Runtime removed the same tokens
+        assert all(row[f"ms_per_batch_{e}"] > 0 for e in ("transformers", "onnx_unpruned", "torch_pruned", "onnx_pruned"))
+        assert 0 < row["flops_ratio_real"] < 1 and row["examples"] == 16
+    for row in table["rows"][:2] + table["rows"][4:]:  # half the tokens from layer 1 of 2 ([CLS] may add one)
+        assert 1 / 2.0 < row["flops_ratio_real"] < 1 / 1.2
+    assert table["pareto"] == ["sst2: top: no best point", f"mrpc: no sweep report at {reports / 'mrpc' / 'report.json'}"]
+    printed = summary(saved)
+    assert "engines: median ms per batch" in printed and "gate best (trial 3)" in printed
+
+    # only=engines: that section again, the others kept from the file
+    again = run_bench(cfg, out, schedule={1: 0.5}, examples=4, only=("engines",), reports=tmp_path / "none")
+    assert again["speedup"] == saved["speedup"] and again["callback_overhead"] == saved["callback_overhead"]
+    assert len(again["engines"]["rows"]) == 4 and again["engines"]["rows"][0]["examples"] == 4
+    with pytest.raises(UsageError, match="only= takes speedup, layers, callback, engines"):
+        run_bench(cfg, out, only=("latency",))

@@ -1,5 +1,7 @@
 """The prunable encoder: equal to the backbone when nothing is pruned; hard == soft."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -168,3 +170,142 @@ def test_straight_through_mask_gets_a_finite_nonzero_gradient_where_it_is_zero()
     out.hidden[:, 0].sum().backward()  # [CLS]'s final state: reaches token 4 only through attention
     grad = soft.grad[:, 4]
     assert torch.isfinite(grad).all() and (grad.abs() > 0).all()
+
+
+# -- hard mode on packed tokens: output="cls", fused attention, lazy full-size views ---------------
+
+
+class ReadsNothing(FixedMasks):
+    """Fixed masks from a pruner that reads no attention: hard mode may run fused attention."""
+
+    needs_attention = False
+
+
+class ChecksPackedViews(Pruner):
+    """Drops the tokens that received the least attention, after checking that the packed
+    shortcuts equal their full-size definitions."""
+
+    def __init__(self):
+        super().__init__()
+        self.checked = 0
+
+    def forward(self, ctx):
+        if ctx.layer == 0:
+            return ctx.keep
+        packed_importance, packed_hidden = ctx.received_attention(), ctx.live_hidden()
+        torch.testing.assert_close(packed_importance, received_attention(ctx.attn_probs, ctx.keep), atol=1e-6, rtol=0)
+        torch.testing.assert_close(packed_hidden, ctx.hidden[ctx.live], atol=0, rtol=0)
+        self.checked += 1
+        scores = packed_importance.masked_fill(~ctx.live, 2.0)
+        return (scores > scores.min(1, keepdim=True).values).to(ctx.keep.dtype)
+
+
+def test_output_cls_is_the_first_row_of_output_all_in_both_modes():
+    bert = tiny_bert(seed=5, layers=4)
+    batch = random_batch(batch=5, length=14, seed=5)
+    masks = random_masks(batch, 4, seed=5)
+    enc = PrunableEncoder(bert).eval()
+    for hard in (False, True):
+        full = run(enc, batch, pruner=FixedMasks(masks), hard=hard)
+        cls = run(enc, batch, pruner=FixedMasks(masks), hard=hard, output="cls")
+        assert cls.hidden.shape == (5, 1, 32)
+        torch.testing.assert_close(cls.hidden[:, 0], full.hidden[:, 0], atol=1e-6, rtol=0)
+        assert torch.equal(cls.kept_counts(), full.kept_counts())
+    with pytest.raises(ValueError, match="output"):
+        run(enc, batch, output="pooled")
+
+
+def test_hard_mode_with_fused_attention_equals_soft_mode(monkeypatch):
+    from tokprune import encoder as encoder_module
+
+    calls = []
+    sdpa = encoder_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(encoder_module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    bert = tiny_bert(seed=6, layers=4)
+    batch = random_batch(batch=5, length=14, seed=6)
+    masks = random_masks(batch, 4, seed=6)
+    enc = PrunableEncoder(bert).eval()
+    soft = run(enc, batch, pruner=ReadsNothing(masks), hard=False)
+    assert calls == []  # soft mode weights the probabilities: always eager
+    hard = run(enc, batch, pruner=ReadsNothing(masks), hard=True)
+    assert len(calls) == 4 and all(p is None for p in hard.attentions)  # nobody reads them: fused, none kept
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(hard.hidden[real], soft.hidden[real], atol=1e-4, rtol=0)
+    assert torch.equal(hard.kept_counts(), soft.kept_counts())
+    calls.clear()
+    asked = run(enc, batch, pruner=ReadsNothing(masks), hard=True, output_attentions=True)
+    assert calls == [] and all(p is not None for p in asked.attentions)  # asked for: eager, full coordinates
+    calls.clear()
+
+    class Whole(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, ids, mask):
+            return self.enc(ids, mask, pruner=KeepAll(), hard=True).hidden
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.trace(Whole(), (batch["input_ids"], batch["attention_mask"]), check_trace=False)
+    assert calls == []  # a trace (fvcore's count, ONNX export) sees the eager ops
+
+
+def test_hard_mode_scatters_nothing_back_for_cls_and_the_packed_views_are_exact(monkeypatch):
+    from tokprune.encoder import PackedTokens
+
+    bert = tiny_bert(seed=7, layers=4)
+    batch = random_batch(batch=5, length=16, seed=7)
+    enc = PrunableEncoder(bert).eval()
+    pruner = ChecksPackedViews()
+    full = run(enc, batch, pruner=pruner, hard=True)  # the checks read ctx.hidden: materialised on demand
+    assert pruner.checked == 3
+    soft = run(enc, batch, pruner=ChecksPackedViews(), hard=False)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(full.hidden[real], soft.hidden[real], atol=1e-4, rtol=0)
+    assert torch.equal(full.kept_counts(), soft.kept_counts())
+    assert (full.kept_counts()[-1] < full.lengths).all()
+
+    class Quick(ChecksPackedViews):  # the same decisions from the packed views alone
+        def forward(self, ctx):
+            if ctx.layer == 0:
+                return ctx.keep
+            scores = ctx.received_attention().masked_fill(~ctx.live, 2.0)
+            return (scores > scores.min(1, keepdim=True).values).to(ctx.keep.dtype)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("hard mode scattered states or probabilities back to full length")
+
+    monkeypatch.setattr(PackedTokens, "full_hidden", refuse)
+    monkeypatch.setattr(PackedTokens, "full_probs", refuse)
+    cls = run(enc, batch, pruner=Quick(), hard=True, output="cls")
+    torch.testing.assert_close(cls.hidden[:, 0], full.hidden[:, 0], atol=1e-6, rtol=0)
+    assert torch.equal(cls.kept_counts(), full.kept_counts())
+
+
+def test_a_pruner_that_does_not_decide_is_not_called_in_hard_mode():
+    class Counting(KeepAll):
+        calls = 0
+
+        def forward(self, ctx):
+            Counting.calls += 1
+            return ctx.keep
+
+    bert = tiny_bert(layers=3)
+    batch = random_batch(batch=3, length=10)
+    enc = PrunableEncoder(bert).eval()
+    hard = run(enc, batch, pruner=Counting(), hard=True)
+    assert Counting.calls == 0 and torch.equal(hard.kept_counts()[-1], hard.lengths.long())
+    run(enc, batch, pruner=Counting(), hard=False)
+    assert Counting.calls == 3  # soft mode (training) is unchanged
+
+
+def test_the_classifier_reads_cls_only():
+    from tokprune.config import compose
+    from tokprune.data import get_task
+    from tokprune.methods import build_method
+
+    module = build_method(compose(["method=none", "model=tiny"]), tiny_bert(layers=2), get_task("sst2")).eval()
+    logits, out = module(random_batch(batch=3, length=10), hard=True)
+    assert out.hidden.shape[:2] == (3, 1) and logits.shape == (3, 2)
+    assert out.kept_counts().shape == (2, 3)  # the FLOPs callback's input: per layer and example

@@ -82,8 +82,8 @@ def test_a_line_with_the_wrong_number_of_fields_is_one_line_naming_file_and_line
 
 
 def test_other_engines_are_a_clear_error_before_any_file_is_read():
-    with pytest.raises(UsageError, match="engine 'onnx' is not available yet: use torch"):
-        tokprune.load("/no/such.ckpt", engine="onnx")
+    with pytest.raises(UsageError, match="engine must be one of torch, onnx, not 'tensorrt'"):
+        tokprune.load("/no/such.ckpt", engine="tensorrt")
 
 
 def test_import_tokprune_stays_light():

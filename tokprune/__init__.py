@@ -9,6 +9,10 @@ def load(path, engine: str = "torch", batch_size: int = 32):
         model = tokprune.load("checkpoints/<run id>/best.ckpt")
         model.predict(["a gripping film", "dull"])  # -> [Prediction(label="1", kept_per_layer=(6, 6, ...)), ...]
 
+    ``engine="onnx"`` runs the model exported to ONNX (pruning decisions and token removal
+    inside the graph) in ONNX Runtime: ``<path>.onnx`` when it is newer than the checkpoint
+    (``python -m tokprune export``), else exported on the fly; it needs ``tokprune[onnx]``.
+
     Returns a ``tokprune.predict.PrunedModel``. torch and transformers load on the first
     call, not on ``import tokprune``.
     """

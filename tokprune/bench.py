@@ -7,8 +7,18 @@
    unpruned encoder, at batch 1 and 32, on real dev rows, beside the FLOPs reduction of
    the same inputs. Timings alternate pruned/unpruned per batch so load on the machine
    hits both alike; figures are ratios measured in one run.
+3. Engines (``engines``): the same rows at batch 1 and 32 through four engines: unpruned in
+   transformers (``BertModel``), unpruned in ONNX Runtime (that model exported), pruned in
+   tokprune's torch hard mode and pruned in ONNX Runtime (``tokprune.export``: decisions and
+   token removal inside the graph), for the fixed keep schedule and, when a sweep's report
+   exists (``reports/<task>/report.json`` of the same model), for each method's best Pareto
+   point (its checkpoint; the unpruned references are the same architecture, whose latency
+   does not depend on the weights). Each with its fvcore FLOPs ratio at real length, and
+   whether ONNX Runtime kept exactly the tokens torch kept.
 
-Results go to ``reports/bench/bench.json`` and ``reports/bench/bench.png``.
+Results go to ``reports/bench/bench.json``, ``reports/bench/bench.png`` and
+``reports/bench/engines.png``. ``only=`` (e.g. ``only=engines``) reruns some sections and keeps
+the others from the existing JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +39,15 @@ from tokprune.callbacks import TokenPruningCallback
 from tokprune.data import get_task, load_splits, seeded_subset
 from tokprune.checkpoint import Described, rebuild
 from tokprune.encoder import KeepAll, PrunableEncoder, PruneContext, Pruner
+from tokprune.errors import UsageError
 from tokprune.flops import FlopsCounter
 from tokprune.methods import build_method
 from tokprune.methods.base import PruningModule
 from tokprune.train import build_datamodule
+
+
+#: The fixed keep schedule: layer -> fraction of each example's real tokens kept from that layer on.
+SCHEDULE = {2: 0.5, 4: 0.25}
 
 
 class KeepSchedule(Pruner):
@@ -45,12 +61,16 @@ class KeepSchedule(Pruner):
     def wants_attention(self, layer: int) -> bool:
         return layer in self.schedule
 
+    def decides(self, layer: int) -> bool:
+        return layer in self.schedule
+
     def forward(self, ctx: PruneContext) -> torch.Tensor:
         if ctx.layer not in self.schedule:
             return ctx.keep
         scores = ctx.received_attention().masked_fill(~ctx.live, -1.0)
         target = torch.ceil(ctx.lengths * self.schedule[ctx.layer]).long().clamp(min=1)
-        ranks = scores.argsort(dim=1, descending=True).argsort(dim=1)
+        # stable: ties rank by position, in torch and in an ONNX export (TopK) alike
+        ranks = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)
         return (ranks < target[:, None]).to(ctx.keep.dtype)
 
 
@@ -80,11 +100,13 @@ def _alternate(encoder: PrunableEncoder, pruner: Pruner, batches: list[dict], ot
     t_pruned, t_unpruned, t_other, outputs = [], [], [], []
     with torch.inference_mode():
         for batch in batches[:2]:  # warm-up
-            encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pruner=pruner)
+            encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pruner=pruner,
+                    output="cls")
         for batch in batches:
             args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-            t_pruned.append(_time(lambda: outputs.append(encoder(*args, pruner=pruner))))
-            t_unpruned.append(_time(lambda: encoder(*args, pruner=unpruned)))
+            # output="cls": what a classifier needs, so nothing is scattered back to full length
+            t_pruned.append(_time(lambda: outputs.append(encoder(*args, pruner=pruner, output="cls"))))
+            t_unpruned.append(_time(lambda: encoder(*args, pruner=unpruned, output="cls")))
             if other is not None:
                 t_other.append(_time(lambda: other(batch)))
     return t_pruned, t_unpruned, t_other, outputs
@@ -103,7 +125,7 @@ def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_s
     for size in batch_sizes:
         batches = _batches(dev, tokenizer, size, 512)
         t_pruned, t_unpruned, t_backbone, outputs = _alternate(encoder, pruner, batches, other=lambda b: bert(**b))
-        flops = [counter.batch(out, max_length=out.hidden.shape[1]) for out in outputs]
+        flops = [counter.batch(out, max_length=out.padding.shape[1]) for out in outputs]
         flops_pruned = sum(f.pruned for f in flops)
         flops_unpruned = sum(f.unpruned_real for f in flops)
         flops_reduction = flops_unpruned / flops_pruned
@@ -160,6 +182,187 @@ def latency(encoder: PrunableEncoder, pruner: Pruner, batches: list[dict]) -> di
         "kept_fraction_mean": float(torch.stack(kept).mean()),
         "threads": torch.get_num_threads(),
     }
+
+
+def _interleaved(engines: dict, batches: list[dict], warmup: int = 2) -> tuple[dict[str, list[float]], dict]:
+    """Seconds per batch of each engine (name -> ``fn(batch)``), the engines taking turns on
+    every batch after ``warmup`` batches, so load on the machine hits all alike; and each
+    engine's outputs."""
+    times = {name: [] for name in engines}
+    outputs = {name: [] for name in engines}
+    with torch.inference_mode():
+        for batch in batches[:warmup]:
+            for fn in engines.values():
+                fn(batch)
+        for batch in batches:
+            for name, fn in engines.items():
+                start = time.perf_counter()
+                result = fn(batch)
+                times[name].append(time.perf_counter() - start)
+                outputs[name].append(result)
+    return times, outputs
+
+
+def onnx_trained_speedup(described: Described, session, unpruned: PruningModule, glue_dir: str | None = None,
+                         examples: int = 64, batch_sizes=(1,)) -> list[dict]:
+    """``trained_speedup`` in ONNX Runtime: the checkpoint's graph (``session``, an
+    ``export.OnnxModel``) against ``unpruned`` (the same weights with ``KeepAll``) exported now."""
+    from tokprune.export import OnnxModel, export_module
+
+    cfg = described.cfg
+    rows = load_splits(get_task(cfg.task.name), cfg.data.glue_dir if glue_dir is None else glue_dir,
+                       cfg.data.hub_dataset)["dev"]
+    dev = seeded_subset(rows, examples, cfg.seed)
+    tokenizer = described.tokenizer()
+    with tempfile.TemporaryDirectory() as folder:
+        reference = OnnxModel(export_module(described, unpruned, Path(folder) / "unpruned.onnx").read_bytes())
+    results = []
+    for size in batch_sizes:
+        batches = _batches(dev, tokenizer, size, cfg.task.max_length)
+        times, outputs = _interleaved({"pruned": session, "unpruned": reference}, batches)
+        kept = torch.cat([k for _, k in outputs["pruned"]]).double()  # examples x L
+        lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).double()
+        results.append({
+            "ms_per_batch_pruned": 1e3 * statistics.median(times["pruned"]),
+            "ms_per_batch_unpruned": 1e3 * statistics.median(times["unpruned"]),
+            "wall_speedup": sum(times["unpruned"]) / sum(times["pruned"]),
+            "kept_fraction_mean": float((kept / lengths[:, None]).mean()),
+            "threads": torch.get_num_threads(),
+            "engine": "onnxruntime",
+            "examples": len(dev),
+            "batch_size": size,
+        })
+    return results
+
+
+def _engine_row(name: str, task: str, size: int, dev_rows: int, times: dict, outputs: dict, counter: FlopsCounter,
+                max_length: int) -> dict:
+    """One line of the engines table from ``_interleaved``'s timings and outputs."""
+    torch_outs = outputs["torch_pruned"]
+    flops = [counter.batch(out, max_length=max_length) for _, out in torch_outs]
+    pruned, real = sum(f.pruned for f in flops), sum(f.unpruned_real for f in flops)
+    kept_equal = all(torch.equal(kept, out.kept_counts().T.cpu())
+                     for (_, kept), (_, out) in zip(outputs["onnx_pruned"], torch_outs))
+    diff = max(float((ort - ref).abs().max()) for (ort, _), (ref, _) in zip(outputs["onnx_pruned"], torch_outs))
+    ms = {engine: 1e3 * statistics.median(t) for engine, t in times.items()}
+    base = sum(times["transformers"])
+    return {
+        "config": name, "task": task, "batch_size": size, "examples": dev_rows,
+        **{f"ms_per_batch_{engine}": value for engine, value in ms.items()},
+        **{f"speedup_{engine}": base / sum(t) for engine, t in times.items() if engine != "transformers"},
+        "flops_ratio_real": pruned / real,
+        "kept_fraction_mean": float(torch.cat([(out.kept_counts().T / out.lengths[:, None].clamp(min=1)).double()
+                                               for _, out in torch_outs]).mean()),
+        "onnx_kept_equal_torch": kept_equal,
+        "onnx_max_abs_diff": diff,
+    }
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text)
+
+
+def _unpruned_engines(bert, example, folder: Path, name: str) -> dict:
+    """transformers' forward and its ONNX export: the unpruned references."""
+    from tokprune.export import BertGraph, OnnxModel, export_graph
+
+    bert = bert.eval()
+    reference = OnnxModel(export_graph(BertGraph(bert), example, folder / f"{_slug(name)}-unpruned.onnx"))
+    return {"transformers": lambda b: bert(**b), "onnx_unpruned": reference}
+
+
+def engines_schedule(cfg: DictConfig, task_name: str, schedule: dict[int, float], folder: Path,
+                     batch_sizes=(1, 32), examples: int = 256) -> list[dict]:
+    """The engines table's rows for the fixed keep schedule on the backbone of ``cfg``."""
+    from tokprune.export import EncoderGraph, OnnxModel, example_inputs, export_graph
+
+    task = get_task(task_name)
+    tokenizer = load_tokenizer(cfg.model)
+    bert = load_bert(cfg.model).eval()
+    encoder = PrunableEncoder(bert).eval()
+    pruner = KeepSchedule(schedule)
+    counter = FlopsCounter(encoder)
+    dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset)["dev"], examples, cfg.seed)
+    example = example_inputs(tokenizer, len(task.tsv_text) == 2)
+    engines = _unpruned_engines(bert, example, folder, f"schedule-{task_name}")
+    engines["torch_pruned"] = lambda b: (None, encoder(b["input_ids"], b["attention_mask"], b.get("token_type_ids"),
+                                                      pruner=pruner, hard=True, output="cls"))
+    engines["onnx_pruned"] = OnnxModel(export_graph(EncoderGraph(encoder, pruner), example,
+                                                    folder / f"schedule-{task_name}.onnx"))
+    name = "keep schedule " + ", ".join(f"{f:g} from layer {l}" for l, f in sorted(schedule.items()))
+    rows = []
+    for size in batch_sizes:
+        times, outputs = _interleaved(engines, _batches(dev, tokenizer, size, 512))
+        outputs["torch_pruned"] = [(out.hidden[:, 0], out) for _, out in outputs["torch_pruned"]]
+        rows.append(_engine_row(name, task_name, size, len(dev), times, outputs, counter, 512))
+    return rows
+
+
+def engines_checkpoint(checkpoint: str, label: str, folder: Path, glue_dir: str | None = None,
+                       batch_sizes=(1, 32), examples: int = 256) -> list[dict]:
+    """The engines table's rows for a trained checkpoint (a method's best Pareto point)."""
+    from tokprune.export import OnnxModel, example_inputs, export_module
+
+    described, module = rebuild(checkpoint)
+    module = module.cpu().eval()
+    cfg = described.cfg
+    task = get_task(cfg.task.name)
+    dev = seeded_subset(load_splits(get_task(cfg.task.name), cfg.data.glue_dir if glue_dir is None else glue_dir,
+                                    cfg.data.hub_dataset)["dev"], examples, cfg.seed)
+    tokenizer = described.tokenizer()
+    engines = _unpruned_engines(described.bert(), example_inputs(tokenizer, len(task.tsv_text) == 2), folder, label)
+    engines["torch_pruned"] = lambda b: module(b, hard=True)
+    engines["onnx_pruned"] = OnnxModel(export_module(described, module, folder / f"{_slug(label)}.onnx"))
+    counter = FlopsCounter(module.encoder, module.pruner)
+    rows = []
+    for size in batch_sizes:
+        batches = _batches(dev, tokenizer, size, cfg.task.max_length)
+        times, outputs = _interleaved(engines, batches)
+        rows.append(_engine_row(label, cfg.task.name, size, len(dev), times, outputs, counter, cfg.task.max_length))
+    return rows
+
+
+def pareto_checkpoints(reports: Path, task: str, model: str) -> tuple[list[tuple[str, str]], str]:
+    """(label, checkpoint) of each method's best Pareto point in ``reports/<task>/report.json``
+    (the point ``make report`` measured), and a note on what was skipped and why."""
+    path = reports / task / "report.json"
+    if not path.is_file():
+        return [], f"{task}: no sweep report at {path}"
+    report = json.loads(path.read_text())
+    if report.get("model") != model:
+        return [], f"{task}: {path} is for model={report.get('model')}, not {model}"
+    found, skipped = [], []
+    for method in report.get("methods", []):
+        best = method.get("speedup") or {}
+        checkpoint = best.get("checkpoint")
+        if checkpoint and Path(checkpoint).is_file():
+            found.append((f"{method['label']} best (trial {best.get('trial')})", checkpoint))
+        else:
+            skipped.append(f"{method.get('label')}: {'checkpoint missing: ' + checkpoint if checkpoint else 'no best point'}")
+    return found, f"{task}: " + ("; ".join(skipped) if skipped else "all methods' best points measured")
+
+
+def engines(cfg: DictConfig, tasks=("sst2", "mrpc"), schedule: dict[int, float] | None = None, examples: int = 256,
+            reports: Path = Path("reports"), batch_sizes=(1, 32)) -> dict:
+    """Every row of the engines table: the keep schedule, then each best Pareto point found."""
+    from tokprune.export import require
+
+    require("onnxruntime")
+    schedule = schedule or dict(SCHEDULE)
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for task in tasks:
+            rows += engines_schedule(cfg, task, schedule, Path(folder), batch_sizes, examples)
+            points, note = pareto_checkpoints(reports, task, cfg.model.name)
+            notes.append(note)
+            for label, checkpoint in points:
+                rows += engines_checkpoint(checkpoint, label, Path(folder), cfg.data.glue_dir, batch_sizes, examples)
+    return {"rows": rows, "pareto": notes, "threads": torch.get_num_threads(),
+            "engines": {"transformers": "transformers BertModel forward, unpruned (eager attention)",
+                        "onnx_unpruned": "that BertModel exported to ONNX, ONNX Runtime CPU, unpruned",
+                        "torch_pruned": "tokprune hard mode in torch (packed tokens, fused attention where no "
+                                        "pruner reads it)",
+                        "onnx_pruned": "tokprune export: decisions and token removal inside the graph, ONNX Runtime"}}
 
 
 class _StepTimer(L.Callback):
@@ -266,6 +469,41 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+ENGINES = ("transformers", "onnx_unpruned", "torch_pruned", "onnx_pruned")
+ENGINE_LABELS = {"transformers": "transformers, unpruned", "onnx_unpruned": "ONNX Runtime, unpruned",
+                 "torch_pruned": "tokprune torch hard mode, pruned", "onnx_pruned": "ONNX Runtime, pruned"}
+
+
+def plot_engines(table: dict, path: Path) -> None:
+    """Median ms per batch of each engine, one panel per batch size, FLOPs ratio under each group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table["rows"]
+    sizes = sorted({r["batch_size"] for r in rows})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 4.5), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        chosen = [r for r in rows if r["batch_size"] == size]
+        x = range(len(chosen))
+        width = 0.8 / len(ENGINES)
+        for i, engine in enumerate(ENGINES):
+            ax.bar([j + (i - 1.5) * width for j in x], [r[f"ms_per_batch_{engine}"] for r in chosen], width,
+                   label=ENGINE_LABELS[engine])
+        ax.set_xticks(list(x), [f"{r['task']}\n{r['config']}\nFLOPs ratio {r['flops_ratio_real']:.2f}"
+                                for r in chosen], fontsize=7)
+        ax.set_ylabel("median ms per batch")
+        ax.set_title(f"batch {size} ({chosen[0]['examples']} dev rows, {table['threads']} threads)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+SECTIONS = ("speedup", "layers", "callback", "engines")
+
+
 def run_bench(
     cfg: DictConfig,
     out_dir: Path,
@@ -274,36 +512,75 @@ def run_bench(
     examples: int = 256,
     steps_per_block: int = 10,
     rounds: int = 3,
+    only: tuple[str, ...] | None = None,
+    reports: Path = Path("reports"),
 ) -> dict:
-    schedule = schedule or {2: 0.5, 4: 0.25}
-    results = {
+    """Run the sections in ``only`` (default: all of ``SECTIONS``); with a subset, the other
+    sections are kept from ``out_dir/bench.json`` when it holds the same model's results."""
+    schedule = schedule or dict(SCHEDULE)
+    only = tuple(only or SECTIONS)
+    unknown = [name for name in only if name not in SECTIONS]
+    if unknown:
+        raise UsageError(f"bench only= takes {', '.join(SECTIONS)} (comma-separated), not '{unknown[0]}'")
+    path = out_dir / "bench.json"
+    results = json.loads(path.read_text()) if set(only) != set(SECTIONS) and path.is_file() else {}
+    if results.get("model") != cfg.model.name or results.get("schedule") != {str(k): v for k, v in schedule.items()}:
+        results = {}
+    results |= {
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "model": cfg.model.name,
         "schedule": {str(k): v for k, v in schedule.items()},
         "flops_convention": "fvcore: one fused multiply-add = one FLOP",
-        "speedup": [row for task in tasks for row in speedup(cfg, task, schedule, examples=examples)],
-        "layer_latency_batch1": layer_latency_by_length(cfg),
-        "callback_overhead": callback_overhead(cfg, steps_per_block, rounds),
     }
+    if "speedup" in only:
+        results["speedup"] = [row for task in tasks for row in speedup(cfg, task, schedule, examples=examples)]
+    if "layers" in only:
+        results["layer_latency_batch1"] = layer_latency_by_length(cfg)
+    if "callback" in only:
+        results["callback_overhead"] = callback_overhead(cfg, steps_per_block, rounds)
+    if "engines" in only:
+        results["engines"] = engines(cfg, tasks, schedule, examples, reports)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out_dir / "bench.png")
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    if all(key in results for key in ("speedup", "layer_latency_batch1", "callback_overhead")):
+        plot(results, out_dir / "bench.png")
+    if "engines" in results:
+        plot_engines(results["engines"], out_dir / "engines.png")
     return results
+
+
+def engines_summary(table: dict) -> list[str]:
+    head = (f"{'task':5s} {'batch':>5s}  {'transformers':>12s} {'ORT unpruned':>12s} {'torch pruned':>12s} "
+            f"{'ORT pruned':>12s}  {'FLOPs':>5s}  kept=  config")
+    lines = [f"engines: median ms per batch (x speedup vs transformers unpruned), {table['threads']} threads", head]
+    for r in table["rows"]:
+        cells = [f"{r['ms_per_batch_transformers']:12.2f}"] + [
+            f"{r[f'ms_per_batch_{e}']:6.2f} x{r[f'speedup_{e}']:4.2f}" for e in ENGINES[1:]]
+        lines.append(f"{r['task']:5s} {r['batch_size']:5d}  {' '.join(cells)}  {r['flops_ratio_real']:5.3f}  "
+                     f"{'yes' if r['onnx_kept_equal_torch'] else 'NO ':4s} {r['config']}")
+    lines += [f"pareto points: {note}" for note in table["pareto"]]
+    return lines
 
 
 def summary(results: dict) -> str:
     lines = []
-    for r in results["speedup"]:
+    for r in results.get("speedup", []):
         lines.append(
             f"{r['task']:5s} batch {r['batch_size']:2d}: FLOPs x{r['flops_reduction']:.2f} fewer, wall x{r['wall_speedup']:.2f} "
             f"faster ({r['ms_per_batch_unpruned']:.1f} -> {r['ms_per_batch_pruned']:.1f} ms/batch), "
             f"speedup/FLOPs-reduction {r['speedup_over_flops_reduction']:.2f}"
         )
-    lat = " ".join(f"{r['length']}:{r['ms']:.2f}ms/{r['flops_fraction_of_longest']:.3f}F" for r in results["layer_latency_batch1"])
-    lines.append(f"one layer at batch 1, tokens:latency/FLOPs-fraction: {lat}")
-    o = results["callback_overhead"]
-    lines.append(
-        f"callback overhead: {o['median_step_ms_callback_on']:.0f} vs {o['median_step_ms_callback_off']:.0f} ms/step "
-        f"= x{o['ratio_on_over_off']:.3f}; one-time tracing of {o['lengths_traced']} lengths {o['one_time_trace_seconds_all_lengths']:.1f} s"
-    )
+    if "layer_latency_batch1" in results:
+        lat = " ".join(f"{r['length']}:{r['ms']:.2f}ms/{r['flops_fraction_of_longest']:.3f}F"
+                       for r in results["layer_latency_batch1"])
+        lines.append(f"one layer at batch 1, tokens:latency/FLOPs-fraction: {lat}")
+    if "callback_overhead" in results:
+        o = results["callback_overhead"]
+        lines.append(
+            f"callback overhead: {o['median_step_ms_callback_on']:.0f} vs {o['median_step_ms_callback_off']:.0f} ms/step "
+            f"= x{o['ratio_on_over_off']:.3f}; one-time tracing of {o['lengths_traced']} lengths "
+            f"{o['one_time_trace_seconds_all_lengths']:.1f} s"
+        )
+    if "engines" in results:
+        lines += engines_summary(results["engines"])
     return "\n".join(lines)

@@ -20,19 +20,24 @@ from tokprune.errors import UsageError
 
 COMMANDS = {
     "train": "fine-tune one method on one task and log it to MLflow",
-    "bench": "measure callback overhead and hard-mode CPU speedup; writes reports/bench/",
+    "bench": "measure callback overhead, hard-mode CPU speedup and torch vs ONNX Runtime latency; writes reports/bench/",
     "sweep": "trace the accuracy-vs-FLOPs Pareto front of a method with Optuna, logged to MLflow",
     "report": "Pareto plots and a comparison table of a task's sweeps: reports/<task>/ and MLflow",
     "eval": "dev metrics, FLOPs, kept tokens per layer and CPU latency of a trained checkpoint (hard mode)",
     "predict": "label the sentences or pairs of a file with a trained checkpoint (hard mode)",
+    "export": "export a trained checkpoint to ONNX with its pruning decisions and real token removal in the graph",
 }
 #: Commands with name=value arguments of their own (not config keys), and what they take.
 ARGUMENTS_HELP = {
-    "eval": "checkpoint=PATH, then data.glue_dir= data.eval_subset= data.num_workers= train.eval_batch_size= "
-            "mlflow.tracking_uri= eval.latency_examples=",
-    "predict": "checkpoint=PATH input=FILE output=FILE [batch_size=N]",
+    "eval": "checkpoint=PATH [engine=torch|onnx], then data.glue_dir= data.eval_subset= data.num_workers= "
+            "train.eval_batch_size= mlflow.tracking_uri= eval.latency_examples=",
+    "predict": "checkpoint=PATH input=FILE output=FILE [batch_size=N] [engine=torch|onnx]",
+    "export": "checkpoint=PATH [output=FILE.onnx] (default: <checkpoint>.onnx, which engine=onnx reuses)",
+    "bench": "[only=speedup,layers,callback,engines] (the other sections are kept from bench.json), then "
+             "group choices (model= seed=) and dotted keys (data.glue_dir=)",
 }
-PLACEHOLDERS = {"checkpoint": "PATH", "input": "FILE", "output": "FILE", "batch_size": "N"}
+PLACEHOLDERS = {"checkpoint": "PATH", "input": "FILE", "output": "FILE", "batch_size": "N", "engine": "torch|onnx",
+                "only": "SECTIONS"}
 ERROR_LOG = "tokprune-error.log"
 
 
@@ -78,16 +83,20 @@ def cmd_train(overrides: list[str]) -> int:
     return 0
 
 
-def cmd_bench(overrides: list[str]) -> int:
+def cmd_bench(words: list[str]) -> int:
     from pathlib import Path
 
+    found, overrides = _arguments("bench", words, (), ("only",))
     from tokprune.bench import run_bench, summary
     from tokprune.config import compose
 
     cfg = compose(overrides)
     out_dir = Path("reports") / "bench"
-    print(summary(run_bench(cfg, out_dir)))
-    print(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}")
+    only = tuple(found["only"].split(",")) if "only" in found else None
+    results = run_bench(cfg, out_dir, only=only)
+    print(summary(results))
+    written = [name for name in ("bench.json", "bench.png", "engines.png") if (out_dir / name).is_file()]
+    print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
     return 0
 
 
@@ -121,15 +130,15 @@ def _arguments(command: str, words: list[str], required: tuple[str, ...], option
 
 
 def cmd_eval(words: list[str]) -> int:
-    found, settings = _arguments("eval", words, ("checkpoint",))
+    found, settings = _arguments("eval", words, ("checkpoint",), ("engine",))
     from tokprune.evaluate import evaluate, summary
 
-    print(summary(evaluate(found["checkpoint"], settings)))
+    print(summary(evaluate(found["checkpoint"], settings, engine=found.get("engine", "torch"))))
     return 0
 
 
 def cmd_predict(words: list[str]) -> int:
-    found, rest = _arguments("predict", words, ("checkpoint", "input", "output"), ("batch_size",))
+    found, rest = _arguments("predict", words, ("checkpoint", "input", "output"), ("batch_size", "engine"))
     if rest:
         raise UsageError(f"predict takes {ARGUMENTS_HELP['predict']}, not '{rest[0]}'")
     batch_size = found.get("batch_size", "32")
@@ -137,7 +146,18 @@ def cmd_predict(words: list[str]) -> int:
         raise UsageError(f"bad value for batch_size: '{batch_size}' (expected an integer >= 1)")
     from tokprune.predict import run_predict
 
-    print(run_predict(found["checkpoint"], found["input"], found["output"], int(batch_size)))
+    print(run_predict(found["checkpoint"], found["input"], found["output"], int(batch_size),
+                      engine=found.get("engine", "torch")))
+    return 0
+
+
+def cmd_export(words: list[str]) -> int:
+    found, rest = _arguments("export", words, ("checkpoint",), ("output",))
+    if rest:
+        raise UsageError(f"export takes {ARGUMENTS_HELP['export']}, not '{rest[0]}'")
+    from tokprune.export import run_export
+
+    print(run_export(found["checkpoint"], found.get("output")))
     return 0
 
 

@@ -19,18 +19,36 @@ Two modes:
   renormalises over keys (``p' = p*m / sum_keys(p*m)``) and blends the residual stream
   (``h = m * layer(h) + (1 - m) * h``): for binary masks this is exactly hard removal, and
   its gradient reaches a mask entry even where the mask is 0;
-- hard (inference): dropped tokens are physically removed before a layer (gather the kept
-  positions, run the layer on the shorter sequence, scatter back), so the saved compute is
-  real. Examples of a batch that keep different numbers of tokens are packed to the largest
-  kept count. Hard mode needs binary masks; values > 0.5 count as kept.
+- hard (inference): dropped tokens are physically removed before a layer, so the saved
+  compute is real. The kept tokens stay *packed* between layers (B x K x d, each row's kept
+  tokens first in their original order, with their positions ``B x K``); a layer that drops
+  more gathers from the packed sequence, and nothing is scattered back to full length unless
+  someone asks: ``output="cls"`` returns [CLS]'s final state only (all a classifier reads),
+  ``output="all"`` scatters every token's last state back at the end (one scatter per
+  repacking), and a pruner that reads
+  ``ctx.hidden`` or ``ctx.attn_probs`` gets them materialised on demand (``received_attention``
+  and ``live_hidden`` work on the packed form directly). Examples of a batch that keep different
+  numbers of tokens are packed to the largest kept count. A layer whose attention
+  probabilities nobody reads (``output_attentions`` off, ``Pruner.wants_attention`` False for
+  the next call) runs fused attention (``scaled_dot_product_attention``) when run eagerly; under
+  a trace (fvcore, ONNX export) and in ``run_layer``'s default it stays eager, because fvcore
+  does not count SDPA. Hard mode needs binary masks; values > 0.5 count as kept.
+
+Hard mode is written to be traced for ONNX export (``tokprune.export``): no Python number is
+taken from a data-dependent tensor (the packed length is a 0-d tensor fed to ``arange``; the
+packing order is a sort on unique keys), so the traced graph keeps each input's own number of
+tokens (TopK + Range + Gather/GatherElements in ONNX).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformers import BertModel
 
 
@@ -41,16 +59,48 @@ SOFT_RULES = {
 }
 
 
-@dataclass
+@contextmanager
+def untraced():
+    """Run a weight-only computation outside any trace (``torch.jit`` tracing, hence ONNX
+    export): its results enter the graph as constants, which they are once trained, and the
+    trace never sees the Python numbers it takes from them. Eager code runs as usual."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 class PruneContext:
     """What a pruner sees before layer ``layer``; everything is recomputed per forward,
-    so no pruner needs state from an earlier layer's call."""
+    so no pruner needs state from an earlier layer's call.
 
-    layer: int
-    hidden: Tensor  # B x N x d entering the layer
-    keep: Tensor  # B x N cumulative mask so far (padding mask before layer 0)
-    attn_probs: Tensor | None  # B x H x N x N of the previous layer (query x key); None before layer 0
-    padding: Tensor  # B x N, 1 = real token
+    ``hidden`` (B x N x d entering the layer; a dropped token carries its last state) and
+    ``attn_probs`` (B x H x N x N of the previous layer, query x key, full coordinates; None
+    before layer 0 or when the previous layer ran fused attention) are built on first access
+    in hard mode, where the encoder keeps tokens packed: prefer ``received_attention()`` and
+    ``live_hidden()``, which need no full-size tensor.
+    """
+
+    def __init__(self, layer: int, hidden: Tensor | None, keep: Tensor, attn_probs: Tensor | None,
+                 padding: Tensor, packed: "PackedTokens | None" = None):
+        self.layer = layer
+        self.keep = keep  # B x N cumulative mask so far (padding mask before layer 0)
+        self.padding = padding  # B x N, 1 = real token
+        self._hidden, self._attn_probs, self._packed = hidden, attn_probs, packed
+
+    @property
+    def hidden(self) -> Tensor:
+        if self._hidden is None and self._packed is not None:
+            self._hidden = self._packed.full_hidden()
+        return self._hidden
+
+    @property
+    def attn_probs(self) -> Tensor | None:
+        if self._attn_probs is None and self._packed is not None and self._packed.probs is not None:
+            self._attn_probs = self._packed.full_probs()
+        return self._attn_probs
 
     @property
     def lengths(self) -> Tensor:
@@ -62,8 +112,16 @@ class PruneContext:
         """B x N bool: tokens still computed (kept so far)."""
         return self.keep > 0
 
+    def live_hidden(self) -> Tensor:
+        """(live tokens) x d: ``hidden[live]``, in the same order (example, then position)."""
+        if self._hidden is None and self._packed is not None:
+            return self._packed.hidden[self._packed.valid]
+        return self.hidden[self.live]
+
     def received_attention(self) -> Tensor:
         """B x N importance: attention received in the previous layer (see ``received_attention``)."""
+        if self._attn_probs is None and self._packed is not None and self._packed.probs is not None:
+            return self._packed.received_attention()
         if self.attn_probs is None:
             raise ValueError(f"no attention before layer {self.layer}: importance needs a previous layer")
         return received_attention(self.attn_probs, self.keep)
@@ -88,6 +146,11 @@ class Pruner(nn.Module):
         """Whether the call before ``layer`` reads ``attn_probs`` (lets hard mode skip work)."""
         return self.needs_attention
 
+    def decides(self, layer: int) -> bool:
+        """Whether the call before ``layer`` may drop tokens. False promises it returns
+        ``ctx.keep`` there, so hard mode skips the call and the repacking (default: True)."""
+        return True
+
     def cost_module(self, layer: int) -> nn.Module | None:
         """The per-token module the pruner runs before ``layer`` (hidden 1 x n x d in), so
         the FLOPs counter can charge its cost; ``None`` if it computes nothing fvcore counts."""
@@ -102,19 +165,42 @@ class KeepAll(Pruner):
 
     needs_attention = False
 
+    def decides(self, layer: int) -> bool:
+        return False
+
     def forward(self, ctx: PruneContext) -> Tensor:
         return ctx.keep
+
+
+class Lazy(Sequence):
+    """A list whose items may be zero-argument functions, called (once) on first access:
+    hard mode's attention probabilities in full coordinates cost nothing unless read."""
+
+    def __init__(self, items: list):
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        item = self._items[index]
+        if callable(item):
+            item = self._items[index] = item()
+        return item
 
 
 @dataclass
 class EncoderOutput:
     """What the encoder returns; methods and the FLOPs callback read only this."""
 
-    hidden: Tensor  # B x N x d final states; a dropped token carries its last state
+    hidden: Tensor  # B x N x d final states (a dropped token carries its last state); B x 1 x d with output="cls"
     keep: list[Tensor]  # per layer: B x N mask the layer used (float; binary in hard mode)
-    attentions: list[Tensor | None]  # per layer: B x H x N x N probabilities, full coordinates
+    attentions: Sequence[Tensor | None]  # per layer: B x H x N x N probabilities, full coordinates
     padding: Tensor  # B x N, 1 = real token
     hard: bool = False
+    counts: Tensor | None = None  # L x B kept counts, when an engine reports counts, not masks (ONNX)
 
     @property
     def lengths(self) -> Tensor:
@@ -123,11 +209,14 @@ class EncoderOutput:
 
     def kept_counts(self) -> Tensor:
         """L x B: tokens each layer computes for each example (mask > 0.5, as hard mode)."""
+        if self.counts is not None:
+            return self.counts
         return torch.stack([(k.detach() > 0.5).sum(1) for k in self.keep])
 
     def kept_fraction(self) -> Tensor:
         """L: mean over the batch of the fraction of real tokens each layer computes."""
         return (self.kept_counts() / self.lengths.clamp(min=1)).mean(1)
+
 
 
 def received_attention(attn_probs: Tensor, keep: Tensor) -> Tensor:
@@ -141,12 +230,95 @@ def received_attention(attn_probs: Tensor, keep: Tensor) -> Tensor:
     return total / queries.sum(1, keepdim=True).clamp(min=1)
 
 
+class PackedTokens:
+    """Hard mode's running state: the tokens still computed, packed to the front of each row.
+
+    ``hidden`` B x K x d holds each example's kept tokens first, in their original order, then
+    filler slots (``valid`` False) up to the batch's largest kept count K; ``positions`` B x K are
+    the kept tokens' indices in the full sequence, ``length`` for filler slots (a sacrificial
+    column that scatters write into and crop away). ``probs`` (B x H x K x K) are the last
+    layer's attention probabilities when it computed them. ``history`` keeps the states packed
+    before each repacking, so the full B x N x d states (a dropped token carries its last state)
+    can be scattered back on demand, and only then.
+    """
+
+    def __init__(self, hidden: Tensor, positions: Tensor, valid: Tensor, length: int, base: Tensor,
+                 history: list[tuple[Tensor, Tensor]], probs: Tensor | None = None):
+        self.hidden, self.positions, self.valid, self.length = hidden, positions, valid, length
+        self.base, self.history, self.probs = base, history, probs
+
+    @classmethod
+    def start(cls, hidden: Tensor, real: Tensor) -> "PackedTokens":
+        """Every token of ``hidden`` (B x N x d) in place; ``real`` (B x N bool) marks the valid ones."""
+        length = hidden.shape[1]
+        positions = torch.arange(length, device=hidden.device).expand_as(real).masked_fill(~real, length)
+        return cls(hidden, positions, real, length, base=hidden, history=[])
+
+    def select(self, keep: Tensor) -> "PackedTokens":
+        """Keep the tokens where ``keep`` (B x N, full coordinates, a subset of the live ones) is
+        > 0, packed to the largest count. The count stays a tensor (traceable for ONNX)."""
+        wide = torch.cat([keep, keep.new_zeros(keep.shape[0], 1)], dim=1)
+        chosen = (wide.gather(1, self.positions) > 0) & self.valid  # B x K, in slot order
+        counts = chosen.sum(1)
+        slots = chosen.shape[1]
+        # unique keys: chosen slots first, each group in slot (= position) order, whatever the sort
+        key = torch.arange(slots, device=keep.device)[None, :] + (~chosen).long() * slots
+        packed = torch.arange(counts.max(), device=keep.device)  # K': a 0-d tensor, never a Python int
+        order = torch.sort(key, dim=1).indices.index_select(1, packed)
+        valid = packed[None, :] < counts[:, None]
+        positions = self.positions.gather(1, order).masked_fill(~valid, self.length)
+        hidden = self.hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1]))
+        history = self.history if self.hidden is self.base else [*self.history, (self.positions, self.hidden)]
+        return PackedTokens(hidden, positions, valid, self.length, self.base, history)
+
+    def ran(self, hidden: Tensor, probs: Tensor | None) -> "PackedTokens":
+        """The same tokens after a layer."""
+        return PackedTokens(hidden, self.positions, self.valid, self.length, self.base, self.history, probs)
+
+    def full_hidden(self) -> Tensor:
+        """B x N x d: every token's last state (one scatter per repacking)."""
+        batch, _, width = self.base.shape
+        full = torch.cat([self.base, self.base.new_zeros(batch, 1, width)], dim=1)
+        steps = self.history + ([] if self.hidden is self.base else [(self.positions, self.hidden)])
+        for positions, hidden in steps:
+            full = full.scatter(1, positions.unsqueeze(-1).expand(-1, -1, width), hidden)
+        full = full[:, : self.length]
+        self.base, self.history = full, []  # later states start from here (re-applying this one is harmless)
+        return full
+
+    def to_full(self, values: Tensor) -> Tensor:
+        """B x K values of the packed tokens -> B x N (zeros at tokens not computed)."""
+        full = values.new_zeros(values.shape[0], self.length + 1).scatter(1, self.positions, values)
+        return full[:, : self.length]
+
+    def received_attention(self) -> Tensor:
+        """B x N: ``received_attention`` of the last layer, computed on the packed tokens."""
+        queries = self.valid.to(self.probs.dtype)
+        total = torch.einsum("bq,bqk->bk", queries, self.probs.mean(1))
+        return self.to_full(total / queries.sum(1, keepdim=True).clamp(min=1))
+
+    def full_probs(self) -> Tensor:
+        """B x H x N x N: the last layer's probabilities in full coordinates (zeros elsewhere)."""
+        probs, positions, length = self.probs, self.positions, self.length
+        batch, heads, slots, _ = probs.shape
+        cols = positions[:, None, None, :].expand(batch, heads, slots, slots)
+        wide = probs.new_zeros(batch, heads, slots, length + 1).scatter(3, cols, probs)
+        rows = positions[:, None, :, None].expand(batch, heads, slots, length + 1)
+        full = probs.new_zeros(batch, heads, length + 1, length + 1).scatter(2, rows, wide)
+        return full[:, :, :length, :length]
+
+
 class PrunableEncoder(nn.Module):
     """Embeddings + BERT layers of a pretrained model, run with a pruning hook per layer.
 
     ``soft_rule`` (a key of ``SOFT_RULES``) chooses how soft mode applies mask values to
-    attention keys; hard mode always removes dropped tokens.
+    attention keys; hard mode always removes dropped tokens. ``output`` chooses what
+    ``EncoderOutput.hidden`` holds: ``"all"`` every token's final state (B x N x d), ``"cls"``
+    [CLS]'s only (B x 1 x d: what a sequence classifier reads; in hard mode nothing is
+    scattered back to full length).
     """
+
+    OUTPUTS = ("all", "cls")
 
     def __init__(self, bert: BertModel):
         super().__init__()
@@ -167,28 +339,57 @@ class PrunableEncoder(nn.Module):
         hard: bool | None = None,
         soft_rule: str = "renormalised",
         output_attentions: bool = False,
+        output: str = "all",
     ) -> EncoderOutput:
         pruner = pruner if pruner is not None else KeepAll()
         hard = (not self.training) if hard is None else hard
         if soft_rule not in SOFT_RULES:
             raise ValueError(f"soft_rule must be one of {', '.join(SOFT_RULES)}, not {soft_rule!r}")
+        if output not in self.OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(self.OUTPUTS)}, not {output!r}")
         hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         padding = attention_mask.to(hidden.dtype)
+        if hard:
+            return self._hard_forward(hidden, padding, pruner, output_attentions, output)
         keep, probs = padding, None
         keeps, attentions = [], []
         for index, layer in enumerate(self.layers):
             proposed = pruner(PruneContext(index, hidden, keep, probs, padding))
-            history = (keep > 0).to(keep.dtype) if pruner.binary_history else keep
-            keep = torch.cat([padding[:, :1], (proposed * history)[:, 1:]], dim=1)  # cumulative, CLS pinned
-            if hard:
-                keep = (keep > 0.5).to(hidden.dtype)
-                want_probs = output_attentions or pruner.wants_attention(index + 1)
-                hidden, probs = self._hard_layer(layer, hidden, keep.bool(), want_probs)
-            else:
-                hidden, probs = self._soft_layer(layer, hidden, keep, padding, soft_rule)
+            keep = self._cumulative(pruner, proposed, keep, padding)
+            hidden, probs = self._soft_layer(layer, hidden, keep, padding, soft_rule)
             keeps.append(keep)
             attentions.append(probs)
-        return EncoderOutput(hidden, keeps, attentions, padding, hard=hard)
+        return EncoderOutput(hidden if output == "all" else hidden[:, :1], keeps, attentions, padding, hard=False)
+
+    @staticmethod
+    def _cumulative(pruner: Pruner, proposed: Tensor, keep: Tensor, padding: Tensor) -> Tensor:
+        """The proposal times the running mask, [CLS] pinned (padding is 0 in the running mask)."""
+        history = (keep > 0).to(keep.dtype) if pruner.binary_history else keep
+        return torch.cat([padding[:, :1], (proposed * history)[:, 1:]], dim=1)
+
+    def _hard_forward(self, hidden: Tensor, padding: Tensor, pruner: Pruner, output_attentions: bool,
+                      output: str) -> EncoderOutput:
+        """Hard mode on packed tokens: repack only before layers whose pruner decides, scatter
+        nothing back unless asked. Traceable: see the module docstring."""
+        keep = padding
+        state = PackedTokens.start(hidden, padding > 0)
+        keeps, attentions = [], []
+        for index, layer in enumerate(self.layers):
+            decides = pruner.decides(index)
+            if decides:
+                proposed = pruner(PruneContext(index, None, keep, None, padding, packed=state))
+                keep = (self._cumulative(pruner, proposed, keep, padding) > 0.5).to(hidden.dtype)
+            if decides or index == 0:  # layer 0 also drops the padding
+                state = state.select(keep)
+            want_probs = output_attentions or pruner.wants_attention(index + 1)
+            # fused only when run eagerly: a trace (fvcore's count, ONNX export) sees the eager ops
+            fused = not want_probs and not torch.jit.is_tracing()
+            out, probs = self.run_layer(layer, state.hidden, self.key_bias(state.valid, hidden.dtype), fused=fused)
+            state = state.ran(out, probs)
+            keeps.append(keep)
+            attentions.append(state.full_probs if want_probs else None)
+        final = state.full_hidden() if output == "all" else state.hidden[:, :1]  # [CLS] is slot 0, always kept
+        return EncoderOutput(final, keeps, Lazy(attentions), padding, hard=True)
 
     # -- running one layer ------------------------------------------------------------
 
@@ -211,11 +412,13 @@ class PrunableEncoder(nn.Module):
 
     @classmethod
     def run_layer(cls, layer: nn.Module, hidden: Tensor, key_bias: Tensor, key_weight: Tensor | None = None,
-               renormalise: bool = True):
+                  renormalise: bool = True, fused: bool = False):
         """One BERT layer from its own modules, returning the attention probabilities too.
 
         ``key_weight`` (B x N, optional) scales each key's attention probability, then
         renormalises over keys (``renormalise``) or not (Transkimmer's reference rule).
+        ``fused``: torch's ``scaled_dot_product_attention`` instead, returning no probabilities
+        (no ``key_weight``); fvcore does not count it, so the FLOPs counter traces the eager path.
         """
         attn = layer.attention.self
         batch, length, _ = hidden.shape
@@ -223,14 +426,22 @@ class PrunableEncoder(nn.Module):
         query = attn.query(hidden).view(shape).transpose(1, 2)
         key = attn.key(hidden).view(shape).transpose(1, 2)
         value = attn.value(hidden).view(shape).transpose(1, 2)
-        scores = torch.matmul(query, key.transpose(2, 3)) * attn.scaling + key_bias
-        if key_weight is None:
-            probs = scores.softmax(-1)
-        elif renormalise:
-            probs = cls._weighted_softmax(scores, key_weight)
+        if fused:
+            if key_weight is not None:
+                raise ValueError("fused attention takes no key_weight")
+            dropout = attn.dropout.p if attn.training else 0.0
+            context, probs = F.scaled_dot_product_attention(query, key, value, attn_mask=key_bias, dropout_p=dropout,
+                                                            scale=attn.scaling), None
         else:
-            probs = scores.softmax(-1) * key_weight[:, None, None, :]
-        context = torch.matmul(attn.dropout(probs), value).transpose(1, 2).reshape(batch, length, -1)
+            scores = torch.matmul(query, key.transpose(2, 3)) * attn.scaling + key_bias
+            if key_weight is None:
+                probs = scores.softmax(-1)
+            elif renormalise:
+                probs = cls._weighted_softmax(scores, key_weight)
+            else:
+                probs = scores.softmax(-1) * key_weight[:, None, None, :]
+            context = torch.matmul(attn.dropout(probs), value)
+        context = context.transpose(1, 2).reshape(batch, length, -1)
         attention_output = layer.attention.output(context, hidden)
         return layer.feed_forward_chunk(attention_output), probs
 
@@ -239,29 +450,3 @@ class PrunableEncoder(nn.Module):
         out, probs = self.run_layer(layer, hidden, bias, keep, renormalise=soft_rule == "renormalised")
         k = keep.unsqueeze(-1)
         return k * out + (1 - k) * hidden, probs
-
-    def _hard_layer(self, layer, hidden, keep: Tensor, want_probs: bool):
-        batch, length, width = hidden.shape
-        counts = keep.sum(1)
-        packed_len = int(counts.max())
-        # Kept positions first, in their original order; the tail of a shorter example's
-        # row points at (distinct) dropped positions and is written back unchanged.
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :packed_len]
-        valid = torch.arange(packed_len, device=hidden.device)[None, :] < counts[:, None]
-        index = order.unsqueeze(-1).expand(batch, packed_len, width)
-        packed = hidden.gather(1, index)
-        out, probs = self.run_layer(layer, packed, self.key_bias(valid, hidden.dtype))
-        out = torch.where(valid.unsqueeze(-1), out, packed)
-        hidden = hidden.scatter(1, index, out)
-        if not want_probs:
-            return hidden, None
-        return hidden, self._unpack_probs(probs * valid[:, None, :, None], order, length)
-
-    @staticmethod
-    def _unpack_probs(probs: Tensor, order: Tensor, length: int) -> Tensor:
-        """Scatter packed B x H x K x K probabilities back to B x H x N x N (zeros elsewhere)."""
-        batch, heads, packed_len, _ = probs.shape
-        cols = order[:, None, None, :].expand(batch, heads, packed_len, packed_len)
-        wide = probs.new_zeros(batch, heads, packed_len, length).scatter(3, cols, probs)
-        rows = order[:, None, :, None].expand(batch, heads, packed_len, length)
-        return probs.new_zeros(batch, heads, length, length).scatter(2, rows, wide)

@@ -8,12 +8,20 @@ tokens really removed), so with nothing changed the metrics are the training run
 CPU latency of the model's pruner against the unpruned encoder on the same weights is
 bench.py's measurement.
 
+``engine=onnx`` (an argument of the command, not a config key) runs the same validation on the
+model exported to ONNX (``tokprune.export``: decisions and token removal inside the graph) in
+ONNX Runtime: ``<checkpoint>.onnx`` when it is newer than the checkpoint, else an export made on
+the fly. The graph reports kept counts per layer, which is all the FLOPs callback reads, so the
+metrics, FLOPs and kept fractions are those of torch's hard mode; the latency is then ONNX
+Runtime's, the pruned graph against the same weights exported with nothing pruned.
+
 The result is logged as an ``eval`` run beside its training run when the MLflow store is
 there. MLflow is never required: a missing or failing store costs one printed line.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import urllib.request
@@ -26,12 +34,14 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from tokprune.bench import trained_speedup
+from tokprune.bench import onnx_trained_speedup, trained_speedup
 from tokprune.callbacks import TokenPruningCallback
 from tokprune.checkpoint import rebuild
 from tokprune.checks import Rule, check_config
 from tokprune.data import get_task
+from tokprune.encoder import EncoderOutput, KeepAll
 from tokprune.errors import UsageError
+from tokprune.predict import check_engine
 from tokprune.tracking import artifact_root, resolve_tracking_uri, run_name, store_dir
 from tokprune.train import build_datamodule
 
@@ -57,6 +67,8 @@ class Evaluation:
     latency: list[dict]  # bench.trained_speedup rows, one per batch size; empty when skipped
     latency_examples: int
     mlflow: str = ""  # the line saying where it was logged, or why not
+    engine: str = "torch"  # torch (hard mode) or onnx (ONNX Runtime)
+    engine_source: str = ""  # onnx: "reused <file>" or "exported on the fly"
 
     @property
     def kept_fractions(self) -> list[float]:
@@ -106,20 +118,49 @@ def eval_config(stored: DictConfig, changes: dict[str, object]) -> DictConfig:
     return cfg
 
 
-def evaluate(checkpoint: str | Path, words: list[str] = ()) -> Evaluation:
-    """Rebuild ``checkpoint``, run its task's dev set in hard mode, time it, log it if possible."""
+def onnx_forward(session, module):
+    """A ``PruningModule.forward`` that runs ``session`` (an ``export.OnnxModel``): logits, and an
+    ``EncoderOutput`` holding the graph's kept counts (no states: ``hidden`` is B x 0 x 0)."""
+
+    def forward(batch: dict, hard: bool | None = None):
+        logits, kept = session(batch)
+        padding = batch["attention_mask"].to(logits.dtype)
+        empty = logits.new_zeros(logits.shape[0], 0, 0)
+        return logits, EncoderOutput(empty, [], [], padding, hard=True, counts=kept.T)
+
+    return forward
+
+
+def evaluate(checkpoint: str | Path, words: list[str] = (), engine: str = "torch") -> Evaluation:
+    """Rebuild ``checkpoint``, run its task's dev set in hard mode (torch, or ONNX Runtime with
+    ``engine="onnx"``), time it, log it if possible."""
+    check_engine(engine)
     changes, own = parse_settings(list(words))
     described, module = rebuild(checkpoint)
     cfg = eval_config(described.cfg, changes)
     # The data module reads both splits; one train row is all an evaluation needs to tokenise.
     datamodule = build_datamodule(OmegaConf.merge(cfg, {"data": {"train_subset": 1}}), described.tokenizer())
-    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
+    session, validated_module = None, module
+    if engine == "onnx":
+        from tokprune.export import session_for
+
+        session = session_for(described, module)
+        validated_module = copy.copy(module)  # the same weights, its forward run by ONNX Runtime
+        validated_module.forward = onnx_forward(session, module)
+    trainer = L.Trainer(accelerator="cpu" if engine == "onnx" else "auto", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[TokenPruningCallback(cfg.task.max_length)])
-    [validated] = trainer.validate(module, datamodule=datamodule, verbose=False)
+    [validated] = trainer.validate(validated_module, datamodule=datamodule, verbose=False)
     examples = own["eval.latency_examples"]
-    latency = (trained_speedup(described, module.cpu().eval(), cfg.data.glue_dir, examples, LATENCY_BATCH_SIZES)
-               if examples else [])
+    module = module.cpu().eval()
+    if not examples:
+        latency = []
+    elif engine == "onnx":
+        unpruned = copy.deepcopy(module)
+        unpruned.pruner = KeepAll()
+        latency = onnx_trained_speedup(described, session, unpruned, cfg.data.glue_dir, examples, LATENCY_BATCH_SIZES)
+    else:
+        latency = trained_speedup(described, module, cfg.data.glue_dir, examples, LATENCY_BATCH_SIZES)
     result = Evaluation(
         checkpoint=Path(checkpoint).resolve(),
         cfg=cfg,
@@ -129,6 +170,8 @@ def evaluate(checkpoint: str | Path, words: list[str] = ()) -> Evaluation:
         metrics={name.replace("val/", "eval/", 1): float(value) for name, value in validated.items()},
         latency=latency,
         latency_examples=examples,
+        engine=engine,
+        engine_source=session.source if session is not None else "",
     )
     result.mlflow = log_evaluation(result)
     return result
@@ -171,12 +214,13 @@ def log_evaluation(result: Evaluation) -> str:
         experiment_id = (experiment.experiment_id if experiment else
                          client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_root(uri)))
         tags = {"role": "eval", "training_run_id": result.training_run_id or "", "checkpoint": str(result.checkpoint),
-                "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name}
+                "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name,
+                "engine": result.engine}
         run_id = client.create_run(experiment_id, run_name=f"eval-{run_name(cfg)}", tags=tags).info.run_id
         try:
             now = int(time.time() * 1000)
             settings = {key: OmegaConf.select(cfg, key) for key in CHANGEABLE if key != "mlflow.tracking_uri"}
-            params = settings | {"eval.latency_examples": result.latency_examples}
+            params = settings | {"eval.latency_examples": result.latency_examples, "engine": result.engine}
             client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in _mlflow_metrics(result).items()],
                              params=[Param(k, str(v)) for k, v in params.items()])
             client.set_terminated(run_id, "FINISHED")
@@ -191,13 +235,14 @@ def log_evaluation(result: Evaluation) -> str:
 def summary(result: Evaluation) -> str:
     cfg, m = result.cfg, result.metrics
     selected = result.selected
+    engine = f", ONNX Runtime: {result.engine_source}" if result.engine == "onnx" else ""
     metrics = "  ".join(f"{name}={m[f'eval/{name}']:.4f}" for name in get_task(cfg.task.name).metrics)
     lines = [
         f"checkpoint {result.checkpoint}",
         f"  {cfg.method.name} {cfg.task.name} {cfg.model.name} {cfg.budget.name}, training run "
         f"{result.training_run_id}, validation of epoch {selected['epoch']} step {selected['step']} "
         f"(rule {selected['rule']})",
-        f"dev ({result.rows} rows, hard mode): {metrics}",
+        f"dev ({result.rows} rows, hard mode{engine}): {metrics}",
         f"FLOPs (fvcore, 1 MAC = 1 FLOP): ratio {m['eval/flops_ratio_real']:.3f} vs unpruned at real length, "
         f"{m['eval/flops_ratio_padded']:.3f} vs padded to {cfg.task.max_length}",
         f"kept fraction per layer: {' '.join(f'{f:.2f}' for f in result.kept_fractions)}",
@@ -205,7 +250,8 @@ def summary(result: Evaluation) -> str:
     if result.latency:
         timed = "; ".join(f"batch {r['batch_size']}: {r['ms_per_batch_pruned']:.1f} vs "
                           f"{r['ms_per_batch_unpruned']:.1f} ms = x{r['wall_speedup']:.2f}" for r in result.latency)
-        lines.append(f"CPU latency, pruned vs unpruned encoder, same weights ({result.latency[0]['examples']} dev rows, "
+        what = "ONNX Runtime, pruned vs unpruned graph" if result.engine == "onnx" else "pruned vs unpruned encoder"
+        lines.append(f"CPU latency, {what}, same weights ({result.latency[0]['examples']} dev rows, "
                      f"{result.latency[0]['threads']} threads): {timed}")
     else:
         lines.append("CPU latency: skipped (eval.latency_examples=0)")

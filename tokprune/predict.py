@@ -2,7 +2,11 @@
 ``python -m tokprune predict checkpoint=PATH input=FILE output=FILE``.
 
 Inference is what the pruning is for, so it runs in hard mode (pruned tokens really
-removed) and reports, beside each label, how many tokens every layer computed. Everything
+removed) and reports, beside each label, how many tokens every layer computed. Two engines:
+``torch`` (the encoder's hard mode) and ``onnx`` (the same model exported with its pruning
+decisions and token removal inside the graph, run by ONNX Runtime: ``tokprune.export``; it
+reuses ``<checkpoint>.onnx`` when that is newer than the checkpoint, else exports on the fly).
+Both give the same labels and kept counts. Everything
 comes from the checkpoint file (``tokprune.checkpoint``): the task's labels, its max length
 and the tokenizer, so a prediction needs neither the training data nor MLflow.
 
@@ -25,7 +29,7 @@ from tokprune.data import GlueTask, get_task
 from tokprune.errors import UsageError
 from tokprune.methods.base import PruningModule
 
-ENGINES = ("torch",)
+ENGINES = ("torch", "onnx")
 Input = str | tuple[str, str]
 
 
@@ -36,23 +40,30 @@ class Prediction:
 
 
 class PrunedModel:
-    """A trained checkpoint that labels sentences (or pairs) in batches, in hard mode."""
+    """A trained checkpoint that labels sentences (or pairs) in batches, in hard mode, with
+    torch or ONNX Runtime (``engine``)."""
 
-    def __init__(self, described: Described, module: PruningModule, batch_size: int = 32):
+    def __init__(self, described: Described, module: PruningModule, batch_size: int = 32, engine: str = "torch"):
+        check_engine(engine)
         self.cfg = described.cfg
         self.task: GlueTask = get_task(self.cfg.task.name)
         self.max_length = int(self.cfg.task.max_length)
         self.tokenizer = described.tokenizer()
         self.module = module.cpu().eval()
         self.batch_size = batch_size
+        self.engine = engine
+        self.onnx = None
+        if engine == "onnx":
+            from tokprune.export import session_for
+
+            self.onnx = session_for(described, self.module)
 
     @classmethod
     def load(cls, path: str | Path, engine: str = "torch", batch_size: int = 32) -> "PrunedModel":
-        if engine not in ENGINES:
-            raise UsageError(f"engine '{engine}' is not available yet: use {', '.join(ENGINES)} (ONNX comes later)")
+        check_engine(engine)
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, not {batch_size}")
-        return cls(*rebuild(path), batch_size=batch_size)
+        return cls(*rebuild(path), batch_size=batch_size, engine=engine)
 
     @property
     def pairs(self) -> bool:
@@ -69,10 +80,17 @@ class PrunedModel:
                 texts = [column[start : start + size] for column in columns]
                 batch = self.tokenizer(*texts, padding=True, truncation=True, max_length=self.max_length,
                                        return_tensors="pt")
-                logits, out = self.module(dict(batch), hard=True)
-                for scores, kept in zip(logits, out.kept_counts().T.tolist()):
-                    predictions.append(Prediction(self._label(scores), tuple(kept)))
+                logits, kept = self.run(dict(batch))
+                for scores, counts in zip(logits, kept.tolist()):
+                    predictions.append(Prediction(self._label(scores), tuple(counts)))
         return predictions
+
+    def run(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits B x labels, kept B x L) of a tokenised batch, on this model's engine."""
+        if self.onnx is not None:
+            return self.onnx(batch)
+        logits, out = self.module(batch, hard=True)
+        return logits, out.kept_counts().T
 
     def _columns(self, inputs: Sequence[Input]) -> list[list[str]]:
         if isinstance(inputs, (str, tuple)):
@@ -138,7 +156,18 @@ def write_predictions(path: Path, predictions: list[Prediction], labels: list[st
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
-def run_predict(checkpoint: str, source: str, target: str, batch_size: int = 32) -> str:
+def check_engine(engine: str) -> None:
+    """A known engine whose packages are installed, or a one-line error."""
+    if engine not in ENGINES:
+        raise UsageError(f"engine must be one of {', '.join(ENGINES)}, not '{engine}'")
+    if engine == "onnx":
+        from tokprune.export import require
+
+        require("onnxruntime")
+        require("onnx")
+
+
+def run_predict(checkpoint: str, source: str, target: str, batch_size: int = 32, engine: str = "torch") -> str:
     """The ``predict`` command: label every input of ``source``, write them to ``target``;
     returns the line to print."""
     source, target = Path(source), Path(target)
@@ -148,10 +177,12 @@ def run_predict(checkpoint: str, source: str, target: str, batch_size: int = 32)
         raise UsageError(f"output: no such folder '{target.parent}'")
     if target.resolve() == source.resolve():
         raise UsageError(f"output '{target}' is the input file: give another path")
-    model = PrunedModel.load(checkpoint, batch_size=batch_size)
+    check_engine(engine)
+    model = PrunedModel.load(checkpoint, batch_size=batch_size, engine=engine)
     inputs, labels = read_inputs(source, model.task)
     predictions = model.predict(inputs)
     write_predictions(target, predictions, labels)
     mean_kept = [sum(layer) / len(predictions) for layer in zip(*(p.kept_per_layer for p in predictions))]
-    return (f"wrote {len(predictions)} predictions ({model.task.name}, hard mode) to {target}; "
+    where = "hard mode" if engine == "torch" else f"hard mode, ONNX Runtime: {model.onnx.source}"
+    return (f"wrote {len(predictions)} predictions ({model.task.name}, {where}) to {target}; "
             f"mean tokens kept per layer: {' '.join(f'{k:.1f}' for k in mean_kept)}")
