@@ -2,6 +2,7 @@
 the teacher, and hard-mode equivalence."""
 
 import math
+import os
 
 import lightning as L
 import pytest
@@ -411,3 +412,30 @@ def test_the_teacher_stays_frozen_and_the_student_starts_from_it(teacher_checkpo
     assert not torch.equal(after[weight], before[weight])
     assert not torch.equal(after["multipliers"], before["multipliers"])
     assert module.pruner.token_log_alpha.max() <= LOG_ALPHA_RANGE[1] + 1e-6
+
+
+@pytest.mark.slow
+def test_the_mission_command_sweeps_top_on_the_qqp_sample_end_to_end(glue_dir, tmp_path):
+    """`make sweep METHOD=top TASK=qqp`, at the smoke budget on the tiny model: the baseline is
+    trained once and is every trial's teacher, and the report lands in <report.dir>/qqp/."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = subprocess.run(
+        [sys.executable, "-m", "tokprune", "sweep", "method=top", "task=qqp", "budget=smoke", "model=tiny",
+         "sweep.trials=2", f"mlflow.tracking_uri={uri}", f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+         f"report.dir={tmp_path / 'reports'}", "report.speedup_examples=4"],
+        capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "GLUE_DIR": glue_dir})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "reports" / "qqp" / "report.html").is_file()
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    baseline = [r for r in runs if r.data.tags.get("tokprune.role") == "baseline"]
+    trials = [r for r in runs if r.data.tags.get("tokprune.role") == "trial"]
+    assert len(baseline) == 1 and len(trials) == 2
+    assert {t.data.params["method.teacher_checkpoint"] for t in trials} == {baseline[0].data.tags["checkpoint"]}
