@@ -335,6 +335,9 @@ def test_smoke_sweep_logs_study_parent_children_and_pareto_tags(space_dir, glue_
     front = {t.number for t in study.best_trials}
     assert front and {int(r.data.tags["trial"]) for r in children if r.data.tags["pareto"] == "true"} == front
     assert {r.data.tags["pareto"] for r in children if int(r.data.tags["trial"]) not in front} <= {"false"}
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):  # sweep.keep_checkpoints=pareto (default)
+        assert Path(trial.user_attrs["checkpoint"]).is_file() == (trial.number in front)
+    assert len(front) < 3 and "deleted the checkpoints of dominated trials" in out
     assert all("sampled.train.lr" in r.data.params for r in children)
     assert all(r.data.tags["mlflow.runName"] == f"{STUDY}-trial{r.data.tags['trial']}" for r in children)
     assert all(client.get_metric_history(r.info.run_id, "train/flops") for r in children)  # per-step curves

@@ -152,6 +152,7 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "sweep.max_retry": Rule(INT, low=0),
     "sweep.max_failures": Rule(INT, low=1),
     "sweep.poll_seconds": Rule(INT, low=1),
+    "sweep.keep_checkpoints": Rule("str", choices=("pareto", "all")),
     "report.dir": PATH,
     "report.speedup_examples": Rule(INT, low=0),
 }

@@ -352,8 +352,25 @@ class Sweep:
         front = {t.number: t.user_attrs.get("mlflow_run_id") for t in (study.best_trials if complete else [])}
         track.tag_pareto(self.client, self.exp_id, self.parent_id, front)
         track.log_summary(self.client, self.parent_id, study, self.plan, self.baseline, front)
+        if status == "FINISHED" and self.plan.cfg.sweep.keep_checkpoints == "pareto":
+            self.drop_dominated_checkpoints(complete, front)
         if status:
             self.client.set_terminated(self.parent_id, status=status)
+
+    def drop_dominated_checkpoints(self, complete: list, front: dict) -> None:
+        """``sweep.keep_checkpoints=pareto``: a dominated trial stays dominated as trials are
+        added, so its checkpoint can go (its MLflow run stays, tagged ``checkpoint_deleted``)."""
+        freed = 0
+        for trial in complete:
+            path = Path(trial.user_attrs.get("checkpoint") or "")
+            if trial.number in front or not path.is_file():
+                continue
+            freed += path.stat().st_size
+            path.unlink()
+            if trial.user_attrs.get("mlflow_run_id"):
+                self.client.set_tag(trial.user_attrs["mlflow_run_id"], "checkpoint_deleted", "dominated trial")
+        if freed:
+            self.say(f"deleted the checkpoints of dominated trials ({freed / 2**20:.0f} MiB; sweep.keep_checkpoints=all keeps them)")
 
 
 class TrialLink(L.Callback):
