@@ -47,6 +47,24 @@ def random_batch(batch: int = 4, length: int = 12, vocab: int = 120, seed: int =
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
+def kept_after_steps(module, batch: dict, steps: int, lr: float, seed: int) -> float:
+    """Eval-mode kept fraction after ``steps`` AdamW steps of a method's own losses on one batch
+    (its parameter groups and post-step projection included; same data, init and noise per seed)."""
+    optimizer = torch.optim.AdamW(module.parameter_groups(), lr=lr)
+    torch.manual_seed(seed)
+    module.train()
+    for _ in range(steps):
+        logits, out = module(batch)
+        loss = sum(module.losses(logits, out, batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        module.after_optimizer_step()
+    module.eval()
+    with torch.no_grad():
+        return float(module(batch)[1].kept_fraction().mean())
+
+
 @pytest.fixture
 def glue_dir() -> str:
     if not GLUE.is_dir():

@@ -11,7 +11,7 @@ from tokprune.encoder import PruneContext
 from tokprune.methods import build_method
 from tokprune.methods.gate import GatePruner, Method, importance_ranks
 
-from conftest import random_batch, tiny_bert
+from conftest import kept_after_steps, random_batch, tiny_bert
 
 LAYERS = 3
 
@@ -99,20 +99,7 @@ def test_sparsity_term_weights_later_layers_more():
 
 def kept_after_training(lambda_sparse: float, seed: int, steps: int = 30) -> float:
     module = make(f"method.lambda_sparse={lambda_sparse}", "method.gate_lr=0.05", seed=seed)
-    batch = labelled_batch(seed=seed)
-    optimizer = torch.optim.AdamW(module.parameter_groups(), lr=1e-3)
-    torch.manual_seed(seed)
-    module.train()
-    for _ in range(steps):
-        logits, out = module(batch)
-        loss = sum(module.losses(logits, out, batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        module.after_optimizer_step()
-    module.eval()
-    with torch.no_grad():
-        return float(module(batch)[1].kept_fraction().mean())
+    return kept_after_steps(module, labelled_batch(seed=seed), steps, lr=1e-3, seed=seed)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -18,7 +18,7 @@ from tokprune.methods import build_method
 from tokprune.methods.distill import logit_distillation
 from tokprune.methods.transkimmer import DEFAULTS, KEEP, SKIM, Method, gumbel_noise, straight_through
 
-from conftest import random_batch, tiny_bert
+from conftest import kept_after_steps, random_batch, tiny_bert
 
 LAYERS = 3
 
@@ -171,19 +171,7 @@ def test_skim_loss_divides_by_the_real_length_not_the_padded_one():
 def kept_after_training(skim_lambda: float, seed: int, steps: int = 40) -> float:
     """Eval-mode kept fraction after a few AdamW steps on one batch (same data, init and noise)."""
     module = make_method(f"method.skim_lambda={skim_lambda}", seed=seed)
-    batch = labelled_batch(seed=seed, batch=8, length=16)
-    optimizer = torch.optim.AdamW(module.parameter_groups(), lr=1e-2)
-    torch.manual_seed(seed)
-    module.train()
-    for _ in range(steps):
-        logits, out = module(batch)
-        loss = sum(module.losses(logits, out, batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    module.eval()
-    with torch.no_grad():
-        return float(module(batch)[1].kept_fraction().mean())
+    return kept_after_steps(module, labelled_batch(seed=seed, batch=8, length=16), steps, lr=1e-2, seed=seed)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
