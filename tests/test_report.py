@@ -154,6 +154,8 @@ def test_each_sweep_ends_by_writing_the_report_and_logging_it(recorded):
     data = json.loads((recorded / "reports" / "sst2" / "report.json").read_text())
     assert [m["method"] for m in data["methods"]] == ["none", "transkimmer"]  # the second sweep saw both
     assert {p.name for p in (recorded / "reports" / "sst2").iterdir()} == FILES
+    for name in ("report.json", "report.html", "pareto.md"):  # committed reports name no folder of this machine
+        assert str(recorded) not in (recorded / "reports" / "sst2" / name).read_text(), name
     client = MlflowClient(f"sqlite:///{recorded}/mlflow.db")
     for study in studies(recorded).values():
         logged = {Path(a.path).name for a in client.list_artifacts(study.user_attrs["mlflow_parent_run_id"], "report")}

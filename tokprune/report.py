@@ -85,6 +85,16 @@ class MethodResult:
 # -- where the studies are ------------------------------------------------------------------
 
 
+def portable(where: str) -> str:
+    """A local path or SQLite URI without the machine's folders (committed reports carry no
+    absolute path): its last two components; server URLs as they are."""
+    prefix = "sqlite:///"
+    if where.startswith(prefix):
+        return prefix + portable(where[len(prefix):])
+    path = Path(where)
+    return str(Path(*path.parts[-2:])) if "://" not in where and path.is_absolute() else where
+
+
 def locate(cfg: DictConfig) -> tuple[str, str, Path]:
     """(tracking URI, Optuna storage, report folder), resolved as the sweep resolves them."""
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -146,7 +156,7 @@ def _baseline(client: MlflowClient, parent, main_metric: str) -> dict | None:
     return {"run_id": run_id, "metric": metric, "flops_real": metrics.get("best/flops_ratio_real", 1.0),
             "flops_padded": metrics.get("best/flops_ratio_padded"),
             "kept": _kept(metrics, "best/kept_fraction/layer_"),
-            "checkpoint": parent.data.tags.get("baseline_checkpoint", "")}
+            "checkpoint": portable(parent.data.tags.get("baseline_checkpoint", ""))}
 
 
 def collect(studies: list[optuna.Study], client: MlflowClient, main_metric: str) -> list[MethodResult]:
@@ -208,7 +218,7 @@ def measure_speedup(cfg: DictConfig, result: MethodResult, client: MlflowClient,
         timed = checkpoint_speedup(str(path), cfg.data.glue_dir, examples)[0]
     except Exception as exc:  # one method's checkpoint must not stop the report: say why in its cell
         return {"skipped": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"}
-    return {"trial": best.trial, "checkpoint": str(path), **timed}
+    return {"trial": best.trial, "checkpoint": portable(str(path)), **timed}
 
 
 # -- outputs ---------------------------------------------------------------------------------
@@ -276,12 +286,13 @@ def write(cfg: DictConfig, results: list[MethodResult], out: Path, storage: str,
     head, rows = header(metric, max_length, int(cfg.report.speedup_examples)), table_rows(results)
     note = conventions(metric, max_length)
     (out / "pareto.md").write_text(plots.markdown(title, head, rows, note))
-    meta = (f"Studies: {', '.join(r.study for r in results)} in {storage_label(storage)}; MLflow store {uri}. "
+    meta = (f"Studies: {', '.join(r.study for r in results)} in {portable(storage_label(storage))}; "
+            f"MLflow store {portable(uri)}. "
             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.")
     (out / "report.html").write_text(plots.page(title, meta, note, head, rows, overlay_svg, sections))
     data = {"task": task, "model": cfg.model.name, "budget": cfg.budget.name, "seed": cfg.seed, "metric": metric,
-            "max_length": max_length, "flops_convention": plots.CONVENTION, "storage": storage_label(storage),
-            "tracking_uri": uri, "methods": [asdict(r) for r in results]}
+            "max_length": max_length, "flops_convention": plots.CONVENTION, "storage": portable(storage_label(storage)),
+            "tracking_uri": portable(uri), "methods": [asdict(r) for r in results]}
     (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     return sorted(p for pattern in OWNED for p in out.glob(pattern))
 
