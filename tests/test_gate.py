@@ -9,7 +9,7 @@ from tokprune.config import compose
 from tokprune.data import get_task
 from tokprune.encoder import PruneContext
 from tokprune.methods import build_method
-from tokprune.methods.gate import GatePruner, Method, importance_ranks
+from tokprune.methods.gate import GatePruner, Method
 
 from conftest import kept_after_steps, random_batch, tiny_bert
 
@@ -112,7 +112,7 @@ def test_ranking_uses_the_previous_layers_attention_and_pins_cls():
     probs = received[:, None, None, :].expand(1, 2, 6, 6).clone()
     keep = torch.tensor([[1.0, 1, 1, 1, 0, 0]])  # token 4 dropped earlier, token 5 padding
     padding = torch.tensor([[1.0, 1, 1, 1, 1, 0]])
-    ranks = importance_ranks(PruneContext(1, torch.zeros(1, 6, 4), keep, probs, padding))
+    ranks = PruneContext(1, torch.zeros(1, 6, 4), keep, probs, padding).importance_ranks()
     assert ranks[0, 0] == 0  # [CLS] first although it receives nothing
     assert ranks[0, :4].tolist() == [0, 3, 1, 2]  # then by received attention
     assert sorted(ranks[0, 4:].tolist()) == [4, 5]  # dropped and padding last

@@ -126,6 +126,13 @@ class PruneContext:
             raise ValueError(f"no attention before layer {self.layer}: importance needs a previous layer")
         return received_attention(self.attn_probs, self.keep)
 
+    def importance_ranks(self) -> Tensor:
+        """B x N rank of each token: [CLS] 0, then live tokens by attention received in the
+        previous layer (most first, ties by position), dropped tokens and padding last."""
+        scores = self.received_attention().masked_fill(~self.live, -1.0)
+        scores[:, 0] = 2.0  # received attention is at most 1: [CLS] first
+        return scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+
 
 class Pruner(nn.Module):
     """Decides, before each layer, which tokens the layer computes.

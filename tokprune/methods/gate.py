@@ -42,14 +42,6 @@ from tokprune.methods.base import PruningModule
 BIMODAL_EDGE = 0.1  # a gate below 0.1 or above 0.9 counts as decided
 
 
-def importance_ranks(ctx: PruneContext) -> Tensor:
-    """B x N rank of each token before ``ctx.layer``: [CLS] 0, then live tokens by attention
-    received in the previous layer (most first), dropped tokens and padding last."""
-    scores = ctx.received_attention().masked_fill(~ctx.live, -1.0)
-    scores[:, 0] = 2.0  # received attention is at most 1: [CLS] first
-    return scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-
-
 class GatePruner(Pruner):
     """One gate vector per gated layer, indexed by importance rank (or rank bin)."""
 
@@ -90,7 +82,7 @@ class GatePruner(Pruner):
     def forward(self, ctx: PruneContext) -> Tensor:
         if ctx.layer < self.first:
             return ctx.keep
-        ranks = importance_ranks(ctx)
+        ranks = ctx.importance_ranks()
         live_count = ctx.live.sum(1)
         gates = self.gates()[ctx.layer - self.first]
         if self.training:

@@ -49,11 +49,9 @@ class TopKSchedule(Pruner):
     def forward(self, ctx: PruneContext) -> Tensor:
         if ctx.layer not in self.fractions:
             return ctx.keep
-        scores = ctx.received_attention().masked_fill(~ctx.live, -1.0)
-        scores[:, 0] = 2.0  # [CLS] first: the encoder keeps it anyway, so it counts among the k
+        # [CLS] ranks first: the encoder keeps it anyway, so it counts among the k
         target = torch.ceil(ctx.lengths * self.fractions[ctx.layer]).long().clamp(min=1)
-        ranks = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-        return (ranks < target[:, None]).to(ctx.keep.dtype)
+        return (ctx.importance_ranks() < target[:, None]).to(ctx.keep.dtype)
 
 
 class Method(PruningModule):
