@@ -19,7 +19,7 @@ from tokprune.encoder import PruneContext
 from tokprune.errors import UsageError
 from tokprune.methods import build_method
 from tokprune.methods.top import (LOG_ALPHA_RANGE, TEMPERATURE, Method, TopPruner, deterministic_mask,
-                                  log_alpha_for, logit_distillation, prob_nonzero, rank_distillation_loss,
+                                  encoder_macs, log_alpha_for, logit_distillation, prob_nonzero, rank_distillation_loss,
                                   sample_hard_concrete)
 
 from conftest import random_batch, tiny_bert
@@ -89,9 +89,46 @@ def test_deterministic_masks_zero_the_expected_number_of_the_smallest_entries():
     assert zeros == 3 and int((mask == 0).sum()) == zeros
     assert set(torch.nonzero(mask == 0).flatten().tolist()) == {1, 3, 7}  # the three smallest; P = 0.75 stays on
     assert set(mask.tolist()) <= {0.0, 1.0}
-    pruner = TopPruner(4, [2, 3], bins=8)
+    pruner = TopPruner(4, [2, 3], bins=8, eval_masks="reference")
     set_log_alpha(pruner.layer_log_alpha, [log_alpha_for(0.51), log_alpha_for(0.49)])
     assert pruner.deterministic()[1].tolist() == [1.0, 0.0]  # a layer gate is on iff P(z>0) >= 0.5
+
+
+def test_expected_masks_keep_each_layers_expected_share_of_bins_the_reference_rounds_apart():
+    half = [log_alpha_for(0.99)] * 4 + [log_alpha_for(0.01)] * 4  # mean P 0.5
+    expected, reference = TopPruner(4, [2, 3], bins=8), TopPruner(4, [2, 3], bins=8, eval_masks="reference")
+    for pruner in (expected, reference):
+        set_log_alpha(pruner.token_log_alpha, [half, half])
+        set_log_alpha(pruner.layer_log_alpha, [log_alpha_for(0.6), log_alpha_for(0.4)])
+    tokens, gates = expected.deterministic()
+    # kept share 1 - 0.5 * 0.6 = 0.7 -> 6 of 8 bins; 1 - 0.5 * 0.4 = 0.8 -> 6 (6.4) of 8
+    assert tokens.sum(1).tolist() == [6.0, 6.0] and gates.tolist() == [1.0, 1.0]
+    assert tokens[:, :4].sum() == 8  # every high-P bin kept; ties among the rest: the lower (more important) bins
+    assert tokens[0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+    tokens, gates = reference.deterministic()  # the gate rounded alone: 0.5 of the bins, or none pruned
+    assert gates.tolist() == [1.0, 0.0] and tokens.sum(1).tolist() == [4.0, 4.0]
+    set_log_alpha(expected.layer_log_alpha, [log_alpha_for(0.02)] * 2)  # 1 - 0.5 * 0.02 rounds to every bin
+    assert expected.deterministic()[1].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_measured_sparsity_of_the_evaluation_masks_lands_within_005_of_the_expected(seed):
+    module = minilm_sized_method("method.bins=25").eval()
+    g = torch.Generator().manual_seed(seed)
+    layers = len(module.pruner.layers)
+    token_p = torch.rand(layers, 25, generator=g) * 0.98 + 0.01
+    layer_p = torch.rand(layers, generator=g) * 0.6 + 0.3  # gates training left undecided
+    set_log_alpha(module.pruner.token_log_alpha, [[log_alpha_for(float(p)) for p in row] for row in token_p])
+    set_log_alpha(module.pruner.layer_log_alpha, [log_alpha_for(float(p)) for p in layer_p])
+    batch = random_batch(batch=32, length=64, vocab=50, seed=seed)
+    with torch.no_grad():
+        _, out = module(batch, hard=True)
+    sizes = (384, 12, 1536, False)
+    measured = 1 - (encoder_macs(out.kept_counts().T.double(), *sizes)
+                    / encoder_macs(out.lengths[:, None].expand(-1, 6).double(), *sizes)).mean()
+    expected = float(module.expected_sparsity(out.lengths).detach())
+    assert 0.2 < expected < 0.9
+    assert abs(float(measured) - expected) < 0.05
 
 
 # -- ranking into bins -----------------------------------------------------------------------

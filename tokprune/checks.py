@@ -221,6 +221,7 @@ METHOD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "prunable_layers": Rule(nullable=True, special=_layer_list),
         "selection_epsilon": Rule(FLOAT, low=0, high=1),
         "ffn_length": Rule("str", choices=("own", "next")),
+        "eval_masks": Rule("str", choices=("expected", "reference")),
         "regression_target": Rule("str", choices=("labels", "teacher")),
     },
     "static": {

@@ -76,6 +76,15 @@ Ours, and why:
   example ([CLS] and padding never in a pair), divided by ``K_b^2``. The reference takes K from
   the batch's longest example, pads short examples' lists with zero-scored padding entries, and
   divides by that batch K, so an example's loss depended on its batch;
+- evaluation masks, ``eval_masks: expected`` (default): each prunable layer keeps the
+  ``round(bins * (1 - (1 - mean_bins P_token) * P_layer))`` bins with the largest
+  ``sigmoid(log_alpha / T * 0.8)`` (ties: the more important rank), its gate on iff a bin is
+  dropped. That is the expected share of tokens the layer keeps in training, which is what the
+  constraint holds at the target. The reference's rule (``eval_masks: reference``) rounds the bins
+  and the gate separately; a gate that training leaves at P = 0.6 prunes fully at evaluation (or
+  not at all at 0.4), so the measured sparsity missed its target (cpu budget, MiniLM, target 0.5:
+  FLOPs ratio 0.41-0.43 where the expected sparsity said 0.49-0.51; layer gates ended at
+  P 0.29-0.87, far from 0 or 1, after 345-500 steps);
 - the selection constraint is the *measured* hard-mode FLOPs ratio at real length
   (``val/flops_ratio_real <= 1 - target_sparsity + selection_epsilon``), per validation; the
   reference starts keeping the best once the *expected* sparsity first reaches the target and
@@ -153,6 +162,19 @@ def deterministic_mask(log_alpha: Tensor) -> Tensor:
     return mask
 
 
+def expected_share_masks(token_log_alpha: Tensor, layer_log_alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """Evaluation masks that keep each layer's expected share of tokens: (prunable layers) x bins
+    token masks with the ``round(bins * (1 - (1 - mean_bins P_token) * P_layer))`` highest-scored
+    bins on (ties: the lower bin, a more important rank), and gates on iff some bin is off."""
+    bins = token_log_alpha.shape[1]
+    share = 1 - (1 - prob_nonzero(token_log_alpha).mean(1)) * prob_nonzero(layer_log_alpha)
+    kept = (share * bins).round()
+    order = torch.sigmoid(token_log_alpha / TEMPERATURE * MAGICAL_NUMBER).argsort(dim=1, descending=True, stable=True)
+    on = (torch.arange(bins, device=kept.device)[None, :] < kept[:, None]).to(token_log_alpha.dtype)
+    tokens = torch.zeros_like(token_log_alpha).scatter_(1, order, on)
+    return tokens, (kept < bins).to(tokens.dtype)
+
+
 def log_alpha_for(probability: float) -> float:
     """The log_alpha whose P(z > 0) is ``probability`` (the inverse of ``prob_nonzero``)."""
     return math.log(probability / (1 - probability)) + TEMPERATURE * math.log(-LIMIT_A / LIMIT_B)
@@ -166,8 +188,10 @@ class TopPruner(Pruner):
 
     binary_history = True  # keep = proposal x (previous keep > 0): soft values never compound
 
-    def __init__(self, num_layers: int, layers: list[int], bins: int):
+    def __init__(self, num_layers: int, layers: list[int], bins: int, eval_masks: str = "expected"):
         super().__init__()
+        if eval_masks not in ("expected", "reference"):
+            raise UsageError(f"method.eval_masks must be expected or reference, not {eval_masks!r}")
         if not layers:
             raise UsageError("method.prunable_layers is empty: ToP needs at least one prunable layer")
         bad = [layer for layer in layers if not 1 <= layer < num_layers]
@@ -176,7 +200,7 @@ class TopPruner(Pruner):
                              f"has no previous attention to rank by), not {list(layers)}")
         if bins < 1:
             raise UsageError(f"method.bins must be >= 1, not {bins}")
-        self.layers, self.bins, self.num_layers = sorted(layers), bins, num_layers
+        self.layers, self.bins, self.num_layers, self.eval_rule = sorted(layers), bins, num_layers, eval_masks
         self.index = {layer: i for i, layer in enumerate(self.layers)}
         self.token_log_alpha = nn.Parameter(torch.empty(len(layers), bins).normal_(TOKEN_INIT, INIT_STD))
         self.layer_log_alpha = nn.Parameter(torch.empty(len(layers)).normal_(LAYER_INIT, INIT_STD))
@@ -193,7 +217,11 @@ class TopPruner(Pruner):
         return prob_nonzero(self.layer_log_alpha)
 
     def deterministic(self) -> tuple[Tensor, Tensor]:
-        """Evaluation masks: token bins (prunable layers x bins) and layer gates (on iff P >= 0.5)."""
+        """Evaluation masks: token bins (prunable layers x bins) and layer gates. ``expected``: each
+        layer keeps its expected share of bins; ``reference``: ``deterministic_mask`` per layer's bins
+        and a gate on iff P >= 0.5."""
+        if self.eval_rule == "expected":
+            return expected_share_masks(self.token_log_alpha.detach(), self.layer_log_alpha.detach())
         tokens = torch.stack([deterministic_mask(row) for row in self.token_log_alpha.detach()])
         return tokens, (self.layer_prob().detach() >= 0.5).to(tokens.dtype)
 
@@ -343,7 +371,8 @@ class Method(PruningModule):
     def build_pruner(self) -> Pruner:
         m, num_layers = self.cfg.method, self.encoder.num_layers
         layers = self.default_prunable_layers(num_layers) if m.prunable_layers is None else list(m.prunable_layers)
-        return TopPruner(num_layers, layers, int(m.bins))
+        # a checkpoint written before eval_masks existed was selected with the reference's masks
+        return TopPruner(num_layers, layers, int(m.bins), m.get("eval_masks", "reference"))
 
     # -- fitting ---------------------------------------------------------------------------
 
