@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tokprune.backbone import load_tokenizer
-from tokprune.bench import KeepSchedule, run_bench, summary
+from tokprune.bench import run_bench, summary
+from tokprune.methods.static import TopKSchedule
 from tokprune.config import compose
 from tokprune.encoder import PrunableEncoder
 from tokprune.errors import UsageError
@@ -16,22 +17,22 @@ from tokprune.errors import UsageError
 from conftest import random_batch, tiny_bert
 
 
-def test_keep_schedule_keeps_the_fraction_of_real_tokens_from_its_layer():
+def test_top_k_schedule_keeps_the_fraction_of_real_tokens_from_its_layer():
     bert = tiny_bert(layers=3)
     batch = random_batch(batch=4, length=20)
     out = PrunableEncoder(bert).eval()(batch["input_ids"], batch["attention_mask"],
-                                       pruner=KeepSchedule({1: 0.5, 2: 0.25}), hard=True)
+                                       pruner=TopKSchedule({1: 0.5, 2: 0.25}), hard=True)
     lengths = batch["attention_mask"].sum(1)
     assert torch.equal(out.kept_counts()[0], lengths)
     assert torch.equal(out.kept_counts()[1], torch.ceil(lengths * 0.5).long())
     assert torch.equal(out.kept_counts()[2], torch.ceil(lengths * 0.25).long())
 
 
-def test_keep_schedule_decides_only_at_its_layers_and_exports_with_real_removal(tmp_path):
+def test_top_k_schedule_decides_only_at_its_layers_and_exports_with_real_removal(tmp_path):
     pytest.importorskip("onnxruntime")
     from tokprune.export import EncoderGraph, OnnxModel, export_graph
 
-    pruner = KeepSchedule({1: 0.5, 2: 0.25})
+    pruner = TopKSchedule({1: 0.5, 2: 0.25})
     assert [pruner.decides(layer) for layer in range(3)] == [False, True, True]
     encoder = PrunableEncoder(tiny_bert(layers=3)).eval()
     example = random_batch(batch=2, length=9, seed=9)

@@ -38,40 +38,17 @@ from tokprune.backbone import load_bert, load_tokenizer
 from tokprune.callbacks import TokenPruningCallback
 from tokprune.data import get_task, load_splits, seeded_subset
 from tokprune.checkpoint import Described, rebuild
-from tokprune.encoder import KeepAll, PrunableEncoder, PruneContext, Pruner
+from tokprune.encoder import KeepAll, PrunableEncoder, Pruner
 from tokprune.errors import UsageError
 from tokprune.flops import FlopsCounter
 from tokprune.methods import build_method
 from tokprune.methods.base import PruningModule
+from tokprune.methods.static import TopKSchedule
 from tokprune.train import build_datamodule
 
 
 #: The fixed keep schedule: layer -> fraction of each example's real tokens kept from that layer on.
 SCHEDULE = {2: 0.5, 4: 0.25}
-
-
-class KeepSchedule(Pruner):
-    """Static top-k: from layer l on, keep ``fraction`` of each example's real tokens,
-    the ones that received the most attention in the previous layer (PoWER-BERT style)."""
-
-    def __init__(self, schedule: dict[int, float]):
-        super().__init__()
-        self.schedule = schedule
-
-    def wants_attention(self, layer: int) -> bool:
-        return layer in self.schedule
-
-    def decides(self, layer: int) -> bool:
-        return layer in self.schedule
-
-    def forward(self, ctx: PruneContext) -> torch.Tensor:
-        if ctx.layer not in self.schedule:
-            return ctx.keep
-        scores = ctx.received_attention().masked_fill(~ctx.live, -1.0)
-        target = torch.ceil(ctx.lengths * self.schedule[ctx.layer]).long().clamp(min=1)
-        # stable: ties rank by position, in torch and in an ONNX export (TopK) alike
-        ranks = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)
-        return (ranks < target[:, None]).to(ctx.keep.dtype)
 
 
 def _time(fn) -> float:
@@ -120,7 +97,7 @@ def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_s
     encoder = PrunableEncoder(bert).eval()
     counter = FlopsCounter(encoder)
     dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset)["dev"], examples, cfg.seed)
-    pruner = KeepSchedule(schedule)
+    pruner = TopKSchedule(schedule)
     results = []
     for size in batch_sizes:
         batches = _batches(dev, tokenizer, size, 512)
@@ -280,7 +257,7 @@ def engines_schedule(cfg: DictConfig, task_name: str, schedule: dict[int, float]
     tokenizer = load_tokenizer(cfg.model)
     bert = load_bert(cfg.model).eval()
     encoder = PrunableEncoder(bert).eval()
-    pruner = KeepSchedule(schedule)
+    pruner = TopKSchedule(schedule)
     counter = FlopsCounter(encoder)
     dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset)["dev"], examples, cfg.seed)
     example = example_inputs(tokenizer, len(task.tsv_text) == 2)

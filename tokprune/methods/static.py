@@ -46,6 +46,9 @@ class TopKSchedule(Pruner):
     def wants_attention(self, layer: int) -> bool:
         return layer in self.fractions
 
+    def decides(self, layer: int) -> bool:
+        return layer in self.fractions
+
     def forward(self, ctx: PruneContext) -> Tensor:
         if ctx.layer not in self.fractions:
             return ctx.keep
