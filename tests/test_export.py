@@ -1,7 +1,8 @@
 """ONNX export with real token removal: on real SST-2 and MRPC dev rows the exported graph's
 predictions equal tokprune's hard mode (logits within 1e-4, kept counts per layer identical) for
 every method, at batch 1 and in padded batches; `export`, `eval engine=onnx` and
-`tokprune.load(engine="onnx")` on checkpoints built directly (tiny random-weight models whose
+`tokprune.load(engine="onnx")` on checkpoints built directly (and `eval`'s torch computations beside
+them) (tiny random-weight models whose
 pruners are set to prune, the MiniLM tokenizer)."""
 
 import os
@@ -179,6 +180,33 @@ def test_eval_engine_onnx_gives_the_torch_metrics_flops_and_kept_fractions(gate_
 
     assert main(["eval", f"checkpoint={gate_checkpoint}", "engine=tensorrt"]) == 2
     assert "engine must be one of torch, onnx, not 'tensorrt'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@requires_glue
+def test_eval_computations_measure_the_train_eval_gap_on_a_checkpoint(tokenizer, tmp_path, monkeypatch):
+    from tokprune.evaluate import evaluate, summary
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")
+    words = [f"data.glue_dir={GLUE}", "data.eval_subset=32", "train.eval_batch_size=8", "eval.latency_examples=0"]
+    renormalised = write_checkpoint(tmp_path / "r.ckpt", *pruning_model("transkimmer", "sst2", tokenizer), tokenizer)
+    hard = evaluate(renormalised, words)
+    soft = evaluate(renormalised, [*words, "eval.computation=soft"])
+    assert soft.computation == "soft" and "soft computation with the evaluation's decisions" in summary(soft)
+    for name, value in hard.metrics.items():  # the default rule is hard-equivalent: the same numbers
+        assert soft.metrics[name] == pytest.approx(value, abs=1e-6), name
+    assert hard.metrics["eval/flops_ratio_real"] < 0.95
+    training = evaluate(renormalised, [*words, "eval.computation=training"])  # Gumbel samples, not argmax
+    assert training.kept_fractions != pytest.approx(hard.kept_fractions, abs=1e-3)
+
+    cfg, module = pruning_model("transkimmer", "sst2", tokenizer, "method.train_attention=reference")
+    reference = write_checkpoint(tmp_path / "p.ckpt", cfg, module, tokenizer)
+    hard, soft = evaluate(reference, words), evaluate(reference, [*words, "eval.computation=soft"])
+    assert hard.kept_fractions == pytest.approx(soft.kept_fractions)  # the same decisions ...
+    assert abs(hard.metrics["eval/loss"] - soft.metrics["eval/loss"]) > 1e-5  # ... a different computation
+    with pytest.raises(UsageError, match="eval.computation=soft runs in torch"):
+        evaluate(reference, [*words, "eval.computation=soft"], engine="onnx")
 
 
 def test_missing_onnxruntime_is_one_line(gate_checkpoint, tmp_path, capsys, monkeypatch):

@@ -30,7 +30,7 @@ COMMANDS = {
 #: Commands with name=value arguments of their own (not config keys), and what they take.
 ARGUMENTS_HELP = {
     "eval": "checkpoint=PATH [engine=torch|onnx], then data.glue_dir= data.eval_subset= data.num_workers= "
-            "train.eval_batch_size= mlflow.tracking_uri= eval.latency_examples=",
+            "train.eval_batch_size= mlflow.tracking_uri= eval.latency_examples= eval.computation=hard|soft|training",
     "predict": "checkpoint=PATH input=FILE output=FILE [batch_size=N] [engine=torch|onnx]",
     "export": "checkpoint=PATH [output=FILE.onnx] (default: <checkpoint>.onnx, which engine=onnx reuses)",
     "bench": "[only=speedup,layers,callback,engines] (the other sections are kept from bench.json), then "

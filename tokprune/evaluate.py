@@ -15,6 +15,13 @@ the fly. The graph reports kept counts per layer, which is all the FLOPs callbac
 metrics, FLOPs and kept fractions are those of torch's hard mode; the latency is then ONNX
 Runtime's, the pruned graph against the same weights exported with nothing pruned.
 
+``eval.computation`` says which computation runs the dev set: ``hard`` (default: the tokens really
+removed, what a deployed model does), ``soft`` (the training computation, the method's soft rule,
+with the evaluation's decisions: for a hard-equivalent rule it equals ``hard``) or ``training``
+(the training computation with the training's decisions: masks sampled, gates soft; dropout off).
+Comparing the three measures a method's train/eval gap on its own checkpoint. The latency is
+always the hard mode's.
+
 The result is logged as an ``eval`` run beside its training run when the MLflow store is
 there. MLflow is never required: a missing or failing store costs one printed line.
 """
@@ -52,8 +59,11 @@ TEXT = ("data.glue_dir", "mlflow.tracking_uri")
 #: Where the environment overrides the stored value, as it does for a new run (conf/defaults.yaml).
 ENVIRONMENT = {"data.glue_dir": "GLUE_DIR", "mlflow.tracking_uri": "MLFLOW_TRACKING_URI"}
 #: The evaluation's own settings: default and rule.
-OWN = {"eval.latency_examples": (256, Rule("int", low=0))}
+OWN = {"eval.latency_examples": (256, Rule("int", low=0)),
+       "eval.computation": ("hard", Rule("str", choices=("hard", "soft", "training")))}
 LATENCY_BATCH_SIZES = (1, 32)
+COMPUTATIONS = {"hard": "hard mode", "soft": "soft computation with the evaluation's decisions",
+                "training": "training computation and decisions"}
 
 
 @dataclass
@@ -68,6 +78,7 @@ class Evaluation:
     latency_examples: int
     mlflow: str = ""  # the line saying where it was logged, or why not
     engine: str = "torch"  # torch (hard mode) or onnx (ONNX Runtime)
+    computation: str = "hard"  # hard, soft (training's rule, evaluation's decisions) or training (its decisions too)
     engine_source: str = ""  # onnx: "reused <file>" or "exported on the fly"
 
     @property
@@ -131,11 +142,31 @@ def onnx_forward(session, module):
     return forward
 
 
+def computed_forward(module, computation: str):
+    """A ``PruningModule.forward`` that runs ``computation``: ``soft`` (the method's soft rule with
+    the evaluation's decisions) or ``training`` (the pruner in training mode: its training
+    decisions, sampled where they are sampled; the rest of the model stays in eval mode)."""
+    forward = module.forward
+
+    def run(batch: dict, hard: bool | None = None):
+        module.pruner.train(computation == "training")
+        try:
+            return forward(batch, hard=False)
+        finally:
+            module.pruner.eval()
+
+    return run
+
+
 def evaluate(checkpoint: str | Path, words: list[str] = (), engine: str = "torch") -> Evaluation:
     """Rebuild ``checkpoint``, run its task's dev set in hard mode (torch, or ONNX Runtime with
-    ``engine="onnx"``), time it, log it if possible."""
+    ``engine="onnx"``) or in the computation ``eval.computation`` names, time it (hard mode),
+    log it if possible."""
     check_engine(engine)
     changes, own = parse_settings(list(words))
+    computation = own["eval.computation"]
+    if engine == "onnx" and computation != "hard":
+        raise UsageError(f"eval.computation={computation} runs in torch: the ONNX graph computes hard mode only")
     described, module = rebuild(checkpoint)
     cfg = eval_config(described.cfg, changes)
     # The data module reads both splits; one train row is all an evaluation needs to tokenise.
@@ -147,6 +178,9 @@ def evaluate(checkpoint: str | Path, words: list[str] = (), engine: str = "torch
         session = session_for(described, module)
         validated_module = copy.copy(module)  # the same weights, its forward run by ONNX Runtime
         validated_module.forward = onnx_forward(session, module)
+    elif computation != "hard":
+        validated_module = copy.copy(module)
+        validated_module.forward = computed_forward(module, computation)
     trainer = L.Trainer(accelerator="cpu" if engine == "onnx" else "auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[TokenPruningCallback(cfg.task.max_length)])
@@ -172,6 +206,7 @@ def evaluate(checkpoint: str | Path, words: list[str] = (), engine: str = "torch
         latency_examples=examples,
         engine=engine,
         engine_source=session.source if session is not None else "",
+        computation=computation,
     )
     result.mlflow = log_evaluation(result)
     return result
@@ -215,12 +250,13 @@ def log_evaluation(result: Evaluation) -> str:
                          client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_root(uri)))
         tags = {"role": "eval", "training_run_id": result.training_run_id or "", "checkpoint": str(result.checkpoint),
                 "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name,
-                "engine": result.engine}
+                "engine": result.engine, "computation": result.computation}
         run_id = client.create_run(experiment_id, run_name=f"eval-{run_name(cfg)}", tags=tags).info.run_id
         try:
             now = int(time.time() * 1000)
             settings = {key: OmegaConf.select(cfg, key) for key in CHANGEABLE if key != "mlflow.tracking_uri"}
-            params = settings | {"eval.latency_examples": result.latency_examples, "engine": result.engine}
+            params = settings | {"eval.latency_examples": result.latency_examples, "engine": result.engine,
+                                 "eval.computation": result.computation}
             client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in _mlflow_metrics(result).items()],
                              params=[Param(k, str(v)) for k, v in params.items()])
             client.set_terminated(run_id, "FINISHED")
@@ -242,7 +278,7 @@ def summary(result: Evaluation) -> str:
         f"  {cfg.method.name} {cfg.task.name} {cfg.model.name} {cfg.budget.name}, training run "
         f"{result.training_run_id}, validation of epoch {selected['epoch']} step {selected['step']} "
         f"(rule {selected['rule']})",
-        f"dev ({result.rows} rows, hard mode{engine}): {metrics}",
+        f"dev ({result.rows} rows, {COMPUTATIONS[result.computation]}{engine}): {metrics}",
         f"FLOPs (fvcore, 1 MAC = 1 FLOP): ratio {m['eval/flops_ratio_real']:.3f} vs unpruned at real length, "
         f"{m['eval/flops_ratio_padded']:.3f} vs padded to {cfg.task.max_length}",
         f"kept fraction per layer: {' '.join(f'{f:.2f}' for f in result.kept_fractions)}",
