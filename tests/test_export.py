@@ -1,9 +1,8 @@
 """ONNX export with real token removal: on real SST-2 and MRPC dev rows the exported graph's
 predictions equal tokprune's hard mode (logits within 1e-4, kept counts per layer identical) for
 every method, at batch 1 and in padded batches; `export`, `eval engine=onnx` and
-`tokprune.load(engine="onnx")` on checkpoints built directly (and `eval`'s torch computations beside
-them) (tiny random-weight models whose
-pruners are set to prune, the MiniLM tokenizer)."""
+`tokprune.load(engine="onnx")` on checkpoints built directly (tiny random-weight models whose
+pruners are set to prune, the MiniLM tokenizer); beside them, `eval`'s torch computations."""
 
 import os
 import sys
@@ -203,7 +202,7 @@ def test_eval_computations_measure_the_train_eval_gap_on_a_checkpoint(tokenizer,
     cfg, module = pruning_model("transkimmer", "sst2", tokenizer, "method.train_attention=reference")
     reference = write_checkpoint(tmp_path / "p.ckpt", cfg, module, tokenizer)
     hard, soft = evaluate(reference, words), evaluate(reference, [*words, "eval.computation=soft"])
-    assert hard.kept_fractions == pytest.approx(soft.kept_fractions)  # the same decisions ...
+    assert hard.kept_fractions[0] == pytest.approx(soft.kept_fractions[0])  # the same first decisions ...
     assert abs(hard.metrics["eval/loss"] - soft.metrics["eval/loss"]) > 1e-5  # ... a different computation
     with pytest.raises(UsageError, match="eval.computation=soft runs in torch"):
         evaluate(reference, [*words, "eval.computation=soft"], engine="onnx")

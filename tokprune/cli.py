@@ -23,7 +23,7 @@ COMMANDS = {
     "bench": "measure callback overhead, hard-mode CPU speedup and torch vs ONNX Runtime latency; writes reports/bench/",
     "sweep": "trace the accuracy-vs-FLOPs Pareto front of a method with Optuna, logged to MLflow",
     "report": "Pareto plots and a comparison table of a task's sweeps: reports/<task>/ and MLflow",
-    "eval": "dev metrics, FLOPs, kept tokens per layer and CPU latency of a trained checkpoint (hard mode)",
+    "eval": "dev metrics, FLOPs, kept tokens per layer and CPU latency of a trained checkpoint (hard mode, or eval.computation=soft|training)",
     "predict": "label the sentences or pairs of a file with a trained checkpoint (hard mode)",
     "export": "export a trained checkpoint to ONNX with its pruning decisions and real token removal in the graph",
 }

@@ -18,9 +18,11 @@ Runtime's, the pruned graph against the same weights exported with nothing prune
 ``eval.computation`` says which computation runs the dev set: ``hard`` (default: the tokens really
 removed, what a deployed model does), ``soft`` (the training computation, the method's soft rule,
 with the evaluation's decisions: for a hard-equivalent rule it equals ``hard``) or ``training``
-(the training computation with the training's decisions: masks sampled, gates soft; dropout off).
-Comparing the three measures a method's train/eval gap on its own checkpoint. The latency is
-always the hard mode's.
+(the training computation with the training's decisions: masks sampled, seeded with the stored
+seed; gates as training uses them; dropout off). Comparing the three measures a method's
+train/eval gap on its own checkpoint. In the soft computations every token is computed; the
+FLOPs and kept fractions printed then count the tokens whose mask is > 0.5, as hard mode would
+(for continuous masks, e.g. ToP's sampled ones, a proxy). The latency is always hard mode's.
 
 The result is logged as an ``eval`` run beside its training run when the MLflow store is
 there. MLflow is never required: a missing or failing store costs one printed line.
@@ -184,6 +186,7 @@ def evaluate(checkpoint: str | Path, words: list[str] = (), engine: str = "torch
     trainer = L.Trainer(accelerator="cpu" if engine == "onnx" else "auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[TokenPruningCallback(cfg.task.max_length)])
+    L.seed_everything(int(cfg.seed), verbose=False)  # the training computation samples its decisions
     [validated] = trainer.validate(validated_module, datamodule=datamodule, verbose=False)
     examples = own["eval.latency_examples"]
     module = module.cpu().eval()
@@ -251,7 +254,7 @@ def log_evaluation(result: Evaluation) -> str:
         tags = {"role": "eval", "training_run_id": result.training_run_id or "", "checkpoint": str(result.checkpoint),
                 "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name,
                 "engine": result.engine, "computation": result.computation}
-        run_id = client.create_run(experiment_id, run_name=f"eval-{run_name(cfg)}", tags=tags).info.run_id
+        run_id = client.create_run(experiment_id, run_name=f"eval-{run_name(cfg)}" + ("" if result.computation == "hard" else f"-{result.computation}"), tags=tags).info.run_id
         try:
             now = int(time.time() * 1000)
             settings = {key: OmegaConf.select(cfg, key) for key in CHANGEABLE if key != "mlflow.tracking_uri"}
@@ -283,6 +286,8 @@ def summary(result: Evaluation) -> str:
         f"{m['eval/flops_ratio_padded']:.3f} vs padded to {cfg.task.max_length}",
         f"kept fraction per layer: {' '.join(f'{f:.2f}' for f in result.kept_fractions)}",
     ]
+    if result.computation != "hard":
+        lines.append("  (soft computation: every token computed; FLOPs and kept fractions count masks > 0.5)")
     if result.latency:
         timed = "; ".join(f"batch {r['batch_size']}: {r['ms_per_batch_pruned']:.1f} vs "
                           f"{r['ms_per_batch_unpruned']:.1f} ms = x{r['wall_speedup']:.2f}" for r in result.latency)
