@@ -1,5 +1,7 @@
 """method=static: a fixed top-k schedule by received attention on the baseline's weights."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -71,3 +73,17 @@ def test_without_finetuning_a_run_is_one_evaluation_of_the_baseline(glue_dir, ml
     assert again.best["val/flops_ratio_real"] > result.best["val/flops_ratio_real"]
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert sorted(r.data.tags["method"] for r in runs) == ["none", "static", "static"]  # the baseline reused
+
+
+@pytest.mark.slow
+def test_a_plain_unpruned_run_is_the_baseline_later_runs_find(glue_dir, mlflow_uri, tmp_path):
+    common = ["model=tiny", "budget=smoke", f"data.glue_dir={glue_dir}", f"mlflow.tracking_uri={mlflow_uri}",
+              f"train.checkpoint_dir={tmp_path}"]
+    baseline = train(compose(["method=none", *common]))
+    other_seed = train(compose(["method=none", "seed=7", *common]))
+    static = train(compose(["method=static", "method.first_pruned_layer=1", *common]))
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.data.tags["method"] for r in runs) == ["none", "none", "static"]  # no baseline trained
+    params = client.get_run(static.run_id).data.params
+    assert params["method.init_checkpoint"] == str(Path(baseline.checkpoint).resolve()) != other_seed.checkpoint

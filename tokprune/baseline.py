@@ -3,7 +3,8 @@
 The same fine-tuned ``method=none`` run (same task, model, budget, seed and result-changing
 overrides) is the FLOPs-ratio-1.0 point of every sweep of that configuration and the teacher
 or initial weights of the methods that need one (ToP). It is found by tags, so a sweep, a
-later sweep of another method and a single ``train`` all reuse one run and its checkpoint.
+later sweep of another method and a single ``train`` all reuse one run and its checkpoint; a
+plain ``train method=none`` is tagged so too, and is that run when it comes first.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def baseline_key(cfg: DictConfig) -> dict[str, str]:
             "overrides": " ".join(extra) or "none"}
 
 
+def baseline_tags(cfg: DictConfig) -> dict[str, str]:
+    """The tags that make a ``method=none`` run the baseline its configuration's runs find."""
+    key = baseline_key(cfg)
+    return {track.ROLE: "baseline", "seed": key["seed"], "overrides": key["overrides"]}
+
+
 def find_or_train(cfg: DictConfig, say: Callable[[str], None] = print, client: MlflowClient | None = None,
                   experiment_id: str | None = None) -> Run:
     """The finished baseline run of ``cfg`` (whatever its method), training it first if the
@@ -54,5 +61,5 @@ def find_or_train(cfg: DictConfig, say: Callable[[str], None] = print, client: M
     paths = [override(k, v) for k, v in flat_params(cfg).items()
              if k.startswith(NEUTRAL) and not k.startswith("mlflow.run_name")]
     base_cfg = compose(["method=none", *(f"{g}={cfg[g].name}" for g in GROUPS), f"seed={cfg.seed}", *extra, *paths])
-    result = train(base_cfg, tags={track.ROLE: "baseline", "seed": key["seed"], "overrides": key["overrides"]})
+    result = train(base_cfg, tags=baseline_tags(base_cfg))
     return client.get_run(result.run_id)

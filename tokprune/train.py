@@ -12,7 +12,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from tokprune.backbone import load_bert, load_tokenizer
-from tokprune.baseline import find_or_train
+from tokprune.baseline import baseline_tags, find_or_train
 from tokprune.callbacks import TokenPruningCallback
 from tokprune.checkpoint import describe
 from tokprune.data import GlueDataModule, get_task
@@ -136,6 +136,8 @@ def train(cfg: DictConfig, callbacks: list | None = None, tags: dict[str, str] |
         OmegaConf.update(cfg, key, find_or_train(cfg).data.tags["checkpoint"])
         print(f"{key}={OmegaConf.select(cfg, key)} (the unpruned baseline's)")
     module.prepare_fit()  # initial weights, a teacher: their errors come before the run opens too
+    if tags is None and cfg.method.name == "none":  # a plain unpruned run: the baseline later runs find
+        tags = baseline_tags(cfg)
     logger = make_logger(cfg, tags)
     try:
         return _fit(cfg, task, tokenizer, datamodule, module, logger, callbacks or [])
