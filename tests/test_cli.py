@@ -85,3 +85,20 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_eval", interrupted)
     assert cli.main(["eval", "checkpoint=x"]) == 130
     assert capsys.readouterr().err.splitlines() == ["tokprune: interrupted"]
+
+
+def test_train_says_when_no_validation_met_the_constraint(monkeypatch, capsys):
+    import tokprune.train
+    from tokprune.selection import Selected
+
+    best = {"val/accuracy": 0.77, "val/flops_ratio_real": 0.4, "val/flops_ratio_padded": 0.15,
+            "val/kept_fraction/layer_0": 1.0}
+    result = tokprune.train.RunResult("r1", "sqlite:///x.db", best, Selected(1, "best_meeting_constraint", False),
+                                      "best.ckpt", 10, 5, 2, 20, 1.0)
+    monkeypatch.setattr(tokprune.train, "train", lambda cfg: result)
+    assert cli.main(["train", "method=top"]) == 0
+    assert "note: no validation met the method's constraint: the result is the last validation" in capsys.readouterr().out
+    monkeypatch.setattr(tokprune.train, "train", lambda cfg: tokprune.train.RunResult(
+        "r1", "sqlite:///x.db", best, Selected(0, "best_meeting_constraint", True), "best.ckpt", 10, 5, 2, 20, 1.0))
+    assert cli.main(["train", "method=top"]) == 0
+    assert "note:" not in capsys.readouterr().out

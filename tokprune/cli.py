@@ -70,6 +70,8 @@ def cmd_train(overrides: list[str]) -> int:
     kept = " ".join(f"{best[k]:.2f}" for k in sorted(best) if k.startswith("val/kept_fraction/"))
     print(f"run {result.run_id} ({cfg.method.name} {cfg.task.name} {cfg.model.name} {cfg.budget.name})")
     print(f"best dev: {metrics}")
+    if result.selection is not None and result.selection.note:
+        print(f"note: {result.selection.note}")
     print(
         f"dev FLOPs (fvcore, 1 MAC = 1 FLOP): ratio {best['val/flops_ratio_real']:.3f} vs unpruned at real length, "
         f"{best['val/flops_ratio_padded']:.3f} vs padded to {cfg.task.max_length}; kept fraction per layer: {kept}"
