@@ -223,3 +223,12 @@ def test_missing_onnxruntime_is_one_line(gate_checkpoint, tmp_path, capsys, monk
     assert main(["export", f"checkpoint={gate_checkpoint}"]) == 2
     assert "ONNX needs the 'onnx' package" in capsys.readouterr().err
     assert main(["export"]) == 2 and "export needs checkpoint=PATH" in capsys.readouterr().err
+
+
+def test_sessions_timed_in_turns_do_not_spin(tokenizer, tmp_path):
+    path = export_graph(ClassifierGraph(pruning_model("none", "sst2", tokenizer)[1]), example_inputs(tokenizer, False),
+                        tmp_path / "m.onnx")
+    entry = "session.intra_op.allow_spinning"
+    assert OnnxModel(path, spinning=False).session.get_session_options().get_session_config_entry(entry) == "0"
+    with pytest.raises(Exception):  # ONNX Runtime's default (spinning allowed) is left alone: no entry
+        OnnxModel(path).session.get_session_options().get_session_config_entry(entry)

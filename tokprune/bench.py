@@ -164,7 +164,10 @@ def latency(encoder: PrunableEncoder, pruner: Pruner, batches: list[dict]) -> di
 def _interleaved(engines: dict, batches: list[dict], warmup: int = 2) -> tuple[dict[str, list[float]], dict]:
     """Seconds per batch of each engine (name -> ``fn(batch)``), the engines taking turns on
     every batch after ``warmup`` batches, so load on the machine hits all alike; and each
-    engine's outputs."""
+    engine's outputs. ONNX Runtime sessions must not spin (``OnnxModel(spinning=False)``): a
+    session's idle threads otherwise busy-wait through the next engine's turn (measured on 2
+    cores: torch's unpruned batch-1 time 42.8 ms beside spinning sessions, 11.8 ms beside
+    sleeping ones)."""
     times = {name: [] for name in engines}
     outputs = {name: [] for name in engines}
     with torch.inference_mode():
@@ -192,7 +195,8 @@ def onnx_trained_speedup(described: Described, session, unpruned: PruningModule,
     dev = seeded_subset(rows, examples, cfg.seed)
     tokenizer = described.tokenizer()
     with tempfile.TemporaryDirectory() as folder:
-        reference = OnnxModel(export_module(described, unpruned, Path(folder) / "unpruned.onnx").read_bytes())
+        reference = OnnxModel(export_module(described, unpruned, Path(folder) / "unpruned.onnx").read_bytes(),
+                              spinning=False)
     results = []
     for size in batch_sizes:
         batches = _batches(dev, tokenizer, size, cfg.task.max_length)
@@ -244,7 +248,8 @@ def _unpruned_engines(bert, example, folder: Path, name: str) -> dict:
     from tokprune.export import BertGraph, OnnxModel, export_graph
 
     bert = bert.eval()
-    reference = OnnxModel(export_graph(BertGraph(bert), example, folder / f"{_slug(name)}-unpruned.onnx"))
+    reference = OnnxModel(export_graph(BertGraph(bert), example, folder / f"{_slug(name)}-unpruned.onnx"),
+                          spinning=False)
     return {"transformers": lambda b: bert(**b), "onnx_unpruned": reference}
 
 
@@ -265,7 +270,7 @@ def engines_schedule(cfg: DictConfig, task_name: str, schedule: dict[int, float]
     engines["torch_pruned"] = lambda b: (None, encoder(b["input_ids"], b["attention_mask"], b.get("token_type_ids"),
                                                       pruner=pruner, hard=True, output="cls"))
     engines["onnx_pruned"] = OnnxModel(export_graph(EncoderGraph(encoder, pruner), example,
-                                                    folder / f"schedule-{task_name}.onnx"))
+                                                    folder / f"schedule-{task_name}.onnx"), spinning=False)
     name = "keep schedule " + ", ".join(f"{f:g} from layer {l}" for l, f in sorted(schedule.items()))
     rows = []
     for size in batch_sizes:
@@ -289,7 +294,7 @@ def engines_checkpoint(checkpoint: str, label: str, folder: Path, glue_dir: str 
     tokenizer = described.tokenizer()
     engines = _unpruned_engines(described.bert(), example_inputs(tokenizer, len(task.tsv_text) == 2), folder, label)
     engines["torch_pruned"] = lambda b: module(b, hard=True)
-    engines["onnx_pruned"] = OnnxModel(export_module(described, module, folder / f"{_slug(label)}.onnx"))
+    engines["onnx_pruned"] = OnnxModel(export_module(described, module, folder / f"{_slug(label)}.onnx"), spinning=False)
     counter = FlopsCounter(module.encoder, module.pruner)
     rows = []
     for size in batch_sizes:

@@ -177,7 +177,7 @@ def evaluate(checkpoint: str | Path, words: list[str] = (), engine: str = "torch
     if engine == "onnx":
         from tokprune.export import session_for
 
-        session = session_for(described, module)
+        session = session_for(described, module, spinning=False)  # timed taking turns with another session
         validated_module = copy.copy(module)  # the same weights, its forward run by ONNX Runtime
         validated_module.forward = onnx_forward(session, module)
     elif computation != "hard":

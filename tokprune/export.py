@@ -219,11 +219,14 @@ def run_export(checkpoint: str, output: str | None = None) -> str:
 class OnnxModel:
     """An exported graph in an ONNX Runtime session: ``(logits, kept)`` for a tokenised batch."""
 
-    def __init__(self, path_or_bytes: str | Path | bytes, threads: int | None = None, source: str = ""):
+    def __init__(self, path_or_bytes: str | Path | bytes, threads: int | None = None, source: str = "",
+                 spinning: bool = True):
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        if not spinning:  # idle worker threads sleep instead of spinning: for timings that take turns
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         model = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
@@ -246,7 +249,7 @@ class OnnxModel:
         return torch.from_numpy(logits), torch.from_numpy(kept)
 
 
-def session_for(described, module, threads: int | None = None) -> OnnxModel:
+def session_for(described, module, threads: int | None = None, spinning: bool = True) -> OnnxModel:
     """The checkpoint's graph in a session: ``<checkpoint>.onnx`` if it exists, is newer than the
     checkpoint and is a tokprune export of the same method and task; else exported now to a
     temporary file (removed once loaded)."""
@@ -254,10 +257,10 @@ def session_for(described, module, threads: int | None = None) -> OnnxModel:
     checkpoint = Path(described.path)
     cached = default_output(checkpoint)
     if cached.is_file() and cached.stat().st_mtime >= checkpoint.stat().st_mtime:
-        model = OnnxModel(cached, threads, source=f"reused {cached}")
+        model = OnnxModel(cached, threads, source=f"reused {cached}", spinning=spinning)
         expected = checkpoint_metadata(described, module.encoder.num_layers)
         if all(model.metadata.get(key) == expected[key] for key in ("method", "task", "model", "layers")):
             return model
     with tempfile.TemporaryDirectory() as folder:
         path = export_module(described, module, Path(folder) / "model.onnx")
-        return OnnxModel(path.read_bytes(), threads, source="exported on the fly")
+        return OnnxModel(path.read_bytes(), threads, source="exported on the fly", spinning=spinning)
