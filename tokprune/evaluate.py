@@ -254,7 +254,8 @@ def log_evaluation(result: Evaluation) -> str:
         tags = {"role": "eval", "training_run_id": result.training_run_id or "", "checkpoint": str(result.checkpoint),
                 "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name,
                 "engine": result.engine, "computation": result.computation}
-        run_id = client.create_run(experiment_id, run_name=f"eval-{run_name(cfg)}" + ("" if result.computation == "hard" else f"-{result.computation}"), tags=tags).info.run_id
+        suffix = "" if result.computation == "hard" else f"-{result.computation}"
+        run_id = client.create_run(experiment_id, run_name=f"eval-{run_name(cfg)}{suffix}", tags=tags).info.run_id
         try:
             now = int(time.time() * 1000)
             settings = {key: OmegaConf.select(cfg, key) for key in CHANGEABLE if key != "mlflow.tracking_uri"}
