@@ -165,9 +165,8 @@ def _interleaved(engines: dict, batches: list[dict], warmup: int = 2) -> tuple[d
     """Seconds per batch of each engine (name -> ``fn(batch)``), the engines taking turns on
     every batch after ``warmup`` batches, so load on the machine hits all alike; and each
     engine's outputs. ONNX Runtime sessions must not spin (``OnnxModel(spinning=False)``): a
-    session's idle threads otherwise busy-wait through the next engine's turn (measured on 2
-    cores: torch's unpruned batch-1 time 42.8 ms beside spinning sessions, 11.8 ms beside
-    sleeping ones)."""
+    session's idle threads otherwise busy-wait through the next engine's turn, which on 2 cores
+    made the other engines' batch-1 times several times too slow."""
     times = {name: [] for name in engines}
     outputs = {name: [] for name in engines}
     with torch.inference_mode():
