@@ -100,7 +100,7 @@ def test_regression_label_must_be_numeric(tmp_path):
 def test_missing_directory_and_missing_task_folder(tmp_path):
     with pytest.raises(UsageError, match="data directory /no/such/dir does not exist"):
         find_task_dir("/no/such/dir", get_task("sst2"))
-    with pytest.raises(UsageError, match="task rte: no RTE/train.tsv under"):
+    with pytest.raises(UsageError, match="task rte: no RTE/train.tsv and dev.tsv under"):
         find_task_dir(str(tmp_path), get_task("rte"))
 
 
@@ -162,6 +162,26 @@ def test_datamodule_pads_each_batch_dynamically():
     batch = next(iter(dm.train_dataloader()))
     assert batch["attention_mask"].sum(1).max() == batch["input_ids"].shape[1]
     assert set(batch["token_type_ids"].unique().tolist()) == {0, 1}  # sentence pairs
+
+
+def test_evaluating_reads_only_the_dev_file(tmp_path):
+    """A task folder with only dev.tsv (GLUE_DIR's QNLI) validates; fitting names the missing train file."""
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\na fine film\t1\na dull one\t0\n")
+    assert list(load_splits(get_task("sst2"), str(tmp_path), "unused", ("dev",))) == ["dev"]
+    with pytest.raises(UsageError, match="task sst2: no SST-2/train.tsv and dev.tsv under"):
+        load_splits(get_task("sst2"), str(tmp_path), "unused")
+    from transformers import AutoTokenizer
+
+    from tokprune.backbone import model_location
+    from tokprune.config import compose
+
+    tokenizer = AutoTokenizer.from_pretrained(model_location(compose([]).model))
+    dm = GlueDataModule(get_task("sst2"), tokenizer, max_length=16, glue_dir=str(tmp_path))
+    dm.setup("validate")
+    assert dm.size("dev") == 2 and "train" not in dm.splits
+    with pytest.raises(UsageError, match="no SST-2/train.tsv"):
+        dm.setup("fit")
 
 
 def test_hub_failure_is_one_clear_error(monkeypatch):

@@ -96,7 +96,7 @@ def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_s
     bert = load_bert(cfg.model).eval()
     encoder = PrunableEncoder(bert).eval()
     counter = FlopsCounter(encoder)
-    dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset)["dev"], examples, cfg.seed)
+    dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset, ("dev",))["dev"], examples, cfg.seed)
     pruner = TopKSchedule(schedule)
     results = []
     for size in batch_sizes:
@@ -141,7 +141,7 @@ def trained_speedup(described: Described, module: PruningModule, glue_dir: str |
     checkpoint's description; ``module`` must be on the CPU."""
     cfg = described.cfg
     task = get_task(cfg.task.name)
-    rows = load_splits(task, cfg.data.glue_dir if glue_dir is None else glue_dir, cfg.data.hub_dataset)["dev"]
+    rows = load_splits(task, cfg.data.glue_dir if glue_dir is None else glue_dir, cfg.data.hub_dataset, ("dev",))["dev"]
     dev = seeded_subset(rows, examples, cfg.seed)
     tokenizer = described.tokenizer()
     return [latency(module.encoder, module.pruner, _batches(dev, tokenizer, size, cfg.task.max_length))
@@ -190,7 +190,7 @@ def onnx_trained_speedup(described: Described, session, unpruned: PruningModule,
 
     cfg = described.cfg
     rows = load_splits(get_task(cfg.task.name), cfg.data.glue_dir if glue_dir is None else glue_dir,
-                       cfg.data.hub_dataset)["dev"]
+                       cfg.data.hub_dataset, ("dev",))["dev"]
     dev = seeded_subset(rows, examples, cfg.seed)
     tokenizer = described.tokenizer()
     with tempfile.TemporaryDirectory() as folder:
@@ -263,7 +263,7 @@ def engines_schedule(cfg: DictConfig, task_name: str, schedule: dict[int, float]
     encoder = PrunableEncoder(bert).eval()
     pruner = TopKSchedule(schedule)
     counter = FlopsCounter(encoder)
-    dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset)["dev"], examples, cfg.seed)
+    dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset, ("dev",))["dev"], examples, cfg.seed)
     example = example_inputs(tokenizer, len(task.tsv_text) == 2)
     engines = _unpruned_engines(bert, example, folder, f"schedule-{task_name}")
     engines["torch_pruned"] = lambda b: (None, encoder(b["input_ids"], b["attention_mask"], b.get("token_type_ids"),
@@ -289,7 +289,7 @@ def engines_checkpoint(checkpoint: str, label: str, folder: Path, glue_dir: str 
     cfg = described.cfg
     task = get_task(cfg.task.name)
     dev = seeded_subset(load_splits(get_task(cfg.task.name), cfg.data.glue_dir if glue_dir is None else glue_dir,
-                                    cfg.data.hub_dataset)["dev"], examples, cfg.seed)
+                                    cfg.data.hub_dataset, ("dev",))["dev"], examples, cfg.seed)
     tokenizer = described.tokenizer()
     engines = _unpruned_engines(described.bert(), example_inputs(tokenizer, len(task.tsv_text) == 2), folder, label)
     engines["torch_pruned"] = lambda b: module(b, hard=True)

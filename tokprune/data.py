@@ -163,28 +163,38 @@ def _parse_label(raw: str, task: GlueTask, path: Path, lineno: int):
     return task.label_values.index(raw)
 
 
-def find_task_dir(glue_dir: str, task: GlueTask) -> Path:
-    """The first folder of a ':'-separated GLUE_DIR list that holds the task's files."""
+SPLITS = ("train", "dev")
+
+
+def split_file(task: GlueTask, split: str) -> str:
+    """The TSV file name of a split in GLUE's layout."""
+    return "train.tsv" if split == "train" else task.dev_file
+
+
+def find_task_dir(glue_dir: str, task: GlueTask, splits: tuple[str, ...] = SPLITS) -> Path:
+    """The first folder of a ':'-separated GLUE_DIR list that holds the task's files for ``splits``."""
     dirs = [Path(d).expanduser() for d in glue_dir.split(":") if d]
     for d in dirs:
         if not d.is_dir():
             raise UsageError(f"data directory {d} does not exist (data.glue_dir / GLUE_DIR)")
+    files = [split_file(task, split) for split in splits]
     for d in dirs:
-        if (d / task.folder / "train.tsv").is_file():
+        if all((d / task.folder / f).is_file() for f in files):
             return d / task.folder
     raise UsageError(
-        f"task {task.name}: no {task.folder}/train.tsv under {', '.join(map(str, dirs))} (data.glue_dir / GLUE_DIR)"
+        f"task {task.name}: no {task.folder}/{' and '.join(files)} under {', '.join(map(str, dirs))} "
+        "(data.glue_dir / GLUE_DIR)"
     )
 
 
-def load_splits(task: GlueTask, glue_dir: str, hub_dataset: str) -> dict[str, datasets.Dataset]:
-    """Train and dev splits as ``datasets.Dataset`` with text_a[, text_b], label."""
+def load_splits(task: GlueTask, glue_dir: str, hub_dataset: str,
+                splits: tuple[str, ...] = SPLITS) -> dict[str, datasets.Dataset]:
+    """The ``splits`` (train, dev) as ``datasets.Dataset`` with text_a[, text_b], label; only those
+    are read, so evaluating needs no train file."""
     if glue_dir:
-        folder = find_task_dir(glue_dir, task)
-        return {
-            "train": datasets.Dataset.from_dict(read_glue_tsv(folder / "train.tsv", task)),
-            "dev": datasets.Dataset.from_dict(read_glue_tsv(folder / task.dev_file, task)),
-        }
+        folder = find_task_dir(glue_dir, task, splits)
+        return {split: datasets.Dataset.from_dict(read_glue_tsv(folder / split_file(task, split), task))
+                for split in splits}
     try:
         hub = datasets.load_dataset(hub_dataset, task.name)
     except Exception as exc:  # offline, unknown repo, ...: say what to do instead
@@ -193,9 +203,10 @@ def load_splits(task: GlueTask, glue_dir: str, hub_dataset: str) -> dict[str, da
             "set GLUE_DIR or data.glue_dir to a folder in GLUE's TSV layout"
         ) from None
     names = {src: dst for src, dst in zip(task.hub_text, ("text_a", "text_b"))}
+    hub_splits = {"train": "train", "dev": task.hub_eval_split}
     out = {}
-    for split, hub_split in (("train", "train"), ("dev", task.hub_eval_split)):
-        ds = hub[hub_split]
+    for split in splits:
+        ds = hub[hub_splits[split]]
         keep = list(names) + ["label"]
         ds = ds.remove_columns([c for c in ds.column_names if c not in keep]).rename_columns(names)
         out[split] = ds
@@ -237,10 +248,13 @@ class GlueDataModule(L.LightningDataModule):
         self.splits: dict[str, datasets.Dataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        """Tokenise the splits ``stage`` needs: dev only to validate, train too to fit."""
+        needed = SPLITS if stage in (None, "fit") else ("dev",)
+        missing = tuple(split for split in needed if split not in self.splits)
+        if not missing:
             return
         datasets.disable_progress_bars()
-        raw = load_splits(self.task, self.glue_dir, self.hub_dataset)
+        raw = load_splits(self.task, self.glue_dir, self.hub_dataset, missing)
         sizes = {"train": self.train_subset, "dev": self.eval_subset}
         for split, ds in raw.items():
             ds = seeded_subset(ds, sizes[split], self.seed)
