@@ -258,6 +258,27 @@ def test_the_default_training_rule_on_argmax_masks_equals_hard_mode_and_the_refe
     assert results["reference"][0] > 1e-3 and results["reference"][1] > 1e-2
 
 
+def test_argmax_training_decisions_are_evaluations_and_still_carry_the_softmax_gradient():
+    """``train_decisions=argmax``: the training forward keeps exactly the tokens evaluation keeps
+    (sampled decisions do not), and the loss still reaches every predictor (straight-through)."""
+    batch = labelled_batch(batch=6, length=16)
+    counts = {}
+    for decisions in ("argmax", "sampled"):
+        module = undecided(make_method(f"method.train_decisions={decisions}")).eval()
+        with torch.no_grad():
+            _, evaluated = module(batch, hard=True)
+        module.pruner.train()  # the training branch of the decisions; no dropout in the backbone
+        torch.manual_seed(0)
+        logits, trained = module(batch, hard=False)
+        counts[decisions] = (trained.kept_counts(), evaluated.kept_counts())
+        if decisions == "argmax":
+            logits.sum().backward()
+            assert all(p.net[-1].weight.grad.abs().sum() > 0 for p in module.pruner.predictors)
+    assert 0 < float(evaluated.kept_fraction()[-1]) < 0.9  # tokens were skimmed: the check has teeth
+    assert torch.equal(*counts["argmax"])
+    assert not torch.equal(*counts["sampled"])
+
+
 # -- the skim term: normalisation, layer weights, warm-up --------------------------------------
 
 
@@ -522,6 +543,7 @@ def test_a_fit_with_every_option_loads_a_frozen_teacher_and_moves_the_multiplier
     ("method.skim_target_mode=pid", "method.skim_target_mode: 'pid'"),
     ("method.skim_loss_on=layer", "method.skim_loss_on: 'layer'"),
     ("method.skim_norm=max", "method.skim_norm: 'max'"),
+    ("method.train_decisions=noisy", "method.train_decisions: 'noisy'"),
     ("method.skim_warmup=2", "method.skim_warmup: 2"),
     ("method.distill_weight=1.5", "method.distill_weight: 1.5"),
     ("method.target_lr=0", "method.target_lr: 0"),

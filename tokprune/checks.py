@@ -189,6 +189,7 @@ METHOD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "skim_warmup": Rule(FLOAT, low=0, high=1),  # a fraction of training
         "skim_layer_weights": Rule(nullable=True, special=_weight_list),  # its length: checked when the model is known
         "skim_loss_on": Rule("str", choices=("cumulative", "own")),
+        "train_decisions": Rule("str", choices=("sampled", "argmax")),
         "teacher_checkpoint": Rule("str", nullable=True),  # existence and fit: checked when it loads
         "distill_weight": Rule(FLOAT, low=0, high=1),
         "temperature": Rule(FLOAT, low=0, low_open=True),

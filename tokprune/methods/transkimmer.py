@@ -1,7 +1,8 @@
 """``method=transkimmer``: learned token skimming (Guan et al., ACL 2022, arXiv 2205.07324).
 
 Before each layer a small predictor reads every token's hidden state and decides keep or
-skim. Training samples the decision with straight-through Gumbel-softmax, so the task loss
+skim. Training samples the decision with straight-through Gumbel-softmax (the reference's; or,
+``train_decisions: argmax``, takes evaluation's argmax), so the task loss
 (through the soft rule's key weighting and forward-to-output) and the skim loss both reach
 the predictors; evaluation takes the argmax, so results are deterministic (ours: the
 reference samples at evaluation too). The encoder makes masks cumulative, pins [CLS] and
@@ -16,6 +17,11 @@ keep-biased init of ``modeling_skim_predictor.py``; the skim loss
 
 Ours, each an option (conf/method/transkimmer.yaml); by default off or as before, but for the training rule:
 
+- ``train_decisions``: ``sampled`` (default, the reference's Gumbel noise) or ``argmax``: the
+  training forward takes evaluation's decisions, the gradient still softmax(logits / tau)'s.
+  Sampled training with argmax evaluation is a mismatch of its own: a predictor that learns
+  p(keep) ~ 0.45 for every token keeps ~45% in training and none at evaluation (measured on
+  SST-2, README), so with argmax the kept fraction trained on is the one evaluated;
 - ``train_attention: renormalised`` (default): train with the encoder's hard-equivalent soft rule,
   so what is trained is what hard mode evaluates; ``reference``: the paper's probabilities x mask
   without renormalising, which hard removal does not compute;
@@ -49,11 +55,11 @@ from tokprune.methods.distill import load_teacher, prediction_distillation
 SKIM, KEEP = 0, 1  # indices of the predictor's two logits
 DECISION_INIT_STD = 0.02  # std of the last Linear's weights and biases at init (the reference's)
 CHOICES = {"skim_target_mode": ("lagrangian", "quadratic"), "skim_loss_on": ("cumulative", "own"),
-           "skim_norm": ("real", "padded")}
+           "skim_norm": ("real", "padded"), "train_decisions": ("sampled", "argmax")}
 #: the options' defaults (conf/method/transkimmer.yaml), for checkpoints written before the keys existed
 DEFAULTS = {"skim_target": None, "skim_target_mode": "lagrangian", "target_lr": 0.02, "skim_warmup": 0.0,
             "skim_layer_weights": None, "skim_loss_on": "cumulative", "skim_norm": "real",
-            "teacher_checkpoint": None, "distill_weight": 0.5, "temperature": 2.0}
+            "teacher_checkpoint": None, "distill_weight": 0.5, "temperature": 2.0, "train_decisions": "sampled"}
 
 
 def gumbel_noise(logits: Tensor) -> Tensor:
@@ -104,11 +110,11 @@ class SkimPruner(Pruner):
     record_own: bool = False
 
     def __init__(self, width: int, num_layers: int, first_skim_layer: int, tau: float,
-                 keep_bias: float, hidden_init_std: float):
+                 keep_bias: float, hidden_init_std: float, sampled: bool = True):
         super().__init__()
         if not 0 <= first_skim_layer < num_layers:
             raise UsageError(f"method.first_skim_layer must be in 0..{num_layers - 1}, not {first_skim_layer}")
-        self.first_skim_layer, self.tau = first_skim_layer, tau
+        self.first_skim_layer, self.tau, self.sampled = first_skim_layer, tau, sampled
         self.own_proposals: dict[int, Tensor] = {}  # record_own's, per layer; emptied by the loss that reads them
         self.predictors = nn.ModuleList(
             SkimPredictor(width, keep_bias, hidden_init_std) for _ in range(first_skim_layer, num_layers)
@@ -125,8 +131,8 @@ class SkimPruner(Pruner):
         predictor = self.predictors[ctx.layer - self.first_skim_layer]
         logits = hidden.new_zeros(*live.shape, 2)
         logits[live] = predictor(hidden[live])
-        if self.training:  # a binary sample whose gradient is the soft sample's (straight-through)
-            gumbels = gumbel_noise(logits)
+        if self.training:  # a binary decision whose gradient is the soft one's (straight-through)
+            gumbels = gumbel_noise(logits) if self.sampled else torch.zeros_like(logits)
             if self.record_own:
                 own = hidden.new_zeros(*live.shape, 2)
                 own[live] = predictor(hidden[live].detach())
@@ -164,7 +170,8 @@ class Method(PruningModule):
     def build_pruner(self) -> Pruner:
         m, config = self.cfg.method, self.encoder.config
         return SkimPruner(config.hidden_size, self.encoder.num_layers, m.first_skim_layer, m.tau,
-                          keep_bias=m.keep_bias, hidden_init_std=config.initializer_range)
+                          keep_bias=m.keep_bias, hidden_init_std=config.initializer_range,
+                          sampled=m.get("train_decisions", DEFAULTS["train_decisions"]) == "sampled")
 
     # -- fitting -------------------------------------------------------------------------
 
