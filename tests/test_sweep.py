@@ -251,11 +251,13 @@ def test_a_budget_replaces_and_adds_to_the_searched_ranges(tmp_path):
     assert cpu == {"train.lr": "float [0.0001, 0.001] log", "train.warmup_ratio": "categorical [0.0]"}
 
 
-def test_the_transkimmer_cpu_sweep_samples_the_range_that_skims_on_that_budget():
+def test_the_transkimmer_cpu_sweep_places_trials_by_their_target_kept_fraction():
     cpu = plan_sweep(["method=transkimmer", "budget=cpu"]).space.describe()
     full = plan_sweep(["method=transkimmer", "budget=full"]).space.describe()
     assert full == {"method.skim_lambda": "float [0.05, 2.0] log"}  # around the paper's 0.5
-    assert cpu == {"method.skim_lambda": "float [0.01, 0.1] log", "method.predictor_lr": "categorical [0.001]"}
+    assert cpu == {"method.skim_target": "float [0.2, 0.9]", "method.skim_target_mode": "categorical ['quadratic']",
+                   "method.skim_lambda": "categorical [5.0]", "method.skim_warmup": "categorical [0.3]",
+                   "method.predictor_lr": "categorical [0.001]"}
 
 
 # -- fast unit checks of the crash machinery ---------------------------------------------
