@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 
 from tokprune.backbone import load_bert, load_tokenizer
 from tokprune.callbacks import TokenPruningCallback
-from tokprune.data import get_task, load_splits, seeded_subset
+from tokprune.data import GlueTask, get_task, load_splits, seeded_subset
 from tokprune.checkpoint import Described, rebuild
 from tokprune.encoder import KeepAll, PrunableEncoder, Pruner
 from tokprune.errors import UsageError
@@ -89,6 +89,13 @@ def _alternate(encoder: PrunableEncoder, pruner: Pruner, batches: list[dict], ot
     return t_pruned, t_unpruned, t_other, outputs
 
 
+def dev_examples(cfg: DictConfig, task: GlueTask, examples: int, glue_dir: str | None = None) -> datasets.Dataset:
+    """``examples`` seeded rows of ``task``'s dev split (its train file is not read), from
+    ``glue_dir`` when given, else from ``cfg.data``."""
+    rows = load_splits(task, cfg.data.glue_dir if glue_dir is None else glue_dir, cfg.data.hub_dataset, ("dev",))
+    return seeded_subset(rows["dev"], examples, cfg.seed)
+
+
 def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_sizes=(1, 32), examples=256) -> list[dict]:
     """Hard-mode latency of ``schedule`` vs the unpruned encoder on real dev rows."""
     task = get_task(task_name)
@@ -96,7 +103,7 @@ def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_s
     bert = load_bert(cfg.model).eval()
     encoder = PrunableEncoder(bert).eval()
     counter = FlopsCounter(encoder)
-    dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset, ("dev",))["dev"], examples, cfg.seed)
+    dev = dev_examples(cfg, task, examples)
     pruner = TopKSchedule(schedule)
     results = []
     for size in batch_sizes:
@@ -141,8 +148,7 @@ def trained_speedup(described: Described, module: PruningModule, glue_dir: str |
     checkpoint's description; ``module`` must be on the CPU."""
     cfg = described.cfg
     task = get_task(cfg.task.name)
-    rows = load_splits(task, cfg.data.glue_dir if glue_dir is None else glue_dir, cfg.data.hub_dataset, ("dev",))["dev"]
-    dev = seeded_subset(rows, examples, cfg.seed)
+    dev = dev_examples(cfg, task, examples, glue_dir)
     tokenizer = described.tokenizer()
     return [latency(module.encoder, module.pruner, _batches(dev, tokenizer, size, cfg.task.max_length))
             | {"examples": len(dev), "batch_size": size} for size in batch_sizes]
@@ -189,9 +195,7 @@ def onnx_trained_speedup(described: Described, session, unpruned: PruningModule,
     from tokprune.export import OnnxModel, export_module
 
     cfg = described.cfg
-    rows = load_splits(get_task(cfg.task.name), cfg.data.glue_dir if glue_dir is None else glue_dir,
-                       cfg.data.hub_dataset, ("dev",))["dev"]
-    dev = seeded_subset(rows, examples, cfg.seed)
+    dev = dev_examples(cfg, get_task(cfg.task.name), examples, glue_dir)
     tokenizer = described.tokenizer()
     with tempfile.TemporaryDirectory() as folder:
         reference = OnnxModel(export_module(described, unpruned, Path(folder) / "unpruned.onnx").read_bytes(),
@@ -263,7 +267,7 @@ def engines_schedule(cfg: DictConfig, task_name: str, schedule: dict[int, float]
     encoder = PrunableEncoder(bert).eval()
     pruner = TopKSchedule(schedule)
     counter = FlopsCounter(encoder)
-    dev = seeded_subset(load_splits(task, cfg.data.glue_dir, cfg.data.hub_dataset, ("dev",))["dev"], examples, cfg.seed)
+    dev = dev_examples(cfg, task, examples)
     example = example_inputs(tokenizer, len(task.tsv_text) == 2)
     engines = _unpruned_engines(bert, example, folder, f"schedule-{task_name}")
     engines["torch_pruned"] = lambda b: (None, encoder(b["input_ids"], b["attention_mask"], b.get("token_type_ids"),
@@ -288,8 +292,7 @@ def engines_checkpoint(checkpoint: str, label: str, folder: Path, glue_dir: str 
     module = module.cpu().eval()
     cfg = described.cfg
     task = get_task(cfg.task.name)
-    dev = seeded_subset(load_splits(get_task(cfg.task.name), cfg.data.glue_dir if glue_dir is None else glue_dir,
-                                    cfg.data.hub_dataset, ("dev",))["dev"], examples, cfg.seed)
+    dev = dev_examples(cfg, task, examples, glue_dir)
     tokenizer = described.tokenizer()
     engines = _unpruned_engines(described.bert(), example_inputs(tokenizer, len(task.tsv_text) == 2), folder, label)
     engines["torch_pruned"] = lambda b: module(b, hard=True)

@@ -19,9 +19,10 @@ Ours, each an option (conf/method/transkimmer.yaml); by default off or as before
 
 - ``train_decisions``: ``sampled`` (default, the reference's Gumbel noise) or ``argmax``: the
   training forward takes evaluation's decisions, the gradient still softmax(logits / tau)'s.
-  Sampled training with argmax evaluation is a mismatch of its own: a predictor that learns
-  p(keep) ~ 0.45 for every token keeps ~45% in training and none at evaluation (measured on
-  SST-2, README), so with argmax the kept fraction trained on is the one evaluated;
+  Sampled training with argmax evaluation is a mismatch of its own: predictors that end below
+  p(keep) = 1/2 for every token keep some in training and none at evaluation (SST-2, target
+  0.45: 25% sampled at the end of training, [CLS] only from layer 1 on in hard mode; README),
+  so with argmax the kept fraction trained on is the one evaluated;
 - ``train_attention: renormalised`` (default): train with the encoder's hard-equivalent soft rule,
   so what is trained is what hard mode evaluates; ``reference``: the paper's probabilities x mask
   without renormalising, which hard removal does not compute;
@@ -171,7 +172,7 @@ class Method(PruningModule):
         m, config = self.cfg.method, self.encoder.config
         return SkimPruner(config.hidden_size, self.encoder.num_layers, m.first_skim_layer, m.tau,
                           keep_bias=m.keep_bias, hidden_init_std=config.initializer_range,
-                          sampled=m.get("train_decisions", DEFAULTS["train_decisions"]) == "sampled")
+                          sampled=self.option("train_decisions") == "sampled")
 
     # -- fitting -------------------------------------------------------------------------
 
