@@ -69,8 +69,8 @@ def test_bench_writes_json_and_plot(glue_dir, tmp_path, one_thread):
     reports = tmp_path / "reports"
     (reports / "sst2").mkdir(parents=True)
     (reports / "sst2" / "report.json").write_text(json.dumps({"model": "tiny", "methods": [
-        {"method": "gate", "label": "gate", "speedup": {"trial": 3, "checkpoint": str(checkpoint)}},
-        {"method": "top", "label": "top", "speedup": {"skipped": "no Pareto point with an MLflow run"}}]}))
+        {"method": "gate", "label": "gate", "operating": {"best": 3}, "speedup": {"3": {"checkpoint": str(checkpoint)}}},
+        {"method": "top", "label": "top", "operating": {"best": 1}, "speedup": {"1": {"skipped": "no MLflow run"}}}]}))
     out = tmp_path / "bench"
     results = run_bench(cfg, out, schedule={1: 0.5}, examples=16, steps_per_block=2, rounds=1, reports=reports)
     saved = json.loads((out / "bench.json").read_text())

@@ -24,7 +24,7 @@ from PIL import Image
 
 from conftest import GLUE, QQP_SAMPLE
 from tokprune.cli import main
-from tokprune.report import after_sweep
+from tokprune.report import MethodResult, Point, after_sweep, operating_points, operating_rows
 
 CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLES = 8  # dev rows timed for each method's best point: enough to exercise the code
@@ -65,13 +65,53 @@ def studies(store: Path) -> dict[str, optuna.Study]:
     return {m: optuna.load_study(study_name=f"{m}-sst2-tiny-smoke-seed42", storage=storage) for m in SPACES}
 
 
-def table(md: str) -> list[list[str]]:
-    lines = [line for line in md.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in line.strip("| ").split(" | ")] for line in lines[1:]]
+def table(md: str, heading: str = "Pareto points") -> list[list[str]]:
+    """The rows of the Markdown table under ``## <heading>``."""
+    section = md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])] for line in lines[1:]]
 
 
 def report(store: Path, out: Path, *extra: str) -> int:
     return main(["report", *common(store), f"report.dir={out}", f"report.speedup_examples={EXAMPLES}", *extra])
+
+
+# -- operating points, on made-up fronts --------------------------------------------------
+
+
+def made_up(method: str, points: list[tuple[float, float]], baseline: float = 0.85) -> MethodResult:
+    """A study whose complete trials are (metric, FLOPs ratio) pairs, numbered in order."""
+    front = {i for i, (m, f) in enumerate(points)
+             if not any(m2 >= m and f2 <= f and (m2, f2) != (m, f) for m2, f2 in points)}
+    return MethodResult(method=method, label=method, study=f"{method}-study", parent_run_id=None, overrides=[],
+                        points=[Point(i, {}, m, f, None, [], None, i in front) for i, (m, f) in enumerate(points)],
+                        baseline={"run_id": "b" * 32, "metric": baseline})
+
+
+def test_operating_points_are_read_off_the_front():
+    r = made_up("gate", [(0.852, 0.90), (0.845, 0.62), (0.841, 0.55), (0.80, 0.48), (0.70, 0.30), (0.75, 0.49),
+                         (0.79, 0.70)])
+    assert operating_points(r, flops_budget=0.5, tolerance=0.01) == {
+        "best": 0, "within_flops": 3, "near_baseline": 2}  # 0.841 >= 0.85 - 0.01; 0.80 beats 0.75 under 0.5
+    assert operating_points(r, flops_budget=0.2, tolerance=0.001) == {"best": 0, "within_flops": None,
+                                                                      "near_baseline": 0}
+
+
+def test_each_operating_point_is_set_beside_static_at_no_more_flops():
+    static = made_up("static", [(0.85, 1.0), (0.83, 0.60), (0.78, 0.53), (0.63, 0.38)])
+    gate = made_up("gate", [(0.84, 0.57), (0.80, 0.45)])
+    for r in (static, gate):
+        r.operating = operating_points(r, 0.5, 0.01)
+    names = {"best": "best", "within_flops": "<=0.5", "near_baseline": "near"}
+    rows = {(row[0], row[1]): row for row in operating_rows([gate, static], names)}
+    assert rows["gate", "best"][2:7] == ["0", "0.8400", "-0.0100", "0.5700", "0.7800"]  # static's 0.78 at 0.53
+    assert rows["gate", "<=0.5"][2:7] == ["1", "0.8000", "-0.0500", "0.4500", "0.6300"]
+    assert rows["gate", "near"][2] == "0"
+    assert rows["static", "<=0.5"][2:4] == ["3", "0.6300"] and rows["static", "best"][6] == "—"
+    assert rows["static", "near"][2] == "0"
+    static.points = [p for p in static.points if p.flops_real > 0.5]
+    static.operating = operating_points(static, 0.5, 0.01)
+    assert [row[3] for row in operating_rows([static], names) if row[1] == "<=0.5"] == ["no Pareto point qualifies"]
 
 
 # -- bad input, without training -----------------------------------------------------------
@@ -127,7 +167,10 @@ def test_a_study_written_directly_renders_without_mlflow_runs(tmp_path, capsys):
         ["gate", "3", "0.8400", "0.3800", "0.1520"],
         ["gate", "1", "0.9000", "0.6100", "0.2440"],
         ["gate", "0 (best)", "0.9100", "0.9500", "0.3800"]]
-    assert rows[2][6] == "skipped: no Pareto point with an MLflow run"
+    assert rows[2][6] == rows[0][6] == "skipped: no MLflow run"  # the best point, and the best at <= 0.5
+    assert rows[1][6] == ""  # not an operating point: not timed
+    operating = table((tmp_path / "out" / "sst2" / "pareto.md").read_text(), "Operating points")
+    assert [r[2] for r in operating] == ["0", "3", "—"]  # no baseline: nothing is "within 1 point" of it
     assert {p.name for p in (tmp_path / "out" / "sst2").iterdir()} == {
         "pareto_all.png", "pareto_gate.png", "kept_gate.png", "pareto.md", "report.html", "report.json"}
     assert "<title>gate trial 2 (dominated)" in (tmp_path / "out" / "sst2" / "report.html").read_text()
@@ -185,14 +228,26 @@ def test_report_renders_every_file_and_its_table_is_the_studys(recorded, tmp_pat
             assert all(f"{k}={v:.4g}" in row[2] for k, v in t.params.items())
         best = max(front.values(), key=lambda t: (t.values[0], -t.values[1]))
         assert [r[1] for r in mine.values() if "(best)" in r[1]] == [f"{best.number} (best)"]
-        speedup = re.fullmatch(r"x(\d+\.\d\d) \((\d+) rows\)", mine[best.number][6])
-        assert speedup and float(speedup[1]) > 0 and int(speedup[2]) == EXAMPLES, mine[best.number][6]
+        speedup = re.fullmatch(r"x(\d+\.\d\d) / x(\d+\.\d\d)", mine[best.number][6])
+        assert speedup and float(speedup[1]) > 0 and float(speedup[2]) > 0, mine[best.number][6]
         baseline_ids.add(client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags["baseline_run_id"])
     assert len(baseline_ids) == 1, "both sweeps share one baseline"
     base = client.get_run(baseline_ids.pop()).data.metrics
     assert [r for r in rows if r[0] == "none (baseline)"][0][3:6] == [
         f"{base['best/accuracy']:.4f}", f"{base['best/flops_ratio_real']:.4f}", f"{base['best/flops_ratio_padded']:.4f}"]
+    operating = table((folder / "pareto.md").read_text(), "Operating points")
+    data = json.loads((folder / "report.json").read_text())
+    for method, study in studies(recorded).items():
+        best = max(study.best_trials, key=lambda t: (t.values[0], -t.values[1]))
+        [row] = [r for r in operating if r[0] == method and r[1] == "highest dev accuracy"]
+        assert row[2] == str(best.number) and row[3] == f"{best.values[0]:.4f}"
+        [saved] = [m for m in data["methods"] if m["method"] == method]
+        assert saved["operating"]["best"] == best.number
+        timed = saved["speedup"][str(best.number)]
+        assert [timed[f"batch_{b}"]["examples"] for b in (1, 32)] == [EXAMPLES, EXAMPLES]
+        assert row[7:] == [f"x{timed[f'batch_{b}']['wall_speedup']:.2f}" for b in (1, 32)]
     page = (folder / "report.html").read_text()
+    assert "<h2>Operating points</h2>" in page and "<h2>Pareto points</h2>" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)|url\(\s*["']?https?:|<img|<script|<link""", page)
     for study in studies(recorded).values():  # every complete trial can be hovered for its parameters
         for t in study.get_trials(states=(TrialState.COMPLETE,)):

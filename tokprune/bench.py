@@ -51,6 +51,11 @@ from tokprune.train import build_datamodule
 SCHEDULE = {2: 0.5, 4: 0.25}
 
 
+#: Batch sizes every trained model's latency is reported at (``eval``, ``report``): one request, and a
+#: batch that fills the CPU's vector units.
+LATENCY_BATCH_SIZES = (1, 32)
+
+
 def _time(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -133,8 +138,8 @@ def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_s
     return results
 
 
-def checkpoint_speedup(checkpoint: str, glue_dir: str | None = None, examples: int = 64,
-                       batch_sizes=(1,)) -> list[dict]:
+def checkpoint_speedup(checkpoint: str, glue_dir: str | None = None, examples: int = 256,
+                       batch_sizes=LATENCY_BATCH_SIZES) -> list[dict]:
     """``trained_speedup`` of the model in a checkpoint file."""
     described, module = rebuild(checkpoint)
     return trained_speedup(described, module, glue_dir, examples, batch_sizes)
@@ -317,10 +322,10 @@ def pareto_checkpoints(reports: Path, task: str, model: str) -> tuple[list[tuple
         return [], f"{task}: {path} is for model={report.get('model')}, not {model}"
     found, skipped = [], []
     for method in report.get("methods", []):
-        best = method.get("speedup") or {}
-        checkpoint = best.get("checkpoint")
+        trial = (method.get("operating") or {}).get("best")
+        checkpoint = ((method.get("speedup") or {}).get(str(trial)) or {}).get("checkpoint")
         if checkpoint and Path(checkpoint).is_file():
-            found.append((f"{method['label']} best (trial {best.get('trial')})", checkpoint))
+            found.append((f"{method['label']} best (trial {trial})", checkpoint))
         else:
             skipped.append(f"{method.get('label')}: {'checkpoint missing: ' + checkpoint if checkpoint else 'no best point'}")
     return found, f"{task}: " + ("; ".join(skipped) if skipped else "all methods' best points measured")

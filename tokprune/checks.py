@@ -155,6 +155,8 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "sweep.keep_checkpoints": Rule("str", choices=("pareto", "all")),
     "report.dir": PATH,
     "report.speedup_examples": Rule(INT, low=0),
+    "report.flops_budget": Rule("float", low=0.0, low_open=True),
+    "report.metric_tolerance": Rule("float", low=0.0, high=1.0),
 }
 
 # A method's own keys, relative to `method.`; applied only when `method.name` is that method.

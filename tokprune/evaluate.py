@@ -43,7 +43,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from tokprune.bench import onnx_trained_speedup, trained_speedup
+from tokprune.bench import LATENCY_BATCH_SIZES, onnx_trained_speedup, trained_speedup
 from tokprune.callbacks import TokenPruningCallback
 from tokprune.checkpoint import rebuild
 from tokprune.checks import Rule, check_config
@@ -63,7 +63,6 @@ ENVIRONMENT = {"data.glue_dir": "GLUE_DIR", "mlflow.tracking_uri": "MLFLOW_TRACK
 #: The evaluation's own settings: default and rule.
 OWN = {"eval.latency_examples": (256, Rule("int", low=0)),
        "eval.computation": ("hard", Rule("str", choices=("hard", "soft", "training")))}
-LATENCY_BATCH_SIZES = (1, 32)
 COMPUTATIONS = {"hard": "hard mode", "soft": "soft computation with the evaluation's decisions",
                 "training": "training computation and decisions"}
 

@@ -8,8 +8,10 @@ MLflow runs the sweeps recorded (parent run, baseline, trial runs), and writes t
 - ``pareto_<method>.png``: a method's trials, its Pareto front and the baseline at ratio 1.0;
 - ``pareto_all.png``: every method's front on one chart;
 - ``kept_<method>.png``: per-layer kept fraction of each Pareto-optimal trial;
-- ``pareto.md``: every Pareto point, with a measured hard-mode CPU speedup for each method's
-  best point (highest dev metric on its front);
+- ``pareto.md``: each method's operating points (its best point, its best at FLOPs ratio <=
+  ``report.flops_budget``, its fewest FLOPs within ``report.metric_tolerance`` of the
+  baseline), each beside what ``static`` reaches at those FLOPs and with a measured hard-mode
+  CPU speedup at batch 1 and 32; then every Pareto point;
 - ``report.html``: all of the above on one self-contained page (inline SVG, hover a point
   for its parameters); ``report.json``: the same numbers for programs.
 
@@ -55,9 +57,14 @@ class Point:
     pareto: bool
 
 
+#: The operating points read off each method's front, and how the tables name them.
+ROLES = ("best", "within_flops", "near_baseline")
+REFERENCE_METHOD = "static"  # the front every learned method is compared with at equal FLOPs
+
+
 @dataclass
 class MethodResult:
-    """One study: a method's points, its baseline, and the speedup of its best point."""
+    """One study: a method's points, its baseline, its operating points and their speedups."""
 
     method: str
     label: str  # the method's name, or the study's when a method has several studies
@@ -66,7 +73,8 @@ class MethodResult:
     overrides: list[str]
     points: list[Point]
     baseline: dict | None
-    speedup: dict = field(default_factory=dict)
+    operating: dict = field(default_factory=dict)  # role (ROLES) -> trial number, None when no point qualifies
+    speedup: dict = field(default_factory=dict)  # trial number -> measure_speedup's dict
 
     @property
     def slug(self) -> str:
@@ -80,6 +88,27 @@ class MethodResult:
     def best(self) -> Point | None:
         """The Pareto point with the highest dev metric (fewest FLOPs among ties)."""
         return max(self.front, key=lambda p: (p.metric, -p.flops_real), default=None)
+
+    def point(self, trial: int | None) -> Point | None:
+        return next((p for p in self.points if p.trial == trial), None)
+
+    def reached_at(self, flops: float) -> float | None:
+        """The front's staircase: the best dev metric of a point at or below ``flops``."""
+        return max((p.metric for p in self.front if p.flops_real <= flops + 1e-12), default=None)
+
+
+def operating_points(result: MethodResult, flops_budget: float, tolerance: float) -> dict[str, int | None]:
+    """The trials a reader compares methods by: the best point on the front; the best at FLOPs
+    ratio (real length) <= ``flops_budget``; the fewest FLOPs within ``tolerance`` (absolute, in
+    the metric's 0..1 units) of the baseline's metric."""
+    front = result.front
+    base = result.baseline["metric"] if result.baseline else math.nan
+    within = [p for p in front if p.flops_real <= flops_budget]
+    near = [p for p in front if math.isfinite(base) and p.metric >= base - tolerance - 1e-12]
+    chosen = {"best": result.best,
+              "within_flops": max(within, key=lambda p: (p.metric, -p.flops_real), default=None),
+              "near_baseline": min(near, key=lambda p: (p.flops_real, -p.metric), default=None)}
+    return {role: (p.trial if p else None) for role, p in chosen.items()}
 
 
 # -- where the studies are ------------------------------------------------------------------
@@ -182,7 +211,7 @@ def collect(studies: list[optuna.Study], client: MlflowClient, main_metric: str)
     return results
 
 
-# -- measured speedup of each method's best point ------------------------------------------
+# -- measured speedup of the operating points ----------------------------------------------
 
 
 def _checkpoint(client: MlflowClient, run_id: str, uri: str) -> Path | None:
@@ -202,23 +231,24 @@ def _checkpoint(client: MlflowClient, run_id: str, uri: str) -> Path | None:
     return path
 
 
-def measure_speedup(cfg: DictConfig, result: MethodResult, client: MlflowClient, uri: str) -> dict:
-    """Hard-mode CPU speedup of the best point vs KeepAll, or ``{"skipped": why}``."""
-    from tokprune.bench import checkpoint_speedup
+def measure_speedup(cfg: DictConfig, point: Point, client: MlflowClient, uri: str) -> dict:
+    """Hard-mode CPU speedup of one point vs KeepAll at each of ``LATENCY_BATCH_SIZES``
+    (``{"batch_1": bench row, ...}``), or ``{"skipped": why}``."""
+    from tokprune.bench import LATENCY_BATCH_SIZES, checkpoint_speedup
 
-    best, examples = result.best, int(cfg.report.speedup_examples)
+    examples = int(cfg.report.speedup_examples)
     if examples <= 0:
         return {"skipped": "report.speedup_examples=0"}
-    if best is None or not best.run_id:
-        return {"skipped": "no Pareto point with an MLflow run"}
-    path = _checkpoint(client, best.run_id, uri)
+    if not point.run_id:
+        return {"skipped": "no MLflow run"}
+    path = _checkpoint(client, point.run_id, uri)
     if path is None or not path.is_file():
         return {"skipped": f"checkpoint missing ({path or 'not recorded'})"}
     try:
-        timed = checkpoint_speedup(str(path), cfg.data.glue_dir, examples)[0]
+        timed = checkpoint_speedup(str(path), cfg.data.glue_dir, examples, LATENCY_BATCH_SIZES)
     except Exception as exc:  # one method's checkpoint must not stop the report: say why in its cell
         return {"skipped": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"}
-    return {"trial": best.trial, "checkpoint": portable(str(path)), **timed}
+    return {"checkpoint": portable(str(path)), **{f"batch_{row['batch_size']}": row for row in timed}}
 
 
 # -- outputs ---------------------------------------------------------------------------------
@@ -228,13 +258,47 @@ def _fmt(value, digits: int = 4) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _speedup_cell(result: MethodResult, point: Point) -> str:
-    if point is not result.best:
-        return ""
-    s = result.speedup
-    if "wall_speedup" in s:
-        return f"x{s['wall_speedup']:.2f} ({s['examples']} rows)"
-    return f"skipped: {s.get('skipped', 'not measured')}"
+def role_names(cfg: DictConfig, metric: str) -> dict[str, str]:
+    points = 100 * float(cfg.report.metric_tolerance)
+    return {"best": f"highest dev {metric}", "within_flops": f"best at FLOPs ratio <= {cfg.report.flops_budget:g}",
+            "near_baseline": f"fewest FLOPs within {points:g} point{'s' * (points != 1)} of the baseline"}
+
+
+def _speedups(result: MethodResult, trial: int) -> list[str]:
+    """One cell per batch size: ``x1.45``, or why it was not measured."""
+    s = result.speedup.get(trial)
+    if not s:
+        return ["", ""]
+    if "skipped" in s:
+        return [f"skipped: {s['skipped']}", ""]
+    return [f"x{row['wall_speedup']:.2f}" for key, row in s.items() if key.startswith("batch_")]
+
+
+def _reference(results: list[MethodResult]) -> MethodResult | None:
+    return next((r for r in results if r.method == REFERENCE_METHOD), None)
+
+
+def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[list[str]]:
+    """Per method and role: the trial, its metric and distance to the baseline, its FLOPs,
+    what the ``static`` front reaches at those FLOPs, and its speedups."""
+    reference, rows = _reference(results), []
+    for r in results:
+        base = r.baseline["metric"] if r.baseline else math.nan
+        for role in ROLES:
+            p = r.point(r.operating.get(role))
+            if p is None:
+                rows.append([r.label, names[role], "—", "no Pareto point qualifies", "", "", "", "", ""])
+                continue
+            static = reference.reached_at(p.flops_real) if reference is not None and reference is not r else None
+            rows.append([r.label, names[role], str(p.trial), _fmt(p.metric), _fmt(p.metric - base, 4),
+                         _fmt(p.flops_real), _fmt(static) if static is not None else "—", *_speedups(r, p.trial)])
+    return rows
+
+
+def operating_header(metric: str, examples: int) -> list[str]:
+    return ["method", "operating point", "trial", f"dev {metric}", "vs baseline", "FLOPs ratio (real length)",
+            f"{REFERENCE_METHOD} at <= these FLOPs", f"CPU speedup, batch 1 ({examples} dev rows)",
+            "CPU speedup, batch 32"]
 
 
 def table_rows(results: list[MethodResult]) -> list[list[str]]:
@@ -249,22 +313,25 @@ def table_rows(results: list[MethodResult]) -> list[list[str]]:
     for r in results:
         for p in r.front:
             trial = f"{p.trial} (best)" if p is r.best else str(p.trial)
+            measured = " / ".join(c for c in _speedups(r, p.trial) if c)
             rows.append([r.label, trial, " ".join(param_strings(p.params)), _fmt(p.metric), _fmt(p.flops_real),
-                         _fmt(p.flops_padded), _speedup_cell(r, p)])
+                         _fmt(p.flops_padded), measured])
     return rows
 
 
-def header(metric: str, max_length: int, examples: int) -> list[str]:
+def header(metric: str, max_length: int) -> list[str]:
     return ["method", "trial", "parameters", f"dev {metric}", "FLOPs ratio (real length)",
-            f"FLOPs ratio (padded to {max_length})", f"CPU speedup, hard mode, batch 1 ({examples} dev rows)"]
+            f"FLOPs ratio (padded to {max_length})", "CPU speedup, batch 1 / 32 (operating points)"]
 
 
 def conventions(metric: str, max_length: int) -> str:
     return (f"FLOPs are counted by fvcore (1 multiply-add = 1 FLOP), relative to the unpruned encoder on the same "
             f"dev examples at their real length (\"real\") and padded to task.max_length={max_length} (\"padded\"). "
-            f"Dev {metric} and FLOPs are those of each trial's best epoch. Speedup: wall time of the unpruned "
-            f"encoder (KeepAll) / the method's own pruner, hard mode (tokens removed), CPU, batch 1, on seeded "
-            f"real dev rows, for each method's best point (highest dev {metric} on its front).")
+            f"Dev {metric} and FLOPs are those of each trial's selected validation. Operating points are read off "
+            f"each method's Pareto front; \"{REFERENCE_METHOD} at <= these FLOPs\" is the best dev {metric} of "
+            f"the {REFERENCE_METHOD} front at or below the point's FLOPs ratio. Speedup: wall time of the unpruned "
+            f"encoder (KeepAll) / the method's own pruner on the same weights, hard mode (tokens removed), CPU, "
+            f"on seeded real dev rows, timed in turns.")
 
 
 def write(cfg: DictConfig, results: list[MethodResult], out: Path, storage: str, uri: str) -> list[Path]:
@@ -283,13 +350,15 @@ def write(cfg: DictConfig, results: list[MethodResult], out: Path, storage: str,
         sections.append((f"{r.label} (study {r.study})", front, kept))
     overlay_svg = plots.overlay(results, task, metric, max_length, out / "pareto_all.png")
     title = f"tokprune report: {task} (model={cfg.model.name}, budget={cfg.budget.name}, seed={cfg.seed})"
-    head, rows = header(metric, max_length, int(cfg.report.speedup_examples)), table_rows(results)
+    tables = [("Operating points", operating_header(metric, int(cfg.report.speedup_examples)),
+               operating_rows(results, role_names(cfg, metric))),
+              ("Pareto points", header(metric, max_length), table_rows(results))]
     note = conventions(metric, max_length)
-    (out / "pareto.md").write_text(plots.markdown(title, head, rows, note))
+    (out / "pareto.md").write_text(plots.markdown(title, note, tables))
     meta = (f"Studies: {', '.join(r.study for r in results)} in {portable(storage_label(storage))}; "
             f"MLflow store {portable(uri)}. "
             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.")
-    (out / "report.html").write_text(plots.page(title, meta, note, head, rows, overlay_svg, sections))
+    (out / "report.html").write_text(plots.page(title, meta, note, tables, overlay_svg, sections))
     data = {"task": task, "model": cfg.model.name, "budget": cfg.budget.name, "seed": cfg.seed, "metric": metric,
             "max_length": max_length, "flops_convention": plots.CONVENTION, "storage": portable(storage_label(storage)),
             "tracking_uri": portable(uri), "methods": [asdict(r) for r in results]}
@@ -320,7 +389,9 @@ def build_report(cfg: DictConfig) -> tuple[list[Path], list[MethodResult], list[
     client = MlflowClient(uri)
     results = collect(studies, client, get_task(cfg.task.name).main_metric)
     for r in results:
-        r.speedup = measure_speedup(cfg, r, client, uri)
+        r.operating = operating_points(r, float(cfg.report.flops_budget), float(cfg.report.metric_tolerance))
+        for trial in dict.fromkeys(t for t in r.operating.values() if t is not None):
+            r.speedup[trial] = measure_speedup(cfg, r.point(trial), client, uri)
     files = write(cfg, results, out, storage, uri)
     return files, results, log_to_mlflow(client, results, files)
 

@@ -189,9 +189,11 @@ def _finish(ax):
 # -- the table and the page ------------------------------------------------------------------
 
 
-def markdown(title: str, head: list[str], rows: list[list[str]], note: str) -> str:
-    lines = [f"# {title}", "", note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+def markdown(title: str, note: str, tables: list[tuple[str, list[str], list[list[str]]]]) -> str:
+    lines = [f"# {title}", "", note]
+    for heading, head, rows in tables:
+        lines += ["", f"## {heading}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -207,18 +209,19 @@ th {{ background: #f0f0f0; }} .note {{ color: #555; font-size: 0.9em; }} figure 
 <p class="note">{note} Hover a point for its trial's parameters.</p>
 <h2>All methods</h2>
 <figure>{overlay}</figure>
-<h2>Pareto points</h2>
-{table}
+{tables}
 {sections}
 </body></html>
 """
 
 
-def page(title: str, meta: str, note: str, head, rows, overlay_svg: str, sections: list[tuple[str, str, str]]) -> str:
-    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    table = f"<table><tr>{cells}</tr>{body}</table>"
-    parts = "".join(f"<h2>{html.escape(label)}</h2><figure>{front}</figure><figure>{kept}</figure>"
-                    for label, front, kept in sections)
+def page(title: str, meta: str, note: str, tables, overlay_svg: str, sections: list[tuple[str, str, str]]) -> str:
+    parts = []
+    for heading, head, rows in tables:
+        cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        parts.append(f"<h2>{html.escape(heading)}</h2><table><tr>{cells}</tr>{body}</table>")
+    figures = "".join(f"<h2>{html.escape(label)}</h2><figure>{front}</figure><figure>{kept}</figure>"
+                      for label, front, kept in sections)
     return PAGE.format(title=html.escape(title), meta=html.escape(meta), note=html.escape(note),
-                       overlay=overlay_svg, table=table, sections=parts)
+                       overlay=overlay_svg, tables="".join(parts), sections=figures)
