@@ -27,7 +27,7 @@ from tokprune.cli import main
 from tokprune.report import MethodResult, Point, after_sweep, operating_points, operating_rows
 
 CHROMIUM = Path("/usr/bin/chromium")
-EXAMPLES = 8  # dev rows timed for each method's best point: enough to exercise the code
+EXAMPLES = 8  # dev rows timed for each operating point: enough to exercise the code
 SPACES = {
     "transkimmer": "trials: {smoke: 4}\nparams:\n"
                    "  method.skim_lambda: {distribution: float, low: 0.05, high: 2.0, log: true}\n"

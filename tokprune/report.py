@@ -62,6 +62,11 @@ ROLES = ("best", "within_flops", "near_baseline")
 REFERENCE_METHOD = "static"  # the front every learned method is compared with at equal FLOPs
 
 
+def higher_metric(p: Point) -> tuple[float, float]:
+    """Sort key of "the better point": higher dev metric, then fewer FLOPs."""
+    return p.metric, -p.flops_real
+
+
 @dataclass
 class MethodResult:
     """One study: a method's points, its baseline, its operating points and their speedups."""
@@ -87,7 +92,7 @@ class MethodResult:
     @property
     def best(self) -> Point | None:
         """The Pareto point with the highest dev metric (fewest FLOPs among ties)."""
-        return max(self.front, key=lambda p: (p.metric, -p.flops_real), default=None)
+        return max(self.front, key=higher_metric, default=None)
 
     def point(self, trial: int | None) -> Point | None:
         return next((p for p in self.points if p.trial == trial), None)
@@ -106,7 +111,7 @@ def operating_points(result: MethodResult, flops_budget: float, tolerance: float
     within = [p for p in front if p.flops_real <= flops_budget]
     near = [p for p in front if math.isfinite(base) and p.metric >= base - tolerance - 1e-12]
     chosen = {"best": result.best,
-              "within_flops": max(within, key=lambda p: (p.metric, -p.flops_real), default=None),
+              "within_flops": max(within, key=higher_metric, default=None),
               "near_baseline": min(near, key=lambda p: (p.flops_real, -p.metric), default=None)}
     return {role: (p.trial if p else None) for role, p in chosen.items()}
 
@@ -232,9 +237,9 @@ def _checkpoint(client: MlflowClient, run_id: str, uri: str) -> Path | None:
 
 
 def measure_speedup(cfg: DictConfig, point: Point, client: MlflowClient, uri: str) -> dict:
-    """Hard-mode CPU speedup of one point vs KeepAll at each of ``LATENCY_BATCH_SIZES``
+    """Hard-mode CPU speedup of one point vs KeepAll at each of ``batch_sizes()``
     (``{"batch_1": bench row, ...}``), or ``{"skipped": why}``."""
-    from tokprune.bench import LATENCY_BATCH_SIZES, checkpoint_speedup
+    from tokprune.bench import checkpoint_speedup
 
     examples = int(cfg.report.speedup_examples)
     if examples <= 0:
@@ -245,7 +250,7 @@ def measure_speedup(cfg: DictConfig, point: Point, client: MlflowClient, uri: st
     if path is None or not path.is_file():
         return {"skipped": f"checkpoint missing ({path or 'not recorded'})"}
     try:
-        timed = checkpoint_speedup(str(path), cfg.data.glue_dir, examples, LATENCY_BATCH_SIZES)
+        timed = checkpoint_speedup(str(path), cfg.data.glue_dir, examples, batch_sizes())
     except Exception as exc:  # one method's checkpoint must not stop the report: say why in its cell
         return {"skipped": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"}
     return {"checkpoint": portable(str(path)), **{f"batch_{row['batch_size']}": row for row in timed}}
@@ -264,14 +269,22 @@ def role_names(cfg: DictConfig, metric: str) -> dict[str, str]:
             "near_baseline": f"fewest FLOPs within {points:g} point{'s' * (points != 1)} of the baseline"}
 
 
+def batch_sizes() -> tuple[int, ...]:
+    """The batch sizes speedups are timed and tabled at (bench's, as ``eval`` uses them)."""
+    from tokprune.bench import LATENCY_BATCH_SIZES  # bench loads torch: only once a report is measured or written
+
+    return LATENCY_BATCH_SIZES
+
+
 def _speedups(result: MethodResult, trial: int) -> list[str]:
-    """One cell per batch size: ``x1.45``, or why it was not measured."""
+    """One cell per batch size: ``x1.45``; or, in the first, why it was not measured."""
+    cells = [""] * len(batch_sizes())
     s = result.speedup.get(trial)
-    if not s:
-        return ["", ""]
-    if "skipped" in s:
-        return [f"skipped: {s['skipped']}", ""]
-    return [f"x{row['wall_speedup']:.2f}" for key, row in s.items() if key.startswith("batch_")]
+    if s and "skipped" in s:
+        cells[0] = f"skipped: {s['skipped']}"
+    elif s:
+        cells = [f"x{s[f'batch_{size}']['wall_speedup']:.2f}" for size in batch_sizes()]
+    return cells
 
 
 def _reference(results: list[MethodResult]) -> MethodResult | None:
@@ -287,7 +300,8 @@ def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[l
         for role in ROLES:
             p = r.point(r.operating.get(role))
             if p is None:
-                rows.append([r.label, names[role], "—", "no Pareto point qualifies", "", "", "", "", ""])
+                rows.append([r.label, names[role], "—", "no Pareto point qualifies", "", "", "",
+                             *[""] * len(batch_sizes())])
                 continue
             static = reference.reached_at(p.flops_real) if reference is not None and reference is not r else None
             rows.append([r.label, names[role], str(p.trial), _fmt(p.metric), _fmt(p.metric - base, 4),
@@ -296,9 +310,10 @@ def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[l
 
 
 def operating_header(metric: str, examples: int) -> list[str]:
+    first, *rest = batch_sizes()
     return ["method", "operating point", "trial", f"dev {metric}", "vs baseline", "FLOPs ratio (real length)",
-            f"{REFERENCE_METHOD} at <= these FLOPs", f"CPU speedup, batch 1 ({examples} dev rows)",
-            "CPU speedup, batch 32"]
+            f"{REFERENCE_METHOD} at <= these FLOPs", f"CPU speedup, batch {first} ({examples} dev rows)",
+            *[f"CPU speedup, batch {size}" for size in rest]]
 
 
 def table_rows(results: list[MethodResult]) -> list[list[str]]:
@@ -321,7 +336,8 @@ def table_rows(results: list[MethodResult]) -> list[list[str]]:
 
 def header(metric: str, max_length: int) -> list[str]:
     return ["method", "trial", "parameters", f"dev {metric}", "FLOPs ratio (real length)",
-            f"FLOPs ratio (padded to {max_length})", "CPU speedup, batch 1 / 32 (operating points)"]
+            f"FLOPs ratio (padded to {max_length})",
+            f"CPU speedup, batch {' / '.join(map(str, batch_sizes()))} (operating points)"]
 
 
 def conventions(metric: str, max_length: int) -> str:
