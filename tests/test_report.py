@@ -146,22 +146,36 @@ def test_negative_speedup_examples_is_one_line_exit_2(tmp_path, capsys):
     assert "bad value for report.speedup_examples: -1 (expected an integer >= 0)" in line
 
 
-def test_a_study_written_directly_renders_without_mlflow_runs(tmp_path, capsys):
-    """No training: a study with realistic values but no MLflow records (another store, say)."""
-    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
-    study = optuna.create_study(study_name="gate-sst2", storage=storage, directions=["maximize", "minimize"])
-    for key, value in {"method": "gate", "task": "sst2", "model": "tiny", "budget": "smoke", "seed": 42,
+def write_study(folder: Path, method: str, trials: list[tuple[float, float, float]]) -> None:
+    """A study of ``method`` on sst2 (model=tiny, budget=smoke) in ``folder/optuna.journal``, written
+    directly: (lambda_sparse, accuracy, FLOPs ratio) per complete trial, then one failed trial."""
+    storage = JournalStorage(JournalFileBackend(str(folder / "optuna.journal")))
+    study = optuna.create_study(study_name=f"{method}-sst2", storage=storage, directions=["maximize", "minimize"])
+    for key, value in {"method": method, "task": "sst2", "model": "tiny", "budget": "smoke", "seed": 42,
                        "mlflow_parent_run_id": "not-in-this-store"}.items():
         study.set_user_attr(key, value)
     lam = optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)
-    for value, (acc, flops) in zip([0.002, 0.03, 0.2, 0.6], [(0.91, 0.95), (0.90, 0.61), (0.88, 0.72), (0.84, 0.38)]):
+    for value, acc, flops in trials:
         study.add_trial(optuna.trial.create_trial(
             params={"method.lambda_sparse": value}, distributions={"method.lambda_sparse": lam}, values=[acc, flops],
             user_attrs={"best/flops_ratio_padded": flops * 0.4, "best/kept_fraction/layer_0": 1.0,
                         "best/kept_fraction/layer_1": flops}))
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
-    assert main(["report", "task=sst2", "model=tiny", "budget=smoke", f"report.dir={tmp_path}/out",
-                 f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]) == 0
+
+
+def report_of(folder: Path, *extra: str) -> int:
+    """``report`` over ``folder``'s store and journal, written to ``folder/out/sst2``."""
+    return main(["report", "task=sst2", "model=tiny", "budget=smoke", f"report.dir={folder}/out",
+                 f"mlflow.tracking_uri=sqlite:///{folder}/mlflow.db", *extra])
+
+
+GATE_TRIALS = [(0.002, 0.91, 0.95), (0.03, 0.90, 0.61), (0.2, 0.88, 0.72), (0.6, 0.84, 0.38)]
+
+
+def test_a_study_written_directly_renders_without_mlflow_runs(tmp_path, capsys):
+    """No training: a study with realistic values but no MLflow records (another store, say)."""
+    write_study(tmp_path, "gate", GATE_TRIALS)
+    assert report_of(tmp_path) == 0
     rows = table((tmp_path / "out" / "sst2" / "pareto.md").read_text())
     assert [r[:2] + r[3:6] for r in rows] == [  # trial 2 (0.88 at 0.72) is dominated by trial 1
         ["gate", "3", "0.8400", "0.3800", "0.1520"],
@@ -175,6 +189,58 @@ def test_a_study_written_directly_renders_without_mlflow_runs(tmp_path, capsys):
         "pareto_all.png", "pareto_gate.png", "kept_gate.png", "pareto.md", "report.html", "report.json"}
     assert "<title>gate trial 2 (dominated)" in (tmp_path / "out" / "sst2" / "report.html").read_text()
     assert "logged them to the report/ artifacts of 0 parent run(s)" in capsys.readouterr().out
+
+
+def test_report_carry_keeps_the_studies_this_storage_lacks_as_recorded(tmp_path):
+    """Sweeps run in sittings that share no storage end up in one report: a study the storage
+    holds is read afresh; one it lacks comes from the earlier report.json, speedups included."""
+    first, second, third = (tmp_path / name for name in ("first", "second", "third"))
+    for folder in (first, second, third):
+        folder.mkdir()
+    write_study(first, "gate", GATE_TRIALS)
+    write_study(first, "static", [(0.5, 0.89, 0.80), (0.9, 0.70, 0.40)])
+    assert report_of(first) == 0
+    earlier = first / "out" / "sst2" / "report.json"
+    data = json.loads(earlier.read_text())
+    [static] = [m for m in data["methods"] if m["method"] == "static"]
+    static["speedup"]["0"] = {"checkpoint": "ckpt/best.ckpt", "batch_1": {"wall_speedup": 1.25},
+                              "batch_32": {"wall_speedup": 2.5}}  # as if measured where it ran
+    earlier.write_text(json.dumps(data))
+    write_study(second, "gate", GATE_TRIALS[:2])  # the gate sweep again, 2 trials so far: read afresh
+
+    assert report_of(second, f"report.carry={earlier}") == 0
+    md = (second / "out" / "sst2" / "pareto.md").read_text()
+    operating = {(r[0], r[1]): r for r in table(md, "Operating points")}
+    assert operating["gate", "highest dev accuracy"][2:4] == ["0", "0.9100"]
+    assert operating["gate", "best at FLOPs ratio <= 0.5"][3] == "no Pareto point qualifies"  # trial 3 is not here
+    assert operating["static", "highest dev accuracy"][2:4] == ["0", "0.8900"]
+    assert operating["static", "highest dev accuracy"][7:] == ["x1.25", "x2.50"]
+    assert operating["static", "best at FLOPs ratio <= 0.5"][7] == "skipped: no MLflow run"  # as recorded
+    assert operating["gate", "highest dev accuracy"][6] == "0.8900"  # beside the carried static front
+    joined = json.loads((second / "out" / "sst2" / "report.json").read_text())
+    origin = {m["study"]: m["carried_from"] for m in joined["methods"]}
+    assert origin == {"gate-sst2": "", "static-sst2": f"sst2/report.json of {data['generated']}"}
+    assert f"Carried from sst2/report.json of {data['generated']} (report.carry)" in md and "static." in md
+    assert "Studies: gate-sst2 in " in (second / "out" / "sst2" / "report.html").read_text()
+    assert {p.name for p in (second / "out" / "sst2").glob("*.png")} == {
+        "pareto_all.png", "pareto_gate.png", "pareto_static.png", "kept_gate.png", "kept_static.png"}
+
+    # carried again, into a storage with no study at all: each study keeps where it first came from
+    assert report_of(third, f"report.carry={second / 'out' / 'sst2' / 'report.json'}") == 0
+    again = json.loads((third / "out" / "sst2" / "report.json").read_text())
+    assert {m["study"]: m["carried_from"] for m in again["methods"]} == {
+        "gate-sst2": f"sst2/report.json of {joined['generated']}", "static-sst2": origin["static-sst2"]}
+    assert table((third / "out" / "sst2" / "pareto.md").read_text(), "Operating points") == list(operating.values())
+
+
+def test_a_carried_report_of_another_run_set_is_one_line_exit_2(tmp_path, capsys):
+    other = tmp_path / "report.json"
+    other.write_text(json.dumps({"task": "mrpc", "model": "tiny", "budget": "smoke", "seed": 42, "methods": []}))
+    args = ["task=sst2", "model=tiny", "budget=smoke", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    line = one_line_error(capsys, [*args, f"report.carry={other}"])
+    assert f"report.carry={other}: it reports task=mrpc model=tiny budget=smoke seed=42, not task=sst2" in line
+    line = one_line_error(capsys, [*args, f"report.carry={tmp_path}/missing.json"])
+    assert f"report.carry={tmp_path}/missing.json: cannot read it as a report.json (FileNotFoundError)" in line
 
 
 def test_a_failing_report_only_warns_at_the_end_of_a_sweep(monkeypatch):

@@ -154,6 +154,7 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "sweep.poll_seconds": Rule(INT, low=1),
     "sweep.keep_checkpoints": Rule("str", choices=("pareto", "all")),
     "report.dir": PATH,
+    "report.carry": PATH,
     "report.speedup_examples": Rule(INT, low=0),
     "report.flops_budget": Rule("float", low=0.0, low_open=True),
     "report.metric_tolerance": Rule("float", low=0.0, high=1.0),

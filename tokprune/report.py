@@ -15,6 +15,11 @@ MLflow runs the sweeps recorded (parent run, baseline, trial runs), and writes t
 - ``report.html``: all of the above on one self-contained page (inline SVG, hover a point
   for its parameters); ``report.json``: the same numbers for programs.
 
+``report.carry`` names a ``report.json`` written before (e.g. the committed
+``reports/<task>/report.json``): each study it records that this storage does not hold is taken
+from it as recorded (points, baseline, measured speedups) and marked as carried, so one report
+joins sweeps run on machines or in sittings that share no storage.
+
 The same files replace the ``report/`` artifacts of each study's parent run. The sweep calls
 this at its end (``after_sweep``), where a failure only warns.
 """
@@ -80,6 +85,7 @@ class MethodResult:
     baseline: dict | None
     operating: dict = field(default_factory=dict)  # role (ROLES) -> trial number, None when no point qualifies
     speedup: dict = field(default_factory=dict)  # trial number -> measure_speedup's dict
+    carried_from: str = ""  # "" = read from this storage now; else the report.json (and its date) it came from
 
     @property
     def slug(self) -> str:
@@ -146,8 +152,9 @@ def _open(storage: str):
     return JournalStorage(JournalFileBackend(storage))
 
 
-def find_studies(cfg: DictConfig, storage: str) -> list[optuna.Study]:
-    """The sweep studies of this task, model, budget and seed; a one-line error when there are none."""
+def find_studies(cfg: DictConfig, storage: str, allow_none: bool = False) -> list[optuna.Study]:
+    """The sweep studies of this task, model, budget and seed; a one-line error when there are
+    none, unless ``allow_none``."""
     task, model, budget, seed = cfg.task.name, cfg.model.name, cfg.budget.name, cfg.seed
     summaries = []
     if "://" in storage or Path(storage).is_file():  # never create a journal just to look
@@ -158,13 +165,15 @@ def find_studies(cfg: DictConfig, storage: str) -> list[optuna.Study]:
     sweeps = [s for s in summaries if s.user_attrs.get("task") == task and "method" in s.user_attrs]
     mine = [s for s in sweeps if (s.user_attrs.get("model"), s.user_attrs.get("budget"), s.user_attrs.get("seed"))
             == (model, budget, seed)]
-    if not mine:
+    if not mine and not allow_none:
         others = sorted({f"model={s.user_attrs.get('model')} budget={s.user_attrs.get('budget')} "
                          f"seed={s.user_attrs.get('seed')}" for s in sweeps})
         hint = f" (it has studies of {task} for {'; '.join(others)})" if others else ""
         raise UsageError(f"no sweep study of task {task} for model={model} budget={budget} seed={seed} in "
                          f"{storage_label(storage)}{hint}: run `make sweep METHOD=<method> TASK={task} "
                          f"MODEL={model} BUDGET={budget} SEED={seed}` first")
+    if not mine:
+        return []
     opened = _open(storage)
     return [optuna.load_study(study_name=s.study_name, storage=opened)
             for s in sorted(mine, key=lambda s: (s.user_attrs["method"], s.study_name))]
@@ -194,7 +203,7 @@ def _baseline(client: MlflowClient, parent, main_metric: str) -> dict | None:
 
 
 def collect(studies: list[optuna.Study], client: MlflowClient, main_metric: str) -> list[MethodResult]:
-    methods = [s.user_attrs["method"] for s in studies]
+    """Each study's complete trials, front and baseline, labelled later (``_relabel``)."""
     results = []
     for study in studies:
         method = study.user_attrs["method"]
@@ -209,10 +218,47 @@ def collect(studies: list[optuna.Study], client: MlflowClient, main_metric: str)
             parent = client.get_run(parent_id) if parent_id else None
         except Exception:  # the study names a run this store does not hold
             parent, parent_id = None, None
-        results.append(MethodResult(method=method, label=method if methods.count(method) == 1 else study.study_name,
-                                    study=study.study_name, parent_run_id=parent_id,
+        results.append(MethodResult(method=method, label=method, study=study.study_name, parent_run_id=parent_id,
                                     overrides=list(study.user_attrs.get("overrides", [])), points=points,
                                     baseline=_baseline(client, parent, main_metric)))
+    return results
+
+
+def carried(cfg: DictConfig, present: set[str]) -> list[MethodResult]:
+    """The studies recorded in ``report.carry`` (a report.json) that ``present`` (the study names
+    this storage holds) lacks, as recorded there; a one-line error for a file of another run set."""
+    path = str(cfg.report.carry or "")
+    if not path:
+        return []
+    try:
+        data = json.loads(Path(path).read_text())
+        recorded = data["methods"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"report.carry={path}: cannot read it as a report.json ({type(exc).__name__})") from None
+    wanted = {"task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name, "seed": cfg.seed}
+    found = {key: data.get(key) for key in wanted}
+    if found != wanted:
+        say = lambda d: " ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
+        raise UsageError(f"report.carry={path}: it reports {say(found)}, not {say(wanted)}")
+    origin = portable(path) + (f" of {data['generated']}" if data.get("generated") else "")
+    results = []
+    for m in recorded:
+        if m["study"] in present:
+            continue
+        results.append(MethodResult(
+            method=m["method"], label=m["label"], study=m["study"], parent_run_id=m.get("parent_run_id"),
+            overrides=list(m.get("overrides", [])), points=[Point(**p) for p in m["points"]],
+            baseline=m.get("baseline"), speedup={int(k): v for k, v in m.get("speedup", {}).items()},
+            carried_from=m.get("carried_from") or origin))
+    return results
+
+
+def _relabel(results: list[MethodResult]) -> list[MethodResult]:
+    """Ordered by method then study; a method's name labels it unless it has several studies."""
+    results = sorted(results, key=lambda r: (r.method, r.study))
+    methods = [r.method for r in results]
+    for r in results:
+        r.label = r.method if methods.count(r.method) == 1 else r.study
     return results
 
 
@@ -370,14 +416,22 @@ def write(cfg: DictConfig, results: list[MethodResult], out: Path, storage: str,
                operating_rows(results, role_names(cfg, metric))),
               ("Pareto points", header(metric, max_length), table_rows(results))]
     note = conventions(metric, max_length)
+    carried_from = {}
+    for r in results:
+        if r.carried_from:
+            carried_from.setdefault(r.carried_from, []).append(r.label)
+    for origin, labels in carried_from.items():
+        note += (f" Carried from {origin} (report.carry), as recorded there, points, baseline and speedups: "
+                 f"{', '.join(labels)}.")
+    fresh = [r.study for r in results if not r.carried_from]
+    generated = time.strftime("%Y-%m-%d %H:%M:%S")
     (out / "pareto.md").write_text(plots.markdown(title, note, tables))
-    meta = (f"Studies: {', '.join(r.study for r in results)} in {portable(storage_label(storage))}; "
-            f"MLflow store {portable(uri)}. "
-            f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.")
+    meta = (f"Studies: {', '.join(fresh) or 'none'} in {portable(storage_label(storage))}; "
+            f"MLflow store {portable(uri)}. Generated {generated}.")
     (out / "report.html").write_text(plots.page(title, meta, note, tables, overlay_svg, sections))
     data = {"task": task, "model": cfg.model.name, "budget": cfg.budget.name, "seed": cfg.seed, "metric": metric,
             "max_length": max_length, "flops_convention": plots.CONVENTION, "storage": portable(storage_label(storage)),
-            "tracking_uri": portable(uri), "methods": [asdict(r) for r in results]}
+            "tracking_uri": portable(uri), "generated": generated, "methods": [asdict(r) for r in results]}
     (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     return sorted(p for pattern in OWNED for p in out.glob(pattern))
 
@@ -387,7 +441,7 @@ def log_to_mlflow(client: MlflowClient, results: list[MethodResult], files: list
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     logged = []
-    for run_id in dict.fromkeys(r.parent_run_id for r in results if r.parent_run_id):
+    for run_id in dict.fromkeys(r.parent_run_id for r in results if r.parent_run_id and not r.carried_from):
         try:
             get_artifact_repository(client.get_run(run_id).info.artifact_uri).delete_artifacts(ARTIFACT_DIR)
         except Exception:  # nothing there yet, or a store that cannot delete: files are overwritten anyway
@@ -401,13 +455,20 @@ def log_to_mlflow(client: MlflowClient, results: list[MethodResult], files: list
 def build_report(cfg: DictConfig) -> tuple[list[Path], list[MethodResult], list[str]]:
     """Read, measure, write, log: (the files written, what they show, parent runs logged to)."""
     uri, storage, out = locate(cfg)
-    studies = find_studies(cfg, storage)
+    studies = find_studies(cfg, storage, allow_none=bool(cfg.report.carry))
+    earlier = carried(cfg, {s.study_name for s in studies})  # checked before a store is opened
+    if not studies and not earlier:
+        raise UsageError(f"report.carry={cfg.report.carry} records no study and {storage_label(storage)} holds none "
+                         f"of task {cfg.task.name}: run `make sweep METHOD=<method> TASK={cfg.task.name}` first")
     client = MlflowClient(uri)
-    results = collect(studies, client, get_task(cfg.task.name).main_metric)
+    results = _relabel(collect(studies, client, get_task(cfg.task.name).main_metric) + earlier)
     for r in results:
         r.operating = operating_points(r, float(cfg.report.flops_budget), float(cfg.report.metric_tolerance))
         for trial in dict.fromkeys(t for t in r.operating.values() if t is not None):
-            r.speedup[trial] = measure_speedup(cfg, r.point(trial), client, uri)
+            if not r.carried_from:
+                r.speedup[trial] = measure_speedup(cfg, r.point(trial), client, uri)
+            elif trial not in r.speedup:
+                r.speedup[trial] = {"skipped": "not measured where it was carried from"}
     files = write(cfg, results, out, storage, uri)
     return files, results, log_to_mlflow(client, results, files)
 
