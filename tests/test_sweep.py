@@ -6,6 +6,7 @@ knobs, so the sweeps here read a search space from tmp_path that varies train.lr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ from tokprune.cli import main
 from tokprune.config import choices, compose
 from tokprune.errors import UsageError
 from tokprune.sweep import HOST, FiniteLoss, Surplus, Sweep, TrialFailed, plan_sweep
+from tokprune.report import portable
 from tokprune.sweep_plan import load_space, override
 
 STUDY = "none-sst2-tiny-smoke-seed42"
@@ -383,6 +385,80 @@ def test_resume_runs_only_the_missing_trials(space_dir, glue_dir, shared_store, 
     assert {t.number: t.user_attrs["mlflow_run_id"] for t in study.get_trials()[:2]} == first
     assert main(["sweep", *args, "sweep.trials=4"]) == 0  # nothing left to do
     assert len(load(journal).get_trials()) == 4
+
+
+@pytest.mark.slow
+def test_a_sweep_resumes_on_a_new_store_from_its_report(space_dir, glue_dir, tmp_path, capsys):
+    """sweep.resume_from: the study's complete trials come from the report.json of a store that
+    is gone, keep their numbers, values and speedups, and only the missing trials train."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["sweep", *sweep_args(first, space_dir, glue_dir), "sweep.trials=3"]) == 0
+    report = first / "reports" / "sst2" / "report.json"
+    data = json.loads(report.read_text())
+    [method] = data["methods"]
+    method["points"] = [p for p in method["points"] if p["trial"] != 1]  # as if trial 1 had failed there
+    report.write_text(json.dumps(data))
+    recorded = {p["trial"]: p for p in method["points"]}
+    capsys.readouterr()
+
+    args = sweep_args(second, space_dir, glue_dir, f"sweep.resume_from={report}")
+    assert main(["sweep", *args, "sweep.trials=3"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed 2 complete trial(s) of 3 from sst2/report.json of {data['generated']}" in out
+    study = load(str(second / "optuna.journal"))
+    trials = study.get_trials()
+    assert [(t.number, t.state) for t in trials] == [(0, TrialState.COMPLETE), (1, TrialState.FAIL),
+                                                     (2, TrialState.COMPLETE), (3, TrialState.COMPLETE)]
+    for number in (0, 2):
+        t, p = trials[number], recorded[number]
+        assert (t.values, t.params, t.user_attrs["mlflow_run_id"]) == ([p["metric"], p["flops_real"]], p["params"],
+                                                                       p["run_id"])
+    _, _, children = parent_and_children(second, str(second / "optuna.journal"))
+    assert [r.data.tags["trial"] for r in children] == ["3"]  # only the missing trial trained here
+    joined = json.loads((second / "reports" / "sst2" / "report.json").read_text())
+    [resumed] = joined["methods"]
+    assert resumed["resumed_trials"] == [0, 2] and resumed["carried_from"] == ""
+    for number, speedup in method["speedup"].items():  # measured there, kept as recorded
+        if int(number) in (0, 2) and str(number) in resumed["speedup"]:
+            assert resumed["speedup"][str(number)] == speedup
+    assert "(sweep.resume_from), as recorded there, points and speedups: none trials 0, 2." in \
+        (second / "reports" / "sst2" / "pareto.md").read_text()
+    # the same command again: the study has its trials, the report is not read again
+    assert main(["sweep", *args, "sweep.trials=3"]) == 0
+    assert "sweep.resume_from: not used, study none-sst2-tiny-smoke-seed42 already has trials" in capsys.readouterr().out
+    assert len(load(str(second / "optuna.journal")).get_trials()) == 4
+
+
+def test_a_report_that_cannot_resume_the_study_is_one_line_exit_2(space_dir, tmp_path, capsys, no_training):
+    point = {"trial": 0, "params": {"train.lr": 1e-4}, "metric": 0.8, "flops_real": 1.0, "flops_padded": 0.5,
+             "kept": [1.0, 1.0], "run_id": None, "pareto": True}
+    def report(name, study=STUDY, **point_changes):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"task": "sst2", "model": "tiny", "budget": "smoke", "seed": 42, "methods": [
+            {"method": "none", "label": "none", "study": study, "parent_run_id": None, "overrides": [],
+             "points": [{**point, **point_changes}], "baseline": None, "speedup": {}}]}))
+        return path
+    args = ["method=none", *FAST, f"sweep.space_dir={space_dir}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    for path, message in [
+        (report("other", study="another-study"), "it records no study none-sst2-tiny-smoke-seed42"),
+        (report("params", params={"train.wd": 0.1}), "trial 0 has parameters ['train.wd'], this sweep's space"),
+        (report("range", params={"train.lr": 0.5}), "trial 0 does not fit this sweep's space"),
+        (tmp_path / "missing.json", "cannot read it as a report.json (FileNotFoundError)"),
+    ]:
+        line = one_line_error(capsys, [*args, f"sweep.resume_from={path}"])
+        assert f"sweep.resume_from={path}: {message}" in line, line
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any store opens
+    # the first reports (no date, one bench row as "speedup") still resume; that row is not read
+    legacy = report("legacy", params={"train.lr": 2e-4})
+    data = json.loads(legacy.read_text())
+    data["methods"][0]["points"][0]["trial"] = 1
+    data["methods"][0]["speedup"] = {"trial": 1, "batch_size": 1, "wall_speedup": 1.5}
+    legacy.write_text(json.dumps(data))
+    origin, trials = sweep_module.resumed_trials(plan_sweep([*args, f"sweep.resume_from={legacy}"]))
+    assert origin == portable(str(legacy))  # its last two folders, no date
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].params == {"train.lr": 2e-4} and trials[1].values == [0.8, 1.0]
+    assert "speedup" not in trials[1].user_attrs and trials[1].user_attrs["best/kept_fraction/layer_1"] == 1.0
 
 
 def sweep_with_two_workers(storage, shared_store, space_dir, glue_dir):

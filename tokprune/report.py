@@ -18,7 +18,8 @@ MLflow runs the sweeps recorded (parent run, baseline, trial runs), and writes t
 ``report.carry`` names a ``report.json`` written before (e.g. the committed
 ``reports/<task>/report.json``): each study it records that this storage does not hold is taken
 from it as recorded (points, baseline, measured speedups) and marked as carried, so one report
-joins sweeps run on machines or in sittings that share no storage.
+joins sweeps run on machines or in sittings that share no storage. A study's trials that its
+sweep took from a report.json (``sweep.resume_from``) keep the speedups measured there.
 
 The same files replace the ``report/`` artifacts of each study's parent run. The sweep calls
 this at its end (``after_sweep``), where a failure only warns.
@@ -86,6 +87,8 @@ class MethodResult:
     operating: dict = field(default_factory=dict)  # role (ROLES) -> trial number, None when no point qualifies
     speedup: dict = field(default_factory=dict)  # trial number -> measure_speedup's dict
     carried_from: str = ""  # "" = read from this storage now; else the report.json (and its date) it came from
+    resumed_from: str = ""  # the report.json a sweep took some of its trials from (sweep.resume_from), or ""
+    resumed_trials: list[int] = field(default_factory=list)  # those trials' numbers
 
     @property
     def slug(self) -> str:
@@ -218,39 +221,53 @@ def collect(studies: list[optuna.Study], client: MlflowClient, main_metric: str)
             parent = client.get_run(parent_id) if parent_id else None
         except Exception:  # the study names a run this store does not hold
             parent, parent_id = None, None
+        resumed = [t for t in complete if t.user_attrs.get("resumed_from")]
         results.append(MethodResult(method=method, label=method, study=study.study_name, parent_run_id=parent_id,
                                     overrides=list(study.user_attrs.get("overrides", [])), points=points,
-                                    baseline=_baseline(client, parent, main_metric)))
+                                    baseline=_baseline(client, parent, main_metric),
+                                    speedup={t.number: t.user_attrs["speedup"] for t in resumed
+                                             if t.user_attrs.get("speedup")},
+                                    resumed_from=", ".join(sorted({t.user_attrs["resumed_from"] for t in resumed})),
+                                    resumed_trials=[t.number for t in resumed]))
     return results
 
 
-def carried(cfg: DictConfig, present: set[str]) -> list[MethodResult]:
-    """The studies recorded in ``report.carry`` (a report.json) that ``present`` (the study names
-    this storage holds) lacks, as recorded there; a one-line error for a file of another run set."""
-    path = str(cfg.report.carry or "")
-    if not path:
-        return []
+def _per_trial(speedup: dict) -> dict[int, dict]:
+    """A recorded ``speedup`` by trial number; the first reports (before operating points) held a
+    single bench row there, not one per trial, and it is not read (its table had only batch 1)."""
+    return {int(k): v for k, v in speedup.items() if str(k).isdigit()}
+
+
+def recorded_studies(path: str, cfg: DictConfig, option: str) -> list[MethodResult]:
+    """Every study a report.json records, as recorded there (points, baseline, measured speedups),
+    each marked with where it came from; a one-line error naming ``option`` for a file that is not
+    a report.json or reports another task, model, budget or seed than ``cfg``."""
     try:
         data = json.loads(Path(path).read_text())
         recorded = data["methods"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"report.carry={path}: cannot read it as a report.json ({type(exc).__name__})") from None
+        raise UsageError(f"{option}={path}: cannot read it as a report.json ({type(exc).__name__})") from None
     wanted = {"task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name, "seed": cfg.seed}
     found = {key: data.get(key) for key in wanted}
     if found != wanted:
         say = lambda d: " ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
-        raise UsageError(f"report.carry={path}: it reports {say(found)}, not {say(wanted)}")
+        raise UsageError(f"{option}={path}: it reports {say(found)}, not {say(wanted)}")
     origin = portable(path) + (f" of {data['generated']}" if data.get("generated") else "")
-    results = []
-    for m in recorded:
-        if m["study"] in present:
-            continue
-        results.append(MethodResult(
-            method=m["method"], label=m["label"], study=m["study"], parent_run_id=m.get("parent_run_id"),
-            overrides=list(m.get("overrides", [])), points=[Point(**p) for p in m["points"]],
-            baseline=m.get("baseline"), speedup={int(k): v for k, v in m.get("speedup", {}).items()},
-            carried_from=m.get("carried_from") or origin))
-    return results
+    return [MethodResult(
+        method=m["method"], label=m["label"], study=m["study"], parent_run_id=m.get("parent_run_id"),
+        overrides=list(m.get("overrides", [])), points=[Point(**p) for p in m["points"]],
+        baseline=m.get("baseline"), speedup=_per_trial(m.get("speedup", {})),
+        carried_from=m.get("carried_from") or origin, resumed_from=m.get("resumed_from", ""),
+        resumed_trials=list(m.get("resumed_trials", []))) for m in recorded]
+
+
+def carried(cfg: DictConfig, present: set[str]) -> list[MethodResult]:
+    """The studies recorded in ``report.carry`` (a report.json) that ``present`` (the study names
+    this storage holds) lacks, as recorded there."""
+    path = str(cfg.report.carry or "")
+    if not path:
+        return []
+    return [r for r in recorded_studies(path, cfg, "report.carry") if r.study not in present]
 
 
 def _relabel(results: list[MethodResult]) -> list[MethodResult]:
@@ -423,6 +440,10 @@ def write(cfg: DictConfig, results: list[MethodResult], out: Path, storage: str,
     for origin, labels in carried_from.items():
         note += (f" Carried from {origin} (report.carry), as recorded there, points, baseline and speedups: "
                  f"{', '.join(labels)}.")
+    for r in results:
+        if r.resumed_trials:
+            note += (f" Resumed from {r.resumed_from} (sweep.resume_from), as recorded there, points and speedups: "
+                     f"{r.label} trial{'s' * (len(r.resumed_trials) > 1)} {', '.join(map(str, r.resumed_trials))}.")
     fresh = [r.study for r in results if not r.carried_from]
     generated = time.strftime("%Y-%m-%d %H:%M:%S")
     (out / "pareto.md").write_text(plots.markdown(title, note, tables))
@@ -465,10 +486,10 @@ def build_report(cfg: DictConfig) -> tuple[list[Path], list[MethodResult], list[
     for r in results:
         r.operating = operating_points(r, float(cfg.report.flops_budget), float(cfg.report.metric_tolerance))
         for trial in dict.fromkeys(t for t in r.operating.values() if t is not None):
-            if not r.carried_from:
-                r.speedup[trial] = measure_speedup(cfg, r.point(trial), client, uri)
-            elif trial not in r.speedup:
-                r.speedup[trial] = {"skipped": "not measured where it was carried from"}
+            if trial in r.speedup:  # measured where it was carried or resumed from
+                continue
+            r.speedup[trial] = (measure_speedup(cfg, r.point(trial), client, uri) if not r.carried_from
+                                else {"skipped": "not measured where it was carried from"})
     files = write(cfg, results, out, storage, uri)
     return files, results, log_to_mlflow(client, results, files)
 

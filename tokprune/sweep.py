@@ -36,13 +36,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from tokprune import sweep_mlflow as track
 from tokprune.baseline import find_or_train
 from tokprune.config import compose
 from tokprune.errors import UsageError
-from tokprune.report import after_sweep
+from tokprune.report import after_sweep, recorded_studies
 from tokprune.sweep_plan import FLOPS, Plan, override, param_strings, plan_sweep
 from tokprune.train import train
 
@@ -120,6 +120,7 @@ class Sweep:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.retry = RetryHeartbeatStaleTrialCallback(max_retry=plan.cfg.sweep.max_retry)
         self.gate = Gate(None if plan.is_rdb else plan.storage + ".sweep-lock")
+        self.resumed = resumed_trials(plan)  # a bad report is an error before any store opens
         self.storage = self._open_storage()  # first: a bad URL is an error before the MLflow store opens
         self.client = MlflowClient(plan.tracking_uri)
         self.exp_id = self.parent_id = None
@@ -186,6 +187,7 @@ class Sweep:
         plan, cfg = self.plan, self.plan.cfg
         with self.gate:
             study = self._study()
+            self.add_resumed(study)
             self.exp_id = track.experiment_id(self.client, cfg.mlflow.experiment, plan.tracking_uri)
             tags = {"sweep_id": study.user_attrs["sweep_id"], "method": plan.space.method, "task": cfg.task.name,
                     "model": cfg.model.name, "budget": cfg.budget.name, "seed": str(cfg.seed),
@@ -222,6 +224,20 @@ class Sweep:
             if key not in study.user_attrs:
                 study.set_user_attr(key, value)
         return study
+
+    def add_resumed(self, study: optuna.Study) -> None:
+        """The trials ``sweep.resume_from`` recorded (``resumed_trials``), added when the study has
+        none yet; a study with trials of its own is left as it is."""
+        origin, trials = self.resumed
+        if not trials:
+            return
+        name = self.plan.study_name
+        if study.get_trials(deepcopy=False):
+            self.say(f"sweep.resume_from: not used, study {name} already has trials in {self.plan.storage_label}")
+            return
+        study.add_trials(trials)
+        complete = sum(t.state == TrialState.COMPLETE for t in trials)
+        self.say(f"study {name}: resumed {complete} complete trial(s) of {len(trials)} from {origin} (sweep.resume_from)")
 
     def _baseline(self) -> dict:
         """The unpruned run (method=none) for this task, model, budget and seed: the FLOPs-ratio-1.0
@@ -371,6 +387,49 @@ class Sweep:
                 self.client.set_tag(trial.user_attrs["mlflow_run_id"], "checkpoint_deleted", "dominated trial")
         if freed:
             self.say(f"deleted the checkpoints of dominated trials ({freed / 2**20:.0f} MiB; sweep.keep_checkpoints=all keeps them)")
+
+
+def resumed_trials(plan: Plan) -> tuple[str, list[FrozenTrial]]:
+    """``sweep.resume_from``: (where from, the trials) a study with no trial yet starts with: each
+    complete trial the report.json recorded for this study (values, parameters, kept fractions,
+    speedups, MLflow run id), and a failed one in each gap (a report records complete trials only),
+    so the trials keep their numbers and the sampler, seeded by the trial count, sees the history
+    the lost storage held. A sweep whose storage is gone (another machine, a lost sitting) goes on
+    where it stopped; the recorded trials' MLflow runs stay in the store they were logged to."""
+    path = str(plan.cfg.sweep.resume_from or "")
+    if not path:
+        return "", []
+    option = f"sweep.resume_from={path}"
+    recorded = next((r for r in recorded_studies(path, plan.cfg, "sweep.resume_from")
+                     if r.study == plan.study_name), None)
+    if recorded is None:
+        raise UsageError(f"{option}: it records no study {plan.study_name}")
+    if recorded.overrides != plan.result_overrides:
+        print(f"[sweep] warning: the trials in {path} ran with overrides {recorded.overrides}, now "
+              f"{plan.result_overrides}: the study's trials are not all alike", flush=True)
+    points = {p.trial: p for p in recorded.points}
+    distributions = {param.key: param.optuna_distribution() for param in plan.space.params}
+    trials = []
+    for number in range(max(points, default=-1) + 1):
+        point = points.get(number)
+        if point is None:
+            trials.append(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={
+                "resumed_from": recorded.carried_from, "error": "not complete where it was resumed from"}))
+            continue
+        if set(point.params) != set(distributions):
+            raise UsageError(f"{option}: trial {number} has parameters {sorted(point.params)}, this sweep's "
+                             f"space {sorted(distributions)}")
+        attrs = {"mlflow_run_id": point.run_id, "resumed_from": recorded.carried_from,
+                 "best/flops_ratio_padded": point.flops_padded,
+                 **{f"best/kept_fraction/layer_{i}": kept for i, kept in enumerate(point.kept)}}
+        if number in recorded.speedup:
+            attrs["speedup"] = recorded.speedup[number]
+        try:
+            trials.append(optuna.trial.create_trial(params=point.params, distributions=distributions,
+                                                    values=[point.metric, point.flops_real], user_attrs=attrs))
+        except ValueError as exc:
+            raise UsageError(f"{option}: trial {number} does not fit this sweep's space ({exc})") from None
+    return recorded.carried_from, trials
 
 
 class TrialLink(L.Callback):

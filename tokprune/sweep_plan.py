@@ -65,6 +65,14 @@ class Param:
             return trial.suggest_int(self.key, self.low, self.high, log=self.log, step=self.step or 1)
         return trial.suggest_categorical(self.key, list(self.choices))
 
+    def optuna_distribution(self) -> optuna.distributions.BaseDistribution:
+        """The distribution ``suggest`` samples from, for trials added without sampling."""
+        if self.distribution == "float":
+            return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.distribution == "int":
+            return optuna.distributions.IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)
+        return optuna.distributions.CategoricalDistribution(list(self.choices))
+
     def values_to_check(self) -> list:
         """Values that must be valid settings of the key: the range ends, or every choice."""
         return list(self.choices) if self.distribution == "categorical" else [self.low, self.high]
