@@ -24,7 +24,8 @@ from PIL import Image
 
 from conftest import GLUE, QQP_SAMPLE
 from tokprune.cli import main
-from tokprune.report import MethodResult, Point, after_sweep, operating_points, operating_rows
+from tokprune.report import (MethodResult, Point, after_sweep, distinct_baselines, operating_points, operating_rows,
+                             table_rows)
 
 CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLES = 8  # dev rows timed for each operating point: enough to exercise the code
@@ -112,6 +113,15 @@ def test_each_operating_point_is_set_beside_static_at_no_more_flops():
     static.points = [p for p in static.points if p.flops_real > 0.5]
     static.operating = operating_points(static, 0.5, 0.01)
     assert [row[3] for row in operating_rows([static], names) if row[1] == "<=0.5"] == ["no Pareto point qualifies"]
+
+
+def test_a_baseline_retrained_in_another_sitting_is_one_row_naming_both_runs():
+    gate, top, other = made_up("gate", [(0.8, 0.5)]), made_up("top", [(0.8, 0.5)]), made_up("static", [(0.8, 0.5)])
+    for r, run, metric in ((gate, "a", 0.85), (top, "b", 0.85), (other, "c", 0.84)):
+        r.baseline = {"run_id": run * 32, "metric": metric, "flops_real": 1.0, "flops_padded": 0.4}
+    assert [runs for _, runs in distinct_baselines([gate, top, other])] == [["a" * 32, "b" * 32], ["c" * 32]]
+    rows = [row for row in table_rows([gate, top, other]) if row[0] == "none (baseline)"]
+    assert [row[2:4] for row in rows] == [["runs aaaaaaaa, bbbbbbbb", "0.8500"], ["run cccccccc", "0.8400"]]
 
 
 # -- bad input, without training -----------------------------------------------------------

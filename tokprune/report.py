@@ -379,15 +379,28 @@ def operating_header(metric: str, examples: int) -> list[str]:
             *[f"CPU speedup, batch {size}" for size in rest]]
 
 
-def table_rows(results: list[MethodResult]) -> list[list[str]]:
-    """Baseline(s) first, then each method's Pareto points by FLOPs; the best point marked."""
-    rows, seen = [], set()
+def distinct_baselines(results: list[MethodResult]) -> list[tuple[dict, list[str]]]:
+    """The baselines the studies name, one per distinct (metric, FLOPs) with the run ids that
+    reached it: the baseline trains deterministically, so sittings that share no store retrain
+    the same one (``report.carry``, ``sweep.resume_from``), and a reader should see one point."""
+    found: dict[tuple, tuple[dict, list[str]]] = {}
     for r in results:
         b = r.baseline
-        if b and b["run_id"] not in seen:
-            seen.add(b["run_id"])
-            rows.append(["none (baseline)", "—", f"run {b['run_id'][:8]}", _fmt(b["metric"]),
-                         _fmt(b["flops_real"]), _fmt(b["flops_padded"]), "—"])
+        if not b:
+            continue
+        key = (round(float(b["metric"]), 6), round(float(b.get("flops_real") or 1.0), 6))
+        base, runs = found.setdefault(key, (b, []))
+        if b["run_id"] not in runs:
+            runs.append(b["run_id"])
+    return list(found.values())
+
+
+def table_rows(results: list[MethodResult]) -> list[list[str]]:
+    """Baseline(s) first, then each method's Pareto points by FLOPs; the best point marked."""
+    rows = []
+    for b, runs in distinct_baselines(results):
+        rows.append(["none (baseline)", "—", f"run{'s' * (len(runs) > 1)} {', '.join(r[:8] for r in runs)}",
+                     _fmt(b["metric"]), _fmt(b["flops_real"]), _fmt(b["flops_padded"]), "—"])
     for r in results:
         for p in r.front:
             trial = f"{p.trial} (best)" if p is r.best else str(p.trial)

@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tokprune.report import distinct_baselines  # noqa: E402
 from tokprune.sweep_plan import param_strings  # noqa: E402
 
 SVG_NS = "http://www.w3.org/2000/svg"
@@ -120,13 +121,9 @@ def overlay(results, task: str, metric: str, max_length: int, png: Path) -> str:
             ax.plot([p.flops_real], [p.metric], marker="o", color=col, linestyle="none", gid=gid, zorder=4,
                     **(dict(markersize=7) if p.pareto else dict(markersize=4, alpha=0.2)))
             tips[gid] = tooltip(result.method, p, metric, max_length)
-    seen = []
-    for result in results:
-        base = result.baseline
-        if base and base["run_id"] not in seen:
-            seen.append(base["run_id"])
-            label = "unpruned baseline (method=none)" + (f" [{result.label}]" if len(seen) > 1 else "")
-            _baseline(ax, base, metric, tips, f"base-all-{len(seen)}", label)
+    for n, (base, runs) in enumerate(distinct_baselines(results)):
+        label = "unpruned baseline (method=none)" + (f" [{n + 1}]" if n else "")
+        _baseline(ax, base, metric, tips, f"base-all-{n + 1}", label)
     ax.set_xlabel(X_REAL, fontsize=8)
     ax.set_ylabel(f"dev {metric} (best epoch)")
     ax.set_title(f"{task}: all methods, dev {metric} vs FLOPs ratio at real length ({CONVENTION})", fontsize=9)
