@@ -153,6 +153,7 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "sweep.max_failures": Rule(INT, low=1),
     "sweep.poll_seconds": Rule(INT, low=1),
     "sweep.keep_checkpoints": Rule("str", choices=("pareto", "all")),
+    "sweep.resume_from": PATH,
     "report.dir": PATH,
     "report.carry": PATH,
     "report.speedup_examples": Rule(INT, low=0),
