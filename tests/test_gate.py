@@ -17,7 +17,7 @@ LAYERS = 3
 
 
 def make(*overrides: str, seed: int = 0, method: str = "gate") -> Method:
-    cfg = compose([f"method={method}", "model=tiny", *overrides])
+    cfg = compose([f"method={method}", "model=tiny", "protocol=paper", *overrides])  # the paper's losses
     return build_method(cfg, tiny_bert(seed=seed, layers=LAYERS), get_task("sst2"))
 
 

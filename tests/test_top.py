@@ -3,6 +3,7 @@ the teacher, and hard-mode equivalence."""
 
 import math
 import os
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -13,13 +14,14 @@ from transformers import BertConfig, BertModel
 
 from tokprune.backbone import load_tokenizer
 from tokprune.checkpoint import FrozenReference, describe
+from tokprune.methods.protocol import TeacherOutputs
 from tokprune.config import compose
 from tokprune.data import get_task
 from tokprune.encoder import PruneContext
 from tokprune.errors import UsageError
 from tokprune.methods import build_method
 from tokprune.methods.top import (LOG_ALPHA_RANGE, TEMPERATURE, Method, TopPruner, deterministic_mask,
-                                  encoder_macs, log_alpha_for, logit_distillation, prob_nonzero, rank_distillation_loss,
+                                  log_alpha_for, logit_distillation, prob_nonzero, rank_distillation_loss,
                                   sample_hard_concrete)
 
 from conftest import random_batch, tiny_bert
@@ -28,7 +30,7 @@ LAYERS = 4  # prunable layers 2 and 3 by default; distilled layer 1
 
 
 def make(*overrides: str, seed: int = 0, layers: int = LAYERS, task: str = "sst2") -> Method:
-    cfg = compose(["method=top", "model=tiny", f"task={task}", *overrides])
+    cfg = compose(["method=top", "model=tiny", f"task={task}", "protocol=paper", *overrides])  # the paper's losses
     return build_method(cfg, tiny_bert(seed=seed, layers=layers), get_task(task))
 
 
@@ -47,7 +49,7 @@ def attach_teacher(module: Method, seed: int = 1) -> None:
     """An in-memory unpruned teacher of the same shape (no checkpoint file needed)."""
     teacher = build_method(compose(["method=none", "model=tiny", f"task={module.task.name}"]),
                            tiny_bert(seed=seed, layers=module.encoder.num_layers), module.task)
-    module.teacher = FrozenReference(teacher, path=None)
+    module.teacher = TeacherOutputs(FrozenReference(teacher, path=None))
 
 
 # -- hard-concrete masks --------------------------------------------------------------------
@@ -124,10 +126,8 @@ def measured_and_expected_sparsity(eval_masks: str, seed: int) -> tuple[float, f
     batch = random_batch(batch=32, length=64, vocab=50, seed=seed)
     with torch.no_grad():
         _, out = module(batch, hard=True)
-    sizes = (384, 12, 1536, False)
-    measured = 1 - (encoder_macs(out.kept_counts().T.double(), *sizes)
-                    / encoder_macs(out.lengths[:, None].expand(-1, 6).double(), *sizes)).mean()
-    return float(measured), float(module.expected_sparsity(out.lengths).detach())
+    measured = 1 - module.flops_model().batch(out, 64).ratio_real
+    return float(measured), 1 - float(module.expected_flops_ratio(out).detach())
 
 
 def test_measured_sparsity_of_the_evaluation_masks_lands_within_005_of_the_expected():
@@ -197,9 +197,8 @@ def hand_sparsity(lengths, ratios, hidden, heads, ffn, next_ffn=False):
     return 1 - total / len(lengths)
 
 
-@pytest.mark.parametrize("ffn_length", ["own", "next"])
-def test_expected_sparsity_is_the_analytic_macs_with_the_backbones_own_sizes(ffn_length):
-    module = minilm_sized_method(f"method.ffn_length={ffn_length}")
+def test_expected_sparsity_is_the_shared_flops_model_at_the_references_expected_lengths():
+    module = minilm_sized_method()
     assert module.pruner.layers == [2, 3, 4, 5]
     token_p = [[0.6] * 4, [0.2, 0.8, 0.2, 0.8], [0.9] * 4, [0.5] * 4]
     layer_p = [0.5, 0.9, 0.25, 0.7]
@@ -209,21 +208,25 @@ def test_expected_sparsity_is_the_analytic_macs_with_the_backbones_own_sizes(ffn
     for row, gate in zip(token_p, layer_p):
         ratio *= 1 - (1 - sum(row) / len(row)) * gate
         ratios.append(ratio)
-    lengths = [12, 64, 128]
-    s_hat = float(module.expected_sparsity(torch.tensor(lengths)).detach())
-    nxt = ffn_length == "next"
-    assert s_hat == pytest.approx(hand_sparsity(lengths, ratios, 384, 12, 1536, nxt), rel=1e-5)
-    assert s_hat != pytest.approx(hand_sparsity(lengths, ratios, 768, 12, 3072, nxt), rel=1e-3)  # not BERT-base's
+    lengths = torch.tensor([12, 40, 64])
+    out = SimpleNamespace(lengths=lengths)
+    kept = (lengths[None, :] - 1) * torch.tensor(ratios)[:, None] + 1  # (n - 1) * ratio + 1, [CLS] always
+    torch.testing.assert_close(module.expected_kept(out), kept)
+    expected = module.expected_flops_ratio(out)
+    assert float(expected) == pytest.approx(float(module.flops_model().expected_ratio(kept.double(), lengths)), rel=1e-5)
+    # the reference's hand-written MACs with MiniLM's sizes agree to within fvcore's layer norms and biases
+    assert 1 - float(expected) == pytest.approx(hand_sparsity(lengths.tolist(), ratios, 384, 12, 1536), abs=0.02)
 
 
 def test_multipliers_ascend_so_the_penalty_grows_while_sparsity_is_below_target():
     module = make("method.target_sparsity=0.5", "method.target_warmup=0", "method.reg_lr=0.05")
-    optimizer = torch.optim.AdamW(module.own_parameter_groups())
-    lengths = torch.tensor([16, 12, 9])
+    optimizer = torch.optim.AdamW([g for g in module.parameter_groups() if g.get("constant_lr")])
+    out = SimpleNamespace(lengths=torch.tensor([16, 12, 9]))
     penalties, sparsities = [], []
     for _ in range(8):
-        penalty, s_hat, target = module.lagrangian(lengths)
-        assert target == 0.5 and float(s_hat) < target
+        penalty = module.flops_constraint(out)
+        s_hat, target = 1 - float(module.expected_flops_ratio(out)), 1 - module.flops_target.at(module.flops_ramp())
+        assert target == pytest.approx(0.5) and s_hat < target
         penalties.append(float(penalty))
         sparsities.append(float(s_hat))
         optimizer.zero_grad()
@@ -242,7 +245,8 @@ def test_target_ramps_and_the_ranking_weight_decays_with_the_warmup():
     for progress, target, weight in [(0.0, 0.0, 0.1), (0.25, 0.3, 0.05), (0.5, 0.6, 0.001), (1.0, 0.6, 0.001)]:
         type(module).progress = property(lambda self, p=progress: p)
         try:
-            assert module.target() == pytest.approx(target) and module.rank_weight() == pytest.approx(weight)
+            ramped = 1 - module.flops_target.at(module.flops_ramp())
+            assert ramped == pytest.approx(target) and module.rank_weight() == pytest.approx(weight)
         finally:
             del type(module).progress
 
@@ -320,8 +324,8 @@ def test_losses_replace_the_task_loss_and_log_nothing_outside_a_trainer():
     batch = labelled_batch()
     logits, out = module(batch)
     terms = module.losses(logits, out, batch)
-    assert set(terms) == {"distill_loss", "rank_loss", "lagrangian"}
-    assert float(terms["rank_loss"]) > 0 and float(terms["lagrangian"]) == 0.0  # multipliers start at 0
+    assert set(terms) == {"distill_loss", "rank_loss", "flops_constraint"}
+    assert float(terms["rank_loss"]) > 0 and float(terms["flops_constraint"]) == 0.0  # multipliers start at 0
     sum(terms.values()).backward()
     assert module.encoder.layers[1].attention.self.query.weight.grad is not None  # the ranking reaches layer 1
 
@@ -436,7 +440,7 @@ def test_a_pruned_teacher_is_refused(tmp_path):
 def test_the_teacher_stays_frozen_and_the_student_starts_from_it(teacher_checkpoint):
     module = make(f"method.teacher_checkpoint={teacher_checkpoint}", "method.reg_lr=0.05", "train.lr=1e-3")
     module.prepare_fit()
-    teacher = module.teacher.module
+    teacher = module.teacher.teacher.module
     for name, value in teacher.state_dict().items():  # the student starts from the teacher's weights
         torch.testing.assert_close(module.state_dict()[name], value)
     assert not any(k.startswith("teacher") for k in module.state_dict())

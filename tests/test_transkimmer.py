@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from tokprune.backbone import load_tokenizer
 from tokprune.checkpoint import FrozenReference, describe
+from tokprune.methods.protocol import TeacherOutputs
 from tokprune.config import compose
 from tokprune.data import get_task
 from tokprune.encoder import EncoderOutput
@@ -33,7 +34,7 @@ def one_thread():
 
 
 def make_method(*overrides: str, seed: int = 0, layers: int = LAYERS) -> Method:
-    cfg = compose(["method=transkimmer", "model=tiny", *overrides])
+    cfg = compose(["method=transkimmer", "model=tiny", "protocol=paper", *overrides])  # the paper's losses
     return build_method(cfg, tiny_bert(seed=seed, layers=layers), get_task("sst2"))
 
 
@@ -77,6 +78,7 @@ def test_a_checkpoint_config_without_the_new_keys_builds_as_before():
     cfg = compose(["method=transkimmer", "model=tiny", "method.skim_lambda=0.1"])
     for key in DEFAULTS:
         del cfg.method[key]
+    del cfg["protocol"]  # written before protocols: the paper's recipe
     module = build_method(cfg, tiny_bert(), get_task("sst2"))
     assert module.option("skim_loss_on") == "cumulative" and not hasattr(module, "multipliers")
     batch = labelled_batch()
@@ -454,7 +456,7 @@ def test_lagrangian_multipliers_ascend_with_their_own_constant_lr():
 def attach_teacher(module: Method, seed: int = 5) -> None:
     teacher = build_method(compose(["method=none", "model=tiny", f"task={module.task.name}"]),
                            tiny_bert(seed=seed, layers=module.encoder.num_layers), module.task)
-    module.teacher = FrozenReference(teacher, path=None)
+    module.teacher = TeacherOutputs(FrozenReference(teacher, path=None))
 
 
 @pytest.mark.parametrize("weight", [0.3, 1.0])
@@ -462,7 +464,7 @@ def test_distillation_replaces_that_share_of_the_task_loss_and_the_teacher_stays
     module = make_method("method.teacher_checkpoint=in-memory", f"method.distill_weight={weight}",
                          "method.temperature=2.0").train()
     attach_teacher(module)
-    teacher = module.teacher.module
+    teacher = module.teacher.teacher.module
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     batch = labelled_batch()
     logits, out = module(batch)
@@ -490,7 +492,7 @@ def test_without_a_teacher_checkpoint_there_is_no_distillation():
 
 
 def test_regression_distils_the_teachers_prediction():
-    cfg = compose(["method=transkimmer", "model=tiny", "task=stsb", "method.teacher_checkpoint=x",
+    cfg = compose(["method=transkimmer", "model=tiny", "task=stsb", "protocol=paper", "method.teacher_checkpoint=x",
                    "method.distill_weight=0.5"])
     module = build_method(cfg, tiny_bert(), get_task("stsb"))
     attach_teacher(module)
@@ -499,7 +501,7 @@ def test_regression_distils_the_teachers_prediction():
     logits, out = module(batch)
     terms = module.losses(logits, out, batch)
     with torch.no_grad():
-        teacher_logits, _ = module.teacher(batch, hard=False)
+        teacher_logits, _ = module.teacher.teacher(batch, hard=False)
     torch.testing.assert_close(terms["distill_loss"], 0.5 * F.mse_loss(logits.squeeze(-1), teacher_logits.squeeze(-1)))
 
 
@@ -522,7 +524,7 @@ def test_a_fit_with_every_option_loads_a_frozen_teacher_and_moves_the_multiplier
                          "method.skim_layer_weights=[0,1,1]", "method.skim_norm=padded", "method.predictor_lr=1e-3",
                          "method.target_lr=0.05", "train.lr=1e-3")
     module.prepare_fit()
-    teacher = module.teacher.module
+    teacher = module.teacher.teacher.module
     for name, value in teacher.state_dict().items():  # init_checkpoint: the same file, so the same weights
         torch.testing.assert_close(module.state_dict()[name], value)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}

@@ -25,10 +25,11 @@ GROUPS = ("task", "model", "budget")
 
 def result_overrides(cfg: DictConfig) -> list[str]:
     """The run's non-method settings that differ from its groups' defaults and can change a
-    result (not paths, logging or the store): what tells two baselines of a task apart."""
+    result (not paths, logging or the store, nor the protocol, which the unpruned baseline does
+    not follow): what tells two baselines of a task apart."""
     reference = flat_params(compose([*(f"{g}={cfg[g].name}" for g in GROUPS), f"seed={cfg.seed}"]))
     return sorted(override(key, value) for key, value in flat_params(cfg).items()
-                  if not key.startswith(("method.", "sweep.", "seed", *NEUTRAL)) and reference.get(key) != value)
+                  if not key.startswith(("method.", "protocol.", "sweep.", "seed", *NEUTRAL)) and reference.get(key) != value)
 
 
 def baseline_key(cfg: DictConfig) -> dict[str, str]:

@@ -114,6 +114,17 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     **{f"model.random_init.{k}": Rule(INT, low=1)
        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")},
     "budget.name": STR,
+    "protocol.name": STR,
+    "protocol.baseline_checkpoint": Rule("str", nullable=True),  # existence and fit: checked when it loads
+    "protocol.distill_weight": Rule(FLOAT, low=0, high=1),
+    "protocol.temperature": Rule(FLOAT, low=0, low_open=True),
+    "protocol.teacher_cache": Rule("bool"),
+    "protocol.target_flops": Rule(FLOAT, low=0, high=1, low_open=True),  # a FLOPs ratio at real length
+    "protocol.target_warmup": Rule(FLOAT, low=0, high=1),  # a fraction of training
+    "protocol.constraint": Rule("str", choices=("lagrangian", "quadratic")),
+    "protocol.target_lr": Rule(FLOAT, low=0, low_open=True),
+    "protocol.constraint_weight": Rule(FLOAT, low=0),
+    "protocol.selection_epsilon": Rule(FLOAT, low=0, high=1),
     "data.glue_dir": PATH,
     "data.hub_dataset": STR,
     "data.train_subset": Rule(INT, nullable=True, low=1),
@@ -225,7 +236,6 @@ METHOD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "bins": Rule(INT, low=1),
         "prunable_layers": Rule(nullable=True, special=_layer_list),
         "selection_epsilon": Rule(FLOAT, low=0, high=1),
-        "ffn_length": Rule("str", choices=("own", "next")),
         "eval_masks": Rule("str", choices=("expected", "reference")),
         "regression_target": Rule("str", choices=("labels", "teacher")),
     },

@@ -1,6 +1,6 @@
 """Compose a run's configuration from the YAML files in ``conf/``.
 
-``defaults.yaml`` is the base; one file per group (method, task, model, budget) is merged
+``defaults.yaml`` is the base; one file per group (model, task, method, budget, protocol) is merged
 on top in that order, then each group file's ``per_task.<task>`` section, then dotted
 ``key=value`` overrides. Every key a run can take exists in ``defaults.yaml`` or a group
 file, so a typo is an error rather than a silently ignored setting.
@@ -18,7 +18,7 @@ from tokprune.checks import check_config
 from tokprune.errors import UsageError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "task", "method", "budget")
+GROUPS = ("model", "task", "method", "budget", "protocol")
 
 
 def choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:

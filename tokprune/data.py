@@ -164,6 +164,7 @@ def _parse_label(raw: str, task: GlueTask, path: Path, lineno: int):
 
 
 SPLITS = ("train", "dev")
+ROW = "row"  # training batches carry each example's index in the (subset) training set under this key
 
 
 def split_file(task: GlueTask, split: str) -> str:
@@ -258,7 +259,10 @@ class GlueDataModule(L.LightningDataModule):
         sizes = {"train": self.train_subset, "dev": self.eval_subset}
         for split, ds in raw.items():
             ds = seeded_subset(ds, sizes[split], self.seed)
-            self.splits[split] = ds.map(self._tokenize, batched=True, remove_columns=ds.column_names)
+            ds = ds.map(self._tokenize, batched=True, remove_columns=ds.column_names)
+            if split == "train":  # lets a method look up per-row values computed once (a teacher's outputs)
+                ds = ds.add_column(ROW, list(range(len(ds))))
+            self.splits[split] = ds
             self.splits[split].set_format("torch")
 
     def _tokenize(self, rows: dict) -> dict:

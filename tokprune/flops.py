@@ -186,6 +186,37 @@ class FlopsCounter:
         self._ensure(entering)
         return torch.gather(self._table[self._pruner_rows], 1, entering)
 
+    def coefficients(self) -> Tensor:
+        """rows x 3: each row's FLOPs as ``c0 + c1*n + c2*n^2`` in the length n, solved from its
+        traces at n = 1, 2, 3. Exact: a BERT layer's counted ops are linear maps (n), attention's
+        two matmuls (n^2) and layer norms (n), so the table and the polynomial agree at every
+        length (tests/test_flops.py checks one far from 1..3)."""
+        if getattr(self, "_coefficients", None) is None:
+            self._ensure(torch.tensor([1, 2, 3]))
+            vandermonde = torch.tensor([[1.0, n, n * n] for n in (1, 2, 3)], dtype=torch.float64)
+            self._coefficients = torch.linalg.solve(vandermonde, self._table[:, 1:4].T).T
+        return self._coefficients
+
+    def expected_ratio(self, counts: Tensor, lengths: Tensor) -> Tensor:
+        """The FLOPs ratio at real length of a batch whose layers compute ``counts`` (L x B, may be
+        fractional and carry gradients: expected kept tokens from soft decisions), against the same
+        examples unpruned, as ``batch().ratio_real`` aggregates it (FLOPs summed over the batch, the
+        pruner's own cost and the embeddings included). For whole counts it *is* that ratio: the
+        differentiable twin of the measured one, the one FLOPs model every method's target uses."""
+        coefficients = self.coefficients().to(device=counts.device, dtype=counts.dtype)
+
+        def cost(rows: Tensor, n: Tensor) -> Tensor:
+            c = coefficients[rows.to(counts.device)]
+            return c[:, :1] + c[:, 1:2] * n + c[:, 2:3] * n * n
+
+        lengths = lengths.to(counts.dtype)
+        pruned = cost(self._layer_rows, counts).sum()
+        if self.has_pruner_cost:  # before layer l the pruner sees the tokens layer l-1 computed
+            entering = torch.cat([lengths[None].expand(1, -1), counts[:-1]])
+            pruned = pruned + cost(self._pruner_rows, entering).sum()  # layers without one: a row of zeros
+        fixed = self.embeddings(lengths).sum()
+        return (pruned + float(fixed)) / self.unpruned(lengths)
+
     def batch(self, out: EncoderOutput, max_length: int) -> BatchFlops:
         """FLOPs of a batch the encoder ran, with both references."""
         lengths = out.lengths.detach().long().cpu()

@@ -135,7 +135,7 @@ def train(cfg: DictConfig, callbacks: list | None = None, tags: dict[str, str] |
     if key and not OmegaConf.select(cfg, key):  # e.g. ToP's teacher: the baseline run's checkpoint
         OmegaConf.update(cfg, key, find_or_train(cfg).data.tags["checkpoint"])
         print(f"{key}={OmegaConf.select(cfg, key)} (the unpruned baseline's)")
-    module.prepare_fit()  # initial weights, a teacher: their errors come before the run opens too
+    module.prepare_fit(datamodule)  # initial weights, a teacher: their errors come before the run opens too
     if tags is None and cfg.method.name == "none":  # a plain unpruned run: the baseline later runs find
         tags = baseline_tags(cfg)
     logger = make_logger(cfg, tags)

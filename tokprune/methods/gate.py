@@ -24,10 +24,17 @@ weighted by layer, their own lr, then hard extraction of the top tokens by atten
 - inference: a rank is kept iff its gate > ``threshold`` (``inference: threshold``), or the
   top ``floor(sum_r g_l[r])`` ranks (``top_sum``; with bins, that share of the live tokens).
 
-Loss (``w_l = (l+1)/L``, ``rho`` ramping 0 -> 1 from ``bimodal_start`` over ``bimodal_ramp``
-of training, because at g = 1 the bi-modal gradient holds gates open)::
+Loss under ``protocol=paper`` (``w_l = (l+1)/L``, ``rho`` ramping 0 -> 1 from ``bimodal_start`` over
+``bimodal_ramp`` of training, because at g = 1 the bi-modal gradient holds gates open)::
 
     task + lambda_sparse * sum_l w_l * mean_r g_l[r] + rho * lambda_bimodal * sum_l mean_r g_l[r] (1 - g_l[r])
+
+Under ``protocol=shared`` (``methods.protocol``) the sparsity term gives way to the shared FLOPs
+target, whose expected ratio is the gate values summed per layer (the expected kept tokens) in the
+backbone's per-layer costs; that removes ``lambda_sparse``'s cliff. The task term is the shared
+distillation blend; the bi-modal term stays (it makes the gates binary, i.e. soft = hard)::
+
+    (1 - w) task + w KD + rho * lambda_bimodal * sum_l mean_r g(1 - g) + FLOPs constraint
 """
 
 from __future__ import annotations
@@ -101,7 +108,9 @@ class GatePruner(Pruner):
 
 
 class Method(PruningModule):
-    """Task loss + layer-weighted gate sparsity + a ramped-in bi-modal term."""
+    """Task loss + layer-weighted gate sparsity (or the FLOPs target) + a ramped-in bi-modal term."""
+
+    follows_protocol = learns_decisions = True
 
     def build_pruner(self) -> Pruner:
         m = self.cfg.method
@@ -120,14 +129,13 @@ class Method(PruningModule):
             return 0.0
         return 1.0 if m.bimodal_ramp <= 0 else min(1.0, (self.progress - m.bimodal_start) / m.bimodal_ramp)
 
-    def losses(self, logits: Tensor, out: EncoderOutput, batch: dict) -> dict[str, Tensor]:
+    def pruning_losses(self, logits: Tensor, out: EncoderOutput, batch: dict) -> dict[str, Tensor]:
         m, gates = self.cfg.method, self.pruner.gates()
-        weights = self.layer_weights().to(gates)
-        sparsity = (weights * gates.mean(1)).sum()
-        bimodal = (gates * (1 - gates)).mean(1).sum()
-        return {**super().losses(logits, out, batch),
-                "sparsity_loss": m.lambda_sparse * sparsity,
-                "bimodal_loss": self.bimodal_ramp() * m.lambda_bimodal * bimodal}
+        terms = {"bimodal_loss": self.bimodal_ramp() * m.lambda_bimodal * (gates * (1 - gates)).mean(1).sum()}
+        if self.flops_target is None:  # protocol=paper: the sparsity term sets the operating point
+            sparsity = (self.layer_weights().to(gates) * gates.mean(1)).sum()
+            terms["sparsity_loss"] = m.lambda_sparse * sparsity
+        return terms
 
     def own_parameter_groups(self) -> list[dict]:
         return [{"params": [self.pruner.weights], "lr": float(self.cfg.method.gate_lr), "weight_decay": 0.0}]

@@ -6,4 +6,4 @@ from tokprune.methods.base import PruningModule
 class Method(PruningModule):
     """The unpruned baseline: the shared module with its keep-everything pruner."""
 
-    selection_rule = "best_metric"  # nothing is pruned, so the best epoch costs no FLOPs
+    untargeted_selection_rule = "best_metric"  # nothing is pruned, so the best epoch costs no FLOPs

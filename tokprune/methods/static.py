@@ -10,10 +10,18 @@ received the most attention in the previous layer, with
 a geometric decay that reaches ``keep_last`` at the last layer. Masks are binary, so
 training (optional: ``finetune: true``) and evaluation compute the same thing.
 
-The weights are the unpruned baseline's (``init_checkpoint``; left empty, the baseline of the
-same task, model, budget and seed is found in the MLflow store or trained once). With
-``finetune: false`` (default) a run is one evaluation: no training step, so a sweep trial
-costs a dev pass.
+The weights are the unpruned baseline's (``init_checkpoint``, or ``protocol.baseline_checkpoint``;
+left empty, the baseline of the same task, model, budget and seed is found in the MLflow store or
+trained once).
+
+- ``protocol=shared`` (default): ``keep_last`` is the largest (to 1e-4) whose schedule meets
+  ``protocol.target_flops`` on the training rows (the FLOPs ratio at real length, measured with
+  the backbone's fvcore costs), and the weights are fine-tuned under that fixed schedule with the
+  shared distillation: the honest answer to "what does learning the decisions buy" at the same
+  target. The chosen ``keep_last`` is written into the run's config (so its checkpoint rebuilds
+  the same schedule);
+- ``protocol=paper``: ``keep_last`` as given; with ``finetune: false`` (default) a run is one
+  evaluation, no training step, so a sweep trial costs a dev pass.
 """
 
 from __future__ import annotations
@@ -21,7 +29,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokprune.checkpoint import load_weights
 from tokprune.encoder import PruneContext, Pruner
 from tokprune.errors import UsageError
 from tokprune.methods.base import PruningModule
@@ -58,9 +65,11 @@ class TopKSchedule(Pruner):
 
 
 class Method(PruningModule):
-    """The baseline's weights under a fixed schedule; fine-tuned with it only if asked."""
+    """The baseline's weights under a fixed schedule; fine-tuned with it under protocol=shared or
+    when asked."""
 
-    baseline_checkpoint_key = "method.init_checkpoint"
+    follows_protocol = True
+    paper_init_key = paper_baseline_checkpoint_key = "method.init_checkpoint"
 
     def build_pruner(self) -> Pruner:
         m = self.cfg.method
@@ -68,10 +77,34 @@ class Method(PruningModule):
 
     @property
     def trains(self) -> bool:
-        return bool(self.cfg.method.finetune)
+        return self.shared or bool(self.cfg.method.finetune)
 
-    def prepare_fit(self) -> None:
-        load_weights(self, self.cfg.method.init_checkpoint, "method.init_checkpoint")
+    def prepare_fit(self, datamodule=None) -> None:
+        if self.shared and datamodule is not None:
+            lengths = torch.tensor([len(ids) for ids in datamodule.splits["train"].with_format(None)["input_ids"]])
+            keep_last = self.keep_last_for(float(self.cfg.protocol.target_flops), lengths)
+            self.cfg.method.keep_last = keep_last
+            self.pruner = self.build_pruner()
+        super().prepare_fit(datamodule)
+
+    def flops_ratio(self, keep_last: float, lengths: Tensor) -> float:
+        """The schedule's FLOPs ratio at real length on examples of these lengths."""
+        schedule = TopKSchedule.geometric(self.encoder.num_layers, self.cfg.method.first_pruned_layer, keep_last)
+        counts = torch.stack([torch.ceil(lengths * schedule.fractions[layer]).clamp(min=1)
+                              if layer in schedule.fractions else lengths.double()
+                              for layer in range(self.encoder.num_layers)]).double()
+        return float(self.flops_model().expected_ratio(counts, lengths))
+
+    def keep_last_for(self, target: float, lengths: Tensor, tolerance: float = 1e-4) -> float:
+        """The largest ``keep_last`` whose schedule's FLOPs ratio on ``lengths`` is <= ``target``
+        (bisection: the ratio grows with keep_last); the smallest tried when none meets it."""
+        low, high = tolerance, 1.0
+        if self.flops_ratio(high, lengths) <= target:
+            return high
+        while high - low > tolerance:
+            middle = (low + high) / 2
+            low, high = (middle, high) if self.flops_ratio(middle, lengths) <= target else (low, middle)
+        return round(low, 6)
 
     def state_tables(self) -> dict[str, str]:
         rows = [f"{layer}\t{fraction:.4f}" for layer, fraction in sorted(self.pruner.fractions.items())]

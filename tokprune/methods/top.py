@@ -61,13 +61,18 @@ Reference facts (microsoft/Moonlit, folder ``ToP``; lines of the files as fetche
 
 Ours, and why:
 
-- the per-layer MACs use the backbone's own sizes (``BertConfig``), not BERT-base's;
-- ``ffn_length: own`` (default) counts a layer's FFN at that layer's own length: our encoder
-  removes tokens *before* a layer and runs a layer's FFN on every token its attention computed,
-  which is what the FLOPs callback measures and the selection constraint reads. The reference's
-  count (``next``) assumes a deployment that skips the FFN of tokens about to be dropped, which
-  neither it nor we implement; with it, ``s_hat`` overstates the measured saving (on MiniLM about
-  half a layer's FFN per pruned layer);
+- the expected sparsity is ``1 - expected FLOPs ratio`` from the one FLOPs model every method's
+  target uses (``flops.FlopsCounter.expected_ratio``: the backbone's own fvcore per-layer costs,
+  exact polynomials in the length, summed over the batch as the FLOPs callback measures), not a
+  second hand-written MAC formula: with BERT-base's hard-coded sizes the reference's is wrong for
+  MiniLM, and its FFN at the *next* layer's length assumes a deployment that skips the FFN of
+  tokens about to be dropped, which neither it nor we implement. Each layer's FFN is counted at
+  its own length, what our encoder runs and the selection constraint reads;
+- ``protocol=shared`` (``methods.protocol``) replaces the paper's own target by the shared
+  ``protocol.target_flops`` (its warm-up and multipliers' lr too) and takes the teacher from
+  ``protocol.baseline_checkpoint``; under ``protocol=paper`` ``target_sparsity``, ``target_warmup``
+  and ``reg_lr`` hold as in the paper. The teacher's outputs per training row are computed once
+  and reused (``protocol.teacher_cache``), in both protocols;
 - importance averages over real, kept query rows, before attention dropout (the encoder's
   ``received_attention``); the reference averages over all rows, padding included, after dropout;
 - bins by exact integer floor; the reference divides by ``len + 1e-6``, which moves a rank that
@@ -92,7 +97,8 @@ Ours, and why:
 - the multipliers' ascent flips their gradient inside the graph (``2*lambda.detach() - lambda``:
   same value, gradient negated) and uses AdamW with lr ``+reg_lr``; AdamW rejects the reference's
   negative lr, and with weight decay 0 the two updates are identical (``tokprune.methods.constraints``,
-  shared with Transkimmer's ``skim_target``; the logit distillation is ``tokprune.methods.distill``);
+  held by the shared module for every method's FLOPs target; the logit distillation is
+  ``tokprune.methods.distill``);
 - default ``distill_layers`` ``range(1, max(2, L // 3))``: the reference's rule with at least one
   layer. Layer 1's attention makes the first pruning decision (before layer 2), which is why the
   paper distils the early layers; on a 6-layer MiniLM that is layer 1 alone;
@@ -107,7 +113,10 @@ Loss (``P`` = P(z>0); ``t`` the warmed-up target; ``w = min(1, progress / target
 
     KL(teacher || student) at temperature T, times T^2   (regression: MSE to the labels, or the teacher)
     + distill_alpha * max(0.01, 1 - w) * sum_{distilled layers} rank_loss
-    + lambda1 * (s_hat(P) - t) + lambda2 * (s_hat(P) - t)^2      (lambdas ascend)
+    + lambda1 * (s_hat(P) - t) + lambda2 * (s_hat(P) - t)^2      (lambdas ascend; methods.base)
+
+with ``s_hat = 1 - expected FLOPs ratio`` and ``t = 1 - the target ratio`` (``protocol.target_flops``
+under protocol=shared, ``1 - target_sparsity`` under protocol=paper).
 """
 
 from __future__ import annotations
@@ -118,14 +127,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tokprune.checkpoint import FrozenReference, load_weights
 from tokprune.encoder import EncoderOutput, PruneContext, Pruner, received_attention, untraced
 from tokprune.errors import UsageError
-from tokprune.flops import analytic_layer_macs
 from tokprune.methods import constraints
 from tokprune.methods.base import PruningModule
-from tokprune.methods.distill import load_teacher, logit_distillation
-from tokprune.selection import Validation
+from tokprune.methods.distill import logit_distillation
+from tokprune.methods.protocol import FlopsTarget
 
 LIMIT_A, LIMIT_B = -0.1, 1.1  # the stretched interval of the hard-concrete distribution
 TEMPERATURE = 2.0 / 3.0  # hard-concrete temperature
@@ -292,28 +299,6 @@ def layer_keep_ratios(token_p: Tensor, layer_p: Tensor, layers: list[int], num_l
     return torch.stack(ratios)
 
 
-def encoder_macs(lengths: Tensor, hidden: int, heads: int, intermediate: int, ffn_at_next: bool) -> Tensor:
-    """B x L token counts -> B MACs of the encoder (``flops.analytic_layer_macs`` per layer); the
-    FFN of layer l at layer l's length, or at layer l+1's (``ffn_at_next``, the reference's count)."""
-    attention = analytic_layer_macs(lengths, hidden, heads, 0)
-    ffn_lengths = torch.cat([lengths[:, 1:], lengths[:, -1:]], dim=1) if ffn_at_next else lengths
-    ffn = analytic_layer_macs(ffn_lengths, hidden, heads, intermediate) - analytic_layer_macs(ffn_lengths, hidden,
-                                                                                              heads, 0)
-    return (attention + ffn).sum(1)
-
-
-def expected_sparsity(token_p: Tensor, layer_p: Tensor, layers: list[int], num_layers: int, lengths: Tensor,
-                      hidden: int, heads: int, intermediate: int, ffn_at_next: bool = False) -> Tensor:
-    """``1 - mean_b(MACs_pruned / MACs_full)``: example b computes ``(n_b - 1) * ratio_l + 1`` tokens
-    in layer l (``layer_keep_ratios``; [CLS] always), ``n_b`` tokens unpruned."""
-    ratios = layer_keep_ratios(token_p, layer_p, layers, num_layers)
-    n = lengths.to(token_p.dtype)[:, None]
-    pruned = (n - 1) * ratios[None, :] + 1
-    full = n.expand_as(pruned)
-    sizes = (hidden, heads, intermediate, ffn_at_next)
-    return 1 - (encoder_macs(pruned, *sizes) / encoder_macs(full, *sizes).clamp(min=1)).mean()
-
-
 def rank_distillation_loss(student: Tensor, teacher: Tensor, padding: Tensor, topk: int) -> Tensor:
     """LambdaLoss ARP-2 (sigma 1) of the student's token scores against the teacher's ranking.
 
@@ -345,23 +330,20 @@ def rank_distillation_loss(student: Tensor, teacher: Tensor, padding: Tensor, to
 class Method(PruningModule):
     """Teacher-distilled student whose token masks meet a FLOPs target through a Lagrangian."""
 
-    selection_rule = "best_meeting_constraint"
-    baseline_checkpoint_key = "method.teacher_checkpoint"  # empty: the baseline run, found or trained once
+    follows_protocol = learns_decisions = needs_teacher = True
+    # protocol=paper: the teacher is the student's start too; empty: the baseline run, found or trained once
+    paper_init_key = paper_teacher_key = paper_baseline_checkpoint_key = WHAT
 
     def __init__(self, cfg, bert, task):
         super().__init__(cfg, bert, task)
         m, num_layers = cfg.method, self.encoder.num_layers
-        self.multipliers = constraints.multipliers()  # lambda1, lambda2 of the Lagrangian
         layers = m.distill_layers
         self.distill_layers = list(range(1, max(2, num_layers // 3))) if layers is None else list(layers)
         if not self.distill_layers or any(not 0 <= layer < num_layers for layer in self.distill_layers):
             raise UsageError(f"method.distill_layers must be at least one layer in 0..{num_layers - 1}, "
                              f"not {self.distill_layers}")
-        if m.ffn_length not in ("own", "next"):
-            raise UsageError(f"method.ffn_length must be own or next, not {m.ffn_length!r}")
         if m.regression_target not in ("labels", "teacher"):
             raise UsageError(f"method.regression_target must be labels or teacher, not {m.regression_target!r}")
-        self.teacher: FrozenReference | None = None
 
     @staticmethod
     def default_prunable_layers(num_layers: int) -> list[int]:
@@ -374,94 +356,69 @@ class Method(PruningModule):
         # a checkpoint written before eval_masks existed was selected with the reference's masks
         return TopPruner(num_layers, layers, int(m.bins), m.get("eval_masks", "reference"))
 
+    def own_flops_target(self) -> FlopsTarget:
+        """protocol=paper: FLOPs ratio ``1 - target_sparsity``, ramped in over ``target_warmup``, held by
+        the Lagrangian with multipliers at ``reg_lr``; selection within ``selection_epsilon``."""
+        m = self.cfg.method
+        return FlopsTarget(1 - float(m.target_sparsity), float(m.target_warmup), "lagrangian", 0.0,
+                           float(m.reg_lr), float(m.get("selection_epsilon", 0.01)))
+
     # -- fitting ---------------------------------------------------------------------------
 
-    def prepare_fit(self) -> None:
+    def prepare_fit(self, datamodule=None) -> None:
         """Load the teacher (frozen) and start the student from its weights; freeze the embeddings."""
-        path = self.cfg.method.teacher_checkpoint
-        if not path:
+        if not self.shared and not self.cfg.method.teacher_checkpoint:
             raise UsageError("method=top distils from the fine-tuned unpruned model: set "
                              "method.teacher_checkpoint=<best.ckpt of a method=none run> of the same task and "
                              "model (train and sweep fill it with the baseline run's, found in the MLflow store or trained once)")
-        self.teacher = load_teacher(path, self.cfg, WHAT)
-        load_weights(self, path, WHAT, skip=("pruner.", "multipliers"))
+        super().prepare_fit(datamodule)
         for name, param in self.named_parameters():
             if "embeddings" in name:
                 param.requires_grad_(False)
 
-    def on_fit_start(self) -> None:
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-
     def own_parameter_groups(self) -> list[dict]:
-        """Masks and multipliers: AdamW at a constant ``reg_lr``, no weight decay (the multipliers
-        ascend: their gradient is negated in ``lagrangian``)."""
-        reg_lr = self.cfg.method.reg_lr
-        return [constraints.constant_group([self.pruner.token_log_alpha, self.pruner.layer_log_alpha], reg_lr),
-                constraints.constant_group([self.multipliers], reg_lr)]
+        """Masks: AdamW at a constant ``reg_lr``, no weight decay (the multipliers: ``methods.base``)."""
+        return [constraints.constant_group([self.pruner.token_log_alpha, self.pruner.layer_log_alpha],
+                                           self.cfg.method.reg_lr)]
+
+    def unclipped_parameters(self) -> list:
+        """The masks and multipliers are not clipped with the model's gradients (as the reference)."""
+        return [*super().unclipped_parameters(), self.pruner.token_log_alpha, self.pruner.layer_log_alpha]
 
     def after_optimizer_step(self) -> None:
         self.pruner.clamp_()
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip the model's gradients only, not the masks' and multipliers' (as the reference)."""
-        own = [p for group in self.own_parameter_groups() for p in group["params"]]
-        constraints.clip_gradients_except(optimizer, own, gradient_clip_val, gradient_clip_algorithm)
+    # -- the constraint's input and the losses -----------------------------------------------
 
-    # -- schedules and the constraint --------------------------------------------------------
-
-    def warmup_progress(self) -> float:
-        """``min(1, progress / target_warmup)``: the target's ramp, also the ranking weight's decay."""
-        return constraints.linear_ramp(self.progress, float(self.cfg.method.target_warmup))
-
-    def target(self) -> float:
-        return float(self.cfg.method.target_sparsity) * self.warmup_progress()
+    def expected_kept(self, out: EncoderOutput) -> Tensor:
+        """L x B: example b computes ``(n_b - 1) * ratio_l + 1`` tokens in layer l (``layer_keep_ratios``
+        of P(z>0), never samples; [CLS] always), the reference's expected length."""
+        ratios = layer_keep_ratios(self.pruner.token_prob(), self.pruner.layer_prob(), self.pruner.layers,
+                                   self.encoder.num_layers)
+        n = out.lengths.to(ratios.dtype)
+        return (n[None, :] - 1) * ratios[:, None] + 1
 
     def rank_weight(self) -> float:
-        return float(self.cfg.method.distill_alpha) * max(0.01, 1.0 - self.warmup_progress())
+        """``alpha * max(0.01, 1 - ramp)``: the ranking weight decays with the target's warm-up."""
+        return float(self.cfg.method.distill_alpha) * max(0.01, 1.0 - self.flops_ramp())
 
-    def expected_sparsity(self, lengths: Tensor) -> Tensor:
-        """``s_hat`` of the current masks for examples of these real lengths, with the backbone's sizes."""
-        config = self.encoder.config
-        return expected_sparsity(self.pruner.token_prob(), self.pruner.layer_prob(), self.pruner.layers,
-                                 self.encoder.num_layers, lengths, config.hidden_size, config.num_attention_heads,
-                                 config.intermediate_size, ffn_at_next=self.cfg.method.ffn_length == "next")
-
-    def lagrangian(self, lengths: Tensor) -> tuple[Tensor, Tensor, float]:
-        """(``lambda1*(s_hat - t) + lambda2*(s_hat - t)^2``, s_hat, t). Minimising it moves the masks
-        towards the target and, since the multipliers enter with a negated gradient, *raises* the
-        penalty through them while the target is missed (gradient ascent)."""
-        s_hat, t = self.expected_sparsity(lengths), self.target()
-        return constraints.lagrangian(s_hat - t, self.multipliers), s_hat, t
-
-    # -- losses --------------------------------------------------------------------------
-
-    def losses(self, logits: Tensor, out: EncoderOutput, batch: dict) -> dict[str, Tensor]:
-        if self.teacher is None:
-            raise RuntimeError("method=top has no teacher: call prepare_fit() before training")
+    def prediction_losses(self, logits: Tensor, out: EncoderOutput, batch: dict) -> dict[str, Tensor]:
+        """KD from the teacher instead of the labels, plus the ranking distillation."""
         m = self.cfg.method
-        teacher_logits, teacher_out = self.teacher(batch, hard=False)
+        teacher = self.teacher_outputs(batch)
         if not self.task.is_regression:
-            terms = {"distill_loss": logit_distillation(logits, teacher_logits, float(m.temperature))}
+            terms = {"distill_loss": logit_distillation(logits, teacher.logits, float(m.temperature))}
         elif m.regression_target == "teacher":
-            terms = {"distill_loss": F.mse_loss(logits.squeeze(-1), teacher_logits.squeeze(-1))}
+            terms = {"distill_loss": F.mse_loss(logits.squeeze(-1), teacher.logits.squeeze(-1))}
         else:  # the reference: STS-B trains on its labels
             terms = {"task_loss": self.task_loss(logits, batch["labels"])}
-        target = received_attention(teacher_out.attentions[-1], teacher_out.padding)
-        rank = sum(rank_distillation_loss(received_attention(out.attentions[layer], out.keep[layer]), target,
-                                          out.padding, int(m.distill_topk)) for layer in self.distill_layers)
-        penalty, s_hat, t = self.lagrangian(out.lengths)
-        constraints.log_train(self, {"expected_sparsity": s_hat, "target_sparsity": t, "lambda1": self.multipliers[0],
-                                     "lambda2": self.multipliers[1], "rank_loss_unweighted": rank}, len(logits))
-        return {**terms, "rank_loss": self.rank_weight() * rank, "lagrangian": penalty}
+        rank = sum(rank_distillation_loss(received_attention(out.attentions[layer], out.keep[layer]),
+                                          teacher.importance, out.padding, int(m.distill_topk))
+                   for layer in self.distill_layers)
+        constraints.log_train(self, {"rank_loss_unweighted": rank}, len(logits))
+        return {**terms, "rank_loss": self.rank_weight() * rank}
 
-    # -- selection and reporting ---------------------------------------------------------
-
-    def meets_constraint(self, validation: Validation) -> bool:
-        """The measured FLOPs ratio at real length is within ``selection_epsilon`` of the target's."""
-        m = self.cfg.method
-        ratio = validation.get("val/flops_ratio_real")
-        return ratio is not None and ratio <= 1 - float(m.target_sparsity) + float(m.selection_epsilon)
+    # -- reporting ---------------------------------------------------------------------------
 
     def state_tables(self) -> dict[str, str]:
         """Per prunable layer: the layer gate's P(z>0) and evaluation value, the bins kept at

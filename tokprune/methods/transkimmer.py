@@ -46,12 +46,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tokprune.checkpoint import FrozenReference, load_weights
 from tokprune.encoder import EncoderOutput, PruneContext, Pruner
 from tokprune.errors import UsageError
 from tokprune.methods import constraints
 from tokprune.methods.base import PruningModule
-from tokprune.methods.distill import load_teacher, prediction_distillation
 
 SKIM, KEEP = 0, 1  # indices of the predictor's two logits
 DECISION_INIT_STD = 0.02  # std of the last Linear's weights and biases at init (the reference's)
@@ -143,9 +141,12 @@ class SkimPruner(Pruner):
 
 
 class Method(PruningModule):
-    """Task loss (or its blend with a teacher's logits) + a skim term on the kept fraction."""
+    """Task loss (or its blend with a teacher's logits) + a skim term on the kept fraction (or the
+    shared FLOPs target)."""
 
     reference_soft_rule = "post_softmax"  # method.train_attention=reference: probs x mask, no renormalising
+    follows_protocol = learns_decisions = True
+    paper_init_key = "method.init_checkpoint"  # null: the pretrained backbone (the paper's start)
 
     def __init__(self, cfg, bert, task):
         super().__init__(cfg, bert, task)
@@ -159,10 +160,9 @@ class Method(PruningModule):
             raise UsageError(f"method.skim_layer_weights must be {num_layers} non-negative weights (one per layer), "
                              f"not all 0, or null; not {list(weights)}")
         self.layer_weights = [w / sum(weights) for w in weights]  # uniform: the reference's 1/L
-        if self.option("skim_target") is not None and self.option("skim_target_mode") == "lagrangian":
+        if not self.shared and self.option("skim_target") is not None and self.option("skim_target_mode") == "lagrangian":
             self.multipliers = constraints.multipliers()  # lambda1, lambda2; only then (no unused parameters)
-        self.pruner.record_own = self.option("skim_loss_on") == "own"
-        self.teacher: FrozenReference | None = None
+        self.pruner.record_own = not self.shared and self.option("skim_loss_on") == "own"
 
     def option(self, key: str):
         """``method.<key>``; a key that a checkpoint written before it lacks reads as its default."""
@@ -174,38 +174,28 @@ class Method(PruningModule):
                           keep_bias=m.keep_bias, hidden_init_std=config.initializer_range,
                           sampled=self.option("train_decisions") == "sampled")
 
-    # -- fitting -------------------------------------------------------------------------
+    # -- fitting (the start and the teacher: methods.base, by protocol) --------------------
 
-    def prepare_fit(self) -> None:
-        """``method.init_checkpoint``: start from a fine-tuned run (e.g. ``method=none``), its
-        weights but never its pruner, so the predictors keep their keep-biased init.
-        ``method.teacher_checkpoint``: the frozen unpruned model the logits are distilled from."""
-        m = self.cfg.method
-        if m.init_checkpoint:
-            load_weights(self, m.init_checkpoint, "method.init_checkpoint", skip=("pruner.", "multipliers"))
-        teacher = self.option("teacher_checkpoint")
-        if teacher:
-            self.teacher = load_teacher(teacher, self.cfg, "method.teacher_checkpoint")
+    def distillation(self) -> tuple[float, float] | None:
+        """protocol=paper with ``method.teacher_checkpoint``: ``distill_weight`` and ``temperature`` (ours)."""
+        if self.shared:
+            return super().distillation()
+        return (float(self.option("distill_weight")), float(self.option("temperature"))) if self.teacher_key else None
 
-    def on_fit_start(self) -> None:
-        if self.teacher is not None:
-            self.teacher.to(self.device)
+    @property
+    def paper_teacher_key(self) -> str | None:
+        return "method.teacher_checkpoint" if self.option("teacher_checkpoint") else None
 
     def own_parameter_groups(self) -> list[dict]:
         """With ``method.predictor_lr`` set, the predictors get that lr (ours); else train.lr.
-        The multipliers of ``skim_target_mode=lagrangian``: ``method.target_lr``, constant, no decay."""
+        protocol=paper, ``skim_target_mode=lagrangian``: the multipliers at ``method.target_lr``."""
         groups = []
         predictor_lr = self.cfg.method.predictor_lr
         if predictor_lr is not None:
             groups += self.decay_groups(self.pruner.parameters(), self.cfg.train.weight_decay, lr=float(predictor_lr))
-        if hasattr(self, "multipliers"):
+        if self.flops_target is None and hasattr(self, "multipliers"):
             groups.append(constraints.constant_group([self.multipliers], self.option("target_lr")))
         return groups
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip every gradient but the multipliers' (as ToP), which are the constraint's gap."""
-        excluded = [self.multipliers] if hasattr(self, "multipliers") else []
-        constraints.clip_gradients_except(optimizer, excluded, gradient_clip_val, gradient_clip_algorithm)
 
     # -- the loss ------------------------------------------------------------------------
 
@@ -247,21 +237,9 @@ class Method(PruningModule):
         weights = torch.tensor(self.layer_weights, dtype=kept.dtype, device=kept.device)
         return (weights[:, None] * kept / norm).sum(0).mean()
 
-    def prediction_losses(self, logits: Tensor, batch: dict) -> dict[str, Tensor]:
-        """The task loss; with a teacher, ``(1 - w) * task`` and ``w * KD`` (``distill_weight``)."""
-        task = self.task_loss(logits, batch["labels"])
-        if not self.option("teacher_checkpoint"):
-            return {"task_loss": task}
-        if self.teacher is None:
-            raise RuntimeError("method.teacher_checkpoint is set but no teacher is loaded: call prepare_fit()")
-        teacher_logits, _ = self.teacher(batch, hard=False)
-        w = float(self.option("distill_weight"))
-        distill = prediction_distillation(logits, teacher_logits, float(self.option("temperature")),
-                                          self.task.is_regression)
-        return {"task_loss": (1 - w) * task, "distill_loss": w * distill}
-
-    def losses(self, logits: Tensor, out: EncoderOutput, batch: dict) -> dict[str, Tensor]:
-        """Prediction losses + the skim term on ``kept_fraction`` (k):
+    def pruning_losses(self, logits: Tensor, out: EncoderOutput, batch: dict) -> dict[str, Tensor]:
+        """protocol=paper: the skim term on ``kept_fraction`` (k); protocol=shared: none (the
+        FLOPs target, on the decisions' expected kept tokens, takes its place):
 
         - ``skim_target`` null: ``ramp * skim_lambda * k`` (the reference's linear skim loss);
         - ``lagrangian``: ``lambda1 * (k - t) + lambda2 * (k - t)^2``, the multipliers ascending;
@@ -269,6 +247,8 @@ class Method(PruningModule):
 
         with ``t = 1 - ramp * (1 - skim_target)`` and ``ramp`` the ``skim_warmup``'s.
         """
+        if self.shared:
+            return {}
         kept = self.kept_fraction(out)
         values = {"skim_kept_fraction": kept}  # not "kept_fraction": the callback logs kept_fraction/layer_<l>
         if self.option("skim_target") is None:
@@ -283,4 +263,4 @@ class Method(PruningModule):
                 skim = float(self.cfg.method.skim_lambda) * (kept - t) ** 2
         constraints.log_train(self, values, len(logits))
         self.pruner.own_proposals = {}  # used; the next forward records anew (no graph kept on the module)
-        return {**self.prediction_losses(logits, batch), "skim_loss": skim}
+        return {"skim_loss": skim}
