@@ -196,19 +196,29 @@ def test_the_command_line_path_exits_2_with_one_line():
 def test_every_method_search_space_in_the_repo_is_valid():
     files = sorted((ROOT / "sweeps").glob("*.yaml"))
     assert {"transkimmer", "gate", "top"} <= {f.stem for f in files}
+    targets = set()
     for path in files:
         space = load_space(path, path.stem)  # structure, ranges, distributions
         assert {"smoke", "cpu", "full"} <= set(space.trials), f"{path}: a trial count for every budget"
-        assert all(p.key.startswith("method.") for p in space.params), f"{path}: sweeps the method's own knobs"
+        # protocol=shared: the one knob every method shares, over one range, plus the method's own fixed settings
+        shared = {p.key: p for p in space.params}
+        targets.add(shared.pop("protocol.target_flops"))
+        assert all(p.key.startswith("method.") for p in shared.values()), f"{path}: the rest is the method's own"
+        paper = space.per_protocol["paper"]
+        assert all(p.key.startswith("method.") for p in paper.params), f"{path}: the paper's own knobs"
         implemented = path.stem in choices("method") and (ROOT / "tokprune" / "methods" / f"{path.stem}.py").is_file()
         if implemented:  # every key exists in the method's config and takes the range's values
-            plan = plan_sweep([f"method={path.stem}", "model=tiny", "budget=smoke"])
-            assert plan.target == space.trials["smoke"]
-            for budget in space.per_budget:  # and so do a budget's own ranges
-                assert plan_sweep([f"method={path.stem}", "model=tiny", f"budget={budget}"]).space.per_budget == {}
+            for protocol in ("shared", "paper"):
+                plan = plan_sweep([f"method={path.stem}", "model=tiny", "budget=smoke", f"protocol={protocol}"])
+                assert plan.target == space.trials["smoke"]
+                assert plan.study_name.endswith(f"smoke{'-shared' if protocol == 'shared' else ''}-seed42")
+                for budget in {*space.per_budget, *paper.per_budget}:  # and so do a budget's own ranges
+                    assert plan_sweep([f"method={path.stem}", "model=tiny", f"budget={budget}",
+                                       f"protocol={protocol}"]).space.per_budget == {}
         else:
             with pytest.raises(UsageError, match=f"method '{path.stem}' is not implemented yet"):
                 plan_sweep([f"method={path.stem}", "model=tiny", "budget=smoke"])
+    assert len(targets) == 1, "every method sweeps protocol.target_flops over the same range"
 
 
 def test_plan_names_the_study_and_puts_the_journal_beside_the_mlflow_store(space_dir, tmp_path):

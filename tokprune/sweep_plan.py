@@ -16,6 +16,12 @@ A file names the config keys a sweep samples and how many trials it runs by defa
         params:
           method.skim_lambda: {distribution: float, low: 0.01, high: 0.1, log: true}
           method.predictor_lr: {distribution: categorical, choices: [1.0e-3]}   # one choice: fixed
+    per_protocol:                # optional: a protocol's own space (params, per_budget, baseline_checkpoint),
+      paper:                     # replacing the top-level one, which is protocol=shared's
+        params: {method.skim_lambda: {distribution: float, low: 0.05, high: 2.0, log: true}}
+
+Under ``protocol=shared`` every method's top-level ``params`` sweep ``protocol.target_flops`` over
+the same range (plus at most one or two quality knobs it needs), so the fronts share their x-axis.
 
 Distributions: ``float`` and ``int`` (``low`` < ``high``, optional ``log`` or ``step``) and
 ``categorical`` (``choices``). Everything wrong with a file, or with the command, is a
@@ -92,11 +98,14 @@ class SearchSpace:
     trials: dict[str, int]  # budget name (or "default") -> total trials
     baseline_checkpoint: str | None = None  # a config key that gets the baseline's checkpoint path
     per_budget: dict[str, tuple[Param, ...]] = field(default_factory=dict)  # budget -> params replacing or adding
+    per_protocol: dict[str, "SearchSpace"] = field(default_factory=dict)  # protocol -> its own space
 
-    def for_budget(self, budget: str) -> "SearchSpace":
-        """The space a sweep at ``budget`` samples: ``params`` with that budget's entries merged in."""
-        merged = {p.key: p for p in self.params} | {p.key: p for p in self.per_budget.get(budget, ())}
-        return replace(self, params=tuple(merged.values()), per_budget={})
+    def for_run(self, protocol: str, budget: str) -> "SearchSpace":
+        """The space a sweep under ``protocol`` at ``budget`` samples: the protocol's own space if the
+        file has one (else the top-level one), with that budget's entries merged in."""
+        space = self.per_protocol.get(protocol, self)
+        merged = {p.key: p for p in space.params} | {p.key: p for p in space.per_budget.get(budget, ())}
+        return replace(space, params=tuple(merged.values()), per_budget={}, per_protocol={})
 
     def default_trials(self, budget: str) -> int:
         if budget in self.trials:
@@ -169,17 +178,21 @@ def _param(path: Path, key: str, spec) -> Param:
     return Param(key, dist, low=low, high=high, log=log, step=step)
 
 
-def load_space(path: Path, method: str, conf_dir: Path = CONF_DIR) -> SearchSpace:
-    """Read and check the file's structure (not yet whether its keys exist: see ``check_keys``)."""
-    data = _load_yaml(path)
-    unknown = sorted(set(data) - {"params", "trials", "baseline_checkpoint", "per_budget"})
+def load_space(path: Path, method: str, conf_dir: Path = CONF_DIR, data: dict | None = None,
+               where: str = "") -> SearchSpace:
+    """Read and check the file's structure (not yet whether its keys exist: see ``check_keys``);
+    ``data``/``where``: a ``per_protocol`` section of it, read the same way."""
+    top = data is None
+    data = _load_yaml(path) if top else data
+    allowed = {"params", "trials", "baseline_checkpoint", "per_budget", *(("per_protocol",) if top else ())}
+    unknown = sorted(set(data) - allowed)
     if unknown:
-        raise UsageError(f"{path}: unknown top-level key(s) {', '.join(unknown)}: "
-                         "expected params, trials, baseline_checkpoint and per_budget")
+        raise UsageError(f"{path}: unknown {where or 'top-level '}key(s) {', '.join(unknown)}: "
+                         f"expected {', '.join(sorted(allowed))}")
     teacher = data.get("baseline_checkpoint")
     if teacher is not None and (not isinstance(teacher, str) or "." not in teacher):
         raise UsageError(f"{path}: baseline_checkpoint must be a dotted config key such as method.teacher_checkpoint")
-    parsed = _params(path, data.get("params"), "params")
+    parsed = _params(path, data.get("params"), f"{where}params")
     budgets = sorted(choices("budget", conf_dir))
     trials = data.get("trials") or {}
     if not isinstance(trials, dict):
@@ -198,9 +211,21 @@ def load_space(path: Path, method: str, conf_dir: Path = CONF_DIR) -> SearchSpac
             raise UsageError(f"{path}: per_budget: unknown budget '{budget}': choose from {', '.join(budgets)}")
         if not isinstance(section, dict) or set(section) != {"params"}:
             raise UsageError(f"{path}: per_budget.{budget} must hold exactly one key, params")
-        own[budget] = tuple(_params(path, section["params"], f"per_budget.{budget}.params"))
+        own[budget] = tuple(_params(path, section["params"], f"{where}per_budget.{budget}.params"))
+    protocols = {}
+    sections = data.get("per_protocol") or {}
+    if not isinstance(sections, dict):
+        raise UsageError(f"{path}: per_protocol must map protocol names to {{params: ...}}")
+    for protocol, section in sections.items():
+        if protocol not in choices("protocol", conf_dir):
+            raise UsageError(f"{path}: per_protocol: unknown protocol '{protocol}': choose from "
+                             f"{', '.join(choices('protocol', conf_dir))}")
+        if not isinstance(section, dict):
+            raise UsageError(f"{path}: per_protocol.{protocol} must be a mapping with params")
+        section = {"trials": data.get("trials"), **section}
+        protocols[protocol] = load_space(path, method, conf_dir, section, f"per_protocol.{protocol}.")
     return SearchSpace(method=method, path=path, params=tuple(parsed), trials=dict(trials),
-                       baseline_checkpoint=teacher, per_budget=own)
+                       baseline_checkpoint=teacher, per_budget=own, per_protocol=protocols)
 
 
 def _params(path: Path, params, where: str) -> list[Param]:
@@ -303,6 +328,15 @@ def storage_label(url: str) -> str:
         raise UsageError(f"storage '{url}' is not a database URL (e.g. postgresql://user@host/db)") from None
 
 
+def study_name(method: str, cfg: DictConfig) -> str:
+    """``<method>-<task>-<model>-<budget>-<protocol>-seed<seed>``; protocol=paper studies keep the name
+    they had before protocols existed (no protocol part), so committed reports still resume, and so
+    do the studies of a method that follows no protocol (``none``)."""
+    follows = getattr(importlib.import_module(f"tokprune.methods.{method}").Method, "follows_protocol", False)
+    protocol = f"-{cfg.protocol.name}" if follows and cfg.protocol.name != "paper" else ""
+    return f"{method}-{cfg.task.name}-{cfg.model.name}-{cfg.budget.name}{protocol}-seed{cfg.seed}"
+
+
 def plan_sweep(args: list[str]) -> Plan:
     groups, _ = split_overrides(args)
     base = compose([a for a in args if a.startswith("sweep.")])
@@ -321,7 +355,7 @@ def plan_sweep(args: list[str]) -> Plan:
             f"and conf/method/{method}.yaml are needed before it can be swept"
         )
     cfg = compose(args)
-    space = space.for_budget(cfg.budget.name)
+    space = space.for_run(cfg.protocol.name, cfg.budget.name)
     check_keys(space, cfg, args)
     s = cfg.sweep
     target = space.default_trials(cfg.budget.name) if s.trials is None else _positive_int("trials", s.trials)
@@ -332,7 +366,7 @@ def plan_sweep(args: list[str]) -> Plan:
     _positive_int("max_retry", s.max_retry, minimum=0)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     storage = study_storage(str(s.storage or ""), tracking_uri)
-    name = s.study_name or f"{method}-{cfg.task.name}-{cfg.model.name}-{cfg.budget.name}-seed{cfg.seed}"
+    name = s.study_name or study_name(method, cfg)
     return Plan(args=list(args), cfg=cfg, space=space, target=target, workers=_positive_int("workers", s.workers),
                 study_name=str(name), storage=storage, storage_label=storage_label(storage), tracking_uri=tracking_uri,
                 main_metric=get_task(cfg.task.name).main_metric, startup_trials=startup)
