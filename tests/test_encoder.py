@@ -230,7 +230,11 @@ def test_hard_mode_with_fused_attention_equals_soft_mode(monkeypatch):
     masks = random_masks(batch, 4, seed=6)
     enc = PrunableEncoder(bert).eval()
     soft = run(enc, batch, pruner=ReadsNothing(masks), hard=False)
-    assert calls == []  # soft mode weights the probabilities: always eager
+    assert len(calls) == 4  # masks without a gradient, probabilities unread: soft mode fuses too (log-mask bias)
+    eager = run(enc, batch, pruner=ReadsNothing(masks), hard=False, output_attentions=True)
+    assert len(calls) == 4 and all(p is not None for p in eager.attentions)  # asked for: the eager weighting
+    torch.testing.assert_close(soft.hidden, eager.hidden, atol=1e-5, rtol=0)
+    calls.clear()
     hard = run(enc, batch, pruner=ReadsNothing(masks), hard=True)
     assert len(calls) == 4 and all(p is None for p in hard.attentions)  # nobody reads them: fused, none kept
     real = batch["attention_mask"].bool()

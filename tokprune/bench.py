@@ -15,6 +15,8 @@
    point (its checkpoint; the unpruned references are the same architecture, whose latency
    does not depend on the weights). Each with its fvcore FLOPs ratio at real length, and
    whether ONNX Runtime kept exactly the tokens torch kept.
+4. Training steps (``steps``): each method's training step under protocol=shared against the
+   unpruned baseline's, on SST-2 at batch 32, methods taking turns in one run.
 
 Results go to ``reports/bench/bench.json``, ``reports/bench/bench.png`` and
 ``reports/bench/engines.png``. ``only=`` (e.g. ``only=engines``) reruns some sections and keeps
@@ -423,6 +425,63 @@ def callback_overhead(cfg: DictConfig, steps_per_block: int = 10, rounds: int = 
     }
 
 
+STEP_METHODS = ("none", "gate", "transkimmer", "top", "static")
+
+
+def training_steps(cfg: DictConfig, methods=STEP_METHODS, steps_per_block: int = 8, rounds: int = 3,
+                   rows: int = 1024, target_flops: float = 0.45) -> dict:
+    """Median training-step time of each method (protocol=shared at ``target_flops``, its cpu sweep's
+    settings) against the unpruned baseline's step, on SST-2 at the config's batch size, methods
+    taking turns in blocks of steps in one run. The teacher is the pretrained encoder with a fresh
+    head saved as a baseline checkpoint (step time does not depend on its weights); its outputs per
+    training row are cached first (that one-time cost is reported on its own)."""
+    from tokprune.checkpoint import describe
+    from tokprune.config import compose
+
+    settings = {"gate": ["method.gate_lr=1e-2", "method.straight_through=true"],
+                "transkimmer": ["method.predictor_lr=1e-3"], "top": ["method.reg_lr=0.1"]}
+    tokenizer = load_tokenizer(cfg.model)
+    common = [f"model={cfg.model.name}", "task=sst2", "budget=cpu", f"seed={cfg.seed}", f"data.train_subset={rows}",
+              f"protocol.target_flops={target_flops}"]
+    modules, cache_seconds = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        base_cfg = compose(["method=none", *common])
+        baseline = build_method(base_cfg, load_bert(cfg.model), get_task("sst2"))
+        path = Path(folder) / "baseline.ckpt"
+        torch.save({"state_dict": baseline.state_dict(),
+                    "tokprune": describe(base_cfg, baseline.encoder.config, tokenizer, None)}, path)
+        for method in methods:
+            run_cfg = compose([f"method={method}", *common, f"protocol.baseline_checkpoint={path}",
+                               *settings.get(method, [])])
+            datamodule = build_datamodule(run_cfg, tokenizer)
+            datamodule.setup("fit")
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
+            module = build_method(run_cfg, load_bert(cfg.model), get_task("sst2"))
+            cache_seconds[method] = _time(lambda: module.prepare_fit(datamodule))
+            counting = TokenPruningCallback(run_cfg.task.max_length)
+            counting.counter = FlopsCounter(module.encoder, module.pruner)
+            counting.counter.per_layer(torch.arange(1, run_cfg.task.max_length + 1)[None])  # traced before timing
+            modules[method] = (module, datamodule, counting)
+        timings: dict[str, list[float]] = {method: [] for method in methods}
+        for _ in range(rounds):
+            for method, (module, datamodule, counting) in modules.items():
+                timer = _StepTimer()
+                trainer = L.Trainer(max_steps=steps_per_block, limit_val_batches=0, logger=False,
+                                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                    callbacks=[counting, timer],
+                                    gradient_clip_val=cfg.train.gradient_clip_val)
+                trainer.fit(module, datamodule=datamodule)
+                timings[method].extend(timer.times[1:])  # the first step of a block pays loader start-up
+    base = statistics.median(timings["none"])
+    return {
+        "task": "sst2", "batch_size": cfg.train.batch_size, "protocol": "shared", "target_flops": target_flops,
+        "steps_timed_per_method": len(timings["none"]),
+        "rows": [{"method": method, "median_step_ms": 1e3 * statistics.median(times),
+                  "ratio_to_baseline": statistics.median(times) / base,
+                  "one_time_prepare_seconds": cache_seconds[method]} for method, times in timings.items()],
+    }
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -490,7 +549,7 @@ def plot_engines(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-SECTIONS = ("speedup", "layers", "callback", "engines")
+SECTIONS = ("speedup", "layers", "callback", "engines", "steps")
 
 
 def run_bench(
@@ -529,6 +588,8 @@ def run_bench(
         results["callback_overhead"] = callback_overhead(cfg, steps_per_block, rounds)
     if "engines" in only:
         results["engines"] = engines(cfg, tasks, schedule, examples, reports)
+    if "steps" in only:
+        results["training_steps"] = training_steps(cfg, steps_per_block=steps_per_block, rounds=rounds)
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     if all(key in results for key in ("speedup", "layer_latency_batch1", "callback_overhead")):
@@ -572,4 +633,9 @@ def summary(results: dict) -> str:
         )
     if "engines" in results:
         lines += engines_summary(results["engines"])
+    if "training_steps" in results:
+        t = results["training_steps"]
+        lines.append(f"training step, {t['task']} batch {t['batch_size']}, protocol={t['protocol']} target "
+                     f"{t['target_flops']} (ms, x the baseline's): " + ", ".join(
+                         f"{r['method']} {r['median_step_ms']:.0f} (x{r['ratio_to_baseline']:.2f})" for r in t["rows"]))
     return "\n".join(lines)

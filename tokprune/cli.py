@@ -33,7 +33,7 @@ ARGUMENTS_HELP = {
             "train.eval_batch_size= mlflow.tracking_uri= eval.latency_examples= eval.computation=hard|soft|training",
     "predict": "checkpoint=PATH input=FILE output=FILE [batch_size=N] [engine=torch|onnx]",
     "export": "checkpoint=PATH [output=FILE.onnx] (default: <checkpoint>.onnx, which engine=onnx reuses)",
-    "bench": "[only=speedup,layers,callback,engines] (the other sections are kept from bench.json), then "
+    "bench": "[only=speedup,layers,callback,engines,steps] (the other sections are kept from bench.json), then "
              "group choices (model= seed=) and dotted keys (data.glue_dir=)",
 }
 PLACEHOLDERS = {"checkpoint": "PATH", "input": "FILE", "output": "FILE", "batch_size": "N", "engine": "torch|onnx",

@@ -34,6 +34,11 @@ Two modes:
   a trace (fvcore, ONNX export) and in ``run_layer``'s default it stays eager, because fvcore
   does not count SDPA. Hard mode needs binary masks; values > 0.5 count as kept.
 
+In soft mode too, a layer whose probabilities nobody reads (``output_attentions`` names the
+layers a caller wants) and whose mask carries no gradient (padding only, a fixed schedule, a
+frozen teacher) runs fused attention with ``log m`` added to the scores, which is the renormalised
+rule exactly; a mask with a gradient keeps the eager weighting (its gradient at m = 0 is finite).
+
 Hard mode is written to be traced for ONNX export (``tokprune.export``): no Python number is
 taken from a data-dependent tensor (the packed length is a 0-d tensor fed to ``arange``; the
 packing order is a sort on unique keys), so the traced graph keeps each input's own number of
@@ -42,7 +47,7 @@ tokens (TopK + Range + Gather/GatherElements in ONNX).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -345,7 +350,7 @@ class PrunableEncoder(nn.Module):
         pruner: Pruner | None = None,
         hard: bool | None = None,
         soft_rule: str = "renormalised",
-        output_attentions: bool = False,
+        output_attentions: bool | Collection[int] = False,
         output: str = "all",
     ) -> EncoderOutput:
         pruner = pruner if pruner is not None else KeepAll()
@@ -363,10 +368,18 @@ class PrunableEncoder(nn.Module):
         for index, layer in enumerate(self.layers):
             proposed = pruner(PruneContext(index, hidden, keep, probs, padding))
             keep = self._cumulative(pruner, proposed, keep, padding)
-            hidden, probs = self._soft_layer(layer, hidden, keep, padding, soft_rule)
+            read = self._wants_probs(output_attentions, index) or pruner.wants_attention(index + 1)
+            hidden, probs = self._soft_layer(layer, hidden, keep, padding, soft_rule, fused=not read)
             keeps.append(keep)
             attentions.append(probs)
         return EncoderOutput(hidden if output == "all" else hidden[:, :1], keeps, attentions, padding, hard=False)
+
+    @staticmethod
+    def _wants_probs(output_attentions: bool | Collection[int], index: int) -> bool:
+        """``output_attentions``: True (every layer's), False (none) or the layers whose are wanted."""
+        if isinstance(output_attentions, bool):
+            return output_attentions
+        return index in output_attentions
 
     @staticmethod
     def _cumulative(pruner: Pruner, proposed: Tensor, keep: Tensor, padding: Tensor) -> Tensor:
@@ -388,7 +401,7 @@ class PrunableEncoder(nn.Module):
                 keep = (self._cumulative(pruner, proposed, keep, padding) > 0.5).to(hidden.dtype)
             if decides or index == 0:  # layer 0 also drops the padding
                 state = state.select(keep)
-            want_probs = output_attentions or pruner.wants_attention(index + 1)
+            want_probs = self._wants_probs(output_attentions, index) or pruner.wants_attention(index + 1)
             # fused only when run eagerly: a trace (fvcore's count, ONNX export) sees the eager ops
             fused = not want_probs and not torch.jit.is_tracing()
             out, probs = self.run_layer(layer, state.hidden, self.key_bias(state.valid, hidden.dtype), fused=fused)
@@ -452,7 +465,18 @@ class PrunableEncoder(nn.Module):
         attention_output = layer.attention.output(context, hidden)
         return layer.feed_forward_chunk(attention_output), probs
 
-    def _soft_layer(self, layer, hidden, keep, padding, soft_rule):
+    def _soft_layer(self, layer, hidden, keep, padding, soft_rule, fused: bool = False):
+        """One layer in soft mode. ``fused`` (nobody reads its probabilities): where the mask needs no
+        gradient and the rule renormalises, the key weighting is ``softmax(s + log m)`` (equal to
+        ``p*m / sum(p*m)`` for any m >= 0) inside torch's fused attention; a mask that carries a
+        gradient, or the post-softmax rule, keeps the eager path (its gradient at m = 0 is finite).
+        Under a trace (fvcore) it stays eager, as in hard mode."""
+        if fused and not keep.requires_grad and soft_rule == "renormalised" and not torch.jit.is_tracing():
+            weight = torch.where(keep > 0, keep.clamp(min=torch.finfo(keep.dtype).tiny).log(),
+                                 torch.finfo(hidden.dtype).min)
+            out, probs = self.run_layer(layer, hidden, weight[:, None, None, :].to(hidden.dtype), fused=True)
+            k = keep.unsqueeze(-1)
+            return k * out + (1 - k) * hidden, probs
         bias = self.key_bias(padding > 0, hidden.dtype)
         out, probs = self.run_layer(layer, hidden, bias, keep, renormalise=soft_rule == "renormalised")
         k = keep.unsqueeze(-1)

@@ -99,6 +99,10 @@ class PruningModule(L.LightningModule):
         """The FLOPs target the method's paper holds under ``protocol=paper`` (None: none)."""
         return None
 
+    def loss_attention_layers(self) -> tuple[int, ...]:
+        """Layers whose attention probabilities the losses read (ToP's ranking distillation)."""
+        return ()
+
     def expected_kept(self, out: EncoderOutput) -> Tensor:
         """L x B expected tokens each layer computes, from the training forward's soft decisions
         (default: the soft masks summed; for binary masks, the counts hard mode computes)."""
@@ -224,7 +228,10 @@ class PruningModule(L.LightningModule):
         meets = self.meets_constraint if self.selection_rule == "best_meeting_constraint" else None
         return select(self.selection_rule, validations, f"val/{self.task.main_metric}", meets)
 
-    def forward(self, batch: dict, hard: bool | None = None) -> tuple[Tensor, EncoderOutput]:
+    def forward(self, batch: dict, hard: bool | None = None, attentions: tuple[int, ...] = ()) -> tuple[Tensor, EncoderOutput]:
+        """Logits and the encoder's output; ``attentions``: layers whose probabilities the caller reads
+        (besides the pruner's and, in training, the losses': ``loss_attention_layers``)."""
+        wanted = (*attentions, *(self.loss_attention_layers() if self.training else ()))
         out = self.encoder(
             batch["input_ids"],
             batch["attention_mask"],
@@ -232,6 +239,7 @@ class PruningModule(L.LightningModule):
             pruner=self.pruner,
             hard=hard,
             soft_rule=self.soft_rule,
+            output_attentions=wanted,  # the others may run fused attention
             output="cls",  # the head reads [CLS] only: hard mode scatters nothing back
         )
         logits = self.classifier(self.dropout(self.pooler(out.hidden)))

@@ -86,7 +86,8 @@ class TeacherOutputs:
         self.teacher, self.cache = teacher, cache
 
     def live(self, batch: dict) -> TeacherBatch:
-        logits, out = self.teacher(batch, hard=False)
+        last = self.teacher.module.encoder.num_layers - 1
+        logits, out = self.teacher(batch, hard=False, attentions=(last,))  # the other layers run fused
         return TeacherBatch(logits, received_attention(out.attentions[-1], out.padding))
 
     def __call__(self, batch: dict) -> TeacherBatch:

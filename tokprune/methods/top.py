@@ -398,6 +398,9 @@ class Method(PruningModule):
         n = out.lengths.to(ratios.dtype)
         return (n[None, :] - 1) * ratios[:, None] + 1
 
+    def loss_attention_layers(self) -> tuple[int, ...]:
+        return tuple(self.distill_layers)
+
     def rank_weight(self) -> float:
         """``alpha * max(0.01, 1 - ramp)``: the ranking weight decays with the target's warm-up."""
         return float(self.cfg.method.distill_alpha) * max(0.01, 1.0 - self.flops_ramp())
