@@ -32,7 +32,7 @@ OUTPUT ?=
 OUT ?=
 ENGINE ?=
 
-.PHONY: install test test-fast train bench sweep report eval predict export ui clean
+.PHONY: install test test-fast train bench sweep repeat report eval predict export ui clean
 
 install: $(VENV)/.installed
 
@@ -59,6 +59,13 @@ sweep: install
 	$(PY) -m tokprune sweep method=$(METHOD) task=$(TASK) budget=$(BUDGET) model=$(MODEL) seed=$(SEED) \
 		$(if $(TRIALS),sweep.trials=$(TRIALS)) $(if $(WORKERS),sweep.workers=$(WORKERS)) \
 		$(if $(STORAGE),sweep.storage=$(STORAGE)) $(ARGS)
+
+# make repeat TRIAL=3 SEEDS=2: the study's trial 3 again with seeds SEED+1..SEED+2 (same sweep arguments)
+TRIAL ?=
+SEEDS ?= 2
+repeat: install
+	$(PY) -m tokprune repeat trial=$(TRIAL) seeds=$(SEEDS) method=$(METHOD) task=$(TASK) budget=$(BUDGET) model=$(MODEL) \
+		seed=$(SEED) $(if $(STORAGE),sweep.storage=$(STORAGE)) $(ARGS)
 
 report: install
 	$(PY) -m tokprune report task=$(TASK) budget=$(BUDGET) model=$(MODEL) seed=$(SEED) $(ARGS)

@@ -41,7 +41,7 @@ FILES = {"pareto_all.png", "pareto_none.png", "pareto_transkimmer.png", "kept_no
 
 
 def common(store: Path) -> list[str]:
-    return ["task=sst2", "model=tiny", "budget=smoke", f"data.glue_dir={GLUE}:{QQP_SAMPLE}",
+    return ["task=sst2", "model=tiny", "budget=smoke", "protocol=paper", f"data.glue_dir={GLUE}:{QQP_SAMPLE}",
             f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db"]
 
 
@@ -224,8 +224,8 @@ def test_report_carry_keeps_the_studies_this_storage_lacks_as_recorded(tmp_path)
     assert operating["gate", "highest dev accuracy"][2:4] == ["0", "0.9100"]
     assert operating["gate", "best at FLOPs ratio <= 0.5"][3] == "no Pareto point qualifies"  # trial 3 is not here
     assert operating["static", "highest dev accuracy"][2:4] == ["0", "0.8900"]
-    assert operating["static", "highest dev accuracy"][7:] == ["x1.25", "x2.50"]
-    assert operating["static", "best at FLOPs ratio <= 0.5"][7] == "skipped: no MLflow run"  # as recorded
+    assert operating["static", "highest dev accuracy"][8:] == ["x1.25", "x2.50"]
+    assert operating["static", "best at FLOPs ratio <= 0.5"][8] == "skipped: no MLflow run"  # as recorded
     assert operating["gate", "highest dev accuracy"][6] == "0.8900"  # beside the carried static front
     joined = json.loads((second / "out" / "sst2" / "report.json").read_text())
     origin = {m["study"]: m["carried_from"] for m in joined["methods"]}
@@ -321,7 +321,7 @@ def test_report_renders_every_file_and_its_table_is_the_studys(recorded, tmp_pat
         assert saved["operating"]["best"] == best.number
         timed = saved["speedup"][str(best.number)]
         assert [timed[f"batch_{b}"]["examples"] for b in (1, 32)] == [EXAMPLES, EXAMPLES]
-        assert row[7:] == [f"x{timed[f'batch_{b}']['wall_speedup']:.2f}" for b in (1, 32)]
+        assert row[8:] == [f"x{timed[f'batch_{b}']['wall_speedup']:.2f}" for b in (1, 32)]
     page = (folder / "report.html").read_text()
     assert "<h2>Operating points</h2>" in page and "<h2>Pareto points</h2>" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)|url\(\s*["']?https?:|<img|<script|<link""", page)

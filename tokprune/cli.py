@@ -22,6 +22,7 @@ COMMANDS = {
     "train": "fine-tune one method on one task and log it to MLflow",
     "bench": "measure callback overhead, hard-mode CPU speedup and torch vs ONNX Runtime latency; writes reports/bench/",
     "sweep": "trace the accuracy-vs-FLOPs Pareto front of a method with Optuna, logged to MLflow",
+    "repeat": "train a finished sweep trial's settings again with more seeds (its mean and spread in the report)",
     "report": "Pareto plots and a comparison table of a task's sweeps: reports/<task>/ and MLflow",
     "eval": "dev metrics, FLOPs, kept tokens per layer and CPU latency of a trained checkpoint (hard mode, or eval.computation=soft|training)",
     "predict": "label the sentences or pairs of a file with a trained checkpoint (hard mode)",
@@ -33,11 +34,12 @@ ARGUMENTS_HELP = {
             "train.eval_batch_size= mlflow.tracking_uri= eval.latency_examples= eval.computation=hard|soft|training",
     "predict": "checkpoint=PATH input=FILE output=FILE [batch_size=N] [engine=torch|onnx]",
     "export": "checkpoint=PATH [output=FILE.onnx] (default: <checkpoint>.onnx, which engine=onnx reuses)",
+    "repeat": "trial=N seeds=K, then the sweep's own arguments (method= task= budget= protocol= ...)",
     "bench": "[only=speedup,layers,callback,engines,steps] (the other sections are kept from bench.json), then "
              "group choices (model= seed=) and dotted keys (data.glue_dir=)",
 }
 PLACEHOLDERS = {"checkpoint": "PATH", "input": "FILE", "output": "FILE", "batch_size": "N", "engine": "torch|onnx",
-                "only": "SECTIONS"}
+                "only": "SECTIONS", "trial": "N", "seeds": "K"}
 ERROR_LOG = "tokprune-error.log"
 
 
@@ -106,6 +108,19 @@ def cmd_sweep(overrides: list[str]) -> int:
     from tokprune.sweep import run_sweep
 
     return run_sweep(overrides)
+
+
+def cmd_repeat(words: list[str]) -> int:
+    found, overrides = _arguments("repeat", words, ("trial", "seeds"))
+    from tokprune.repeat import repeat_trial
+
+    numbers = {}
+    for name in ("trial", "seeds"):
+        try:
+            numbers[name] = int(found[name])
+        except ValueError:
+            raise UsageError(f"{name}={found[name]}: expected a whole number") from None
+    return repeat_trial(overrides, numbers["trial"], numbers["seeds"])
 
 
 def cmd_report(overrides: list[str]) -> int:

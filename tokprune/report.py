@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,6 +62,28 @@ class Point:
     kept: list[float]
     run_id: str | None
     pareto: bool
+    repeats: list[dict] = field(default_factory=list)  # ``repeat``'s records: the same settings, other seeds
+
+    @property
+    def seed_metrics(self) -> list[float]:
+        """The trial's dev metric and its repeats' (one per seed)."""
+        return [self.metric, *(float(r["metric"]) for r in self.repeats)]
+
+    @property
+    def metric_mean(self) -> float:
+        return statistics.mean(self.seed_metrics)
+
+    @property
+    def metric_std(self) -> float:
+        """Sample standard deviation over seeds (0 with one seed)."""
+        values = self.seed_metrics
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    def metric_cell(self) -> str:
+        """``0.8512`` for one seed; ``0.8497 +- 0.0031 (3 seeds)`` with repeats."""
+        if not self.repeats:
+            return _fmt(self.metric)
+        return f"{self.metric_mean:.4f} +- {self.metric_std:.4f} ({len(self.seed_metrics)} seeds)"
 
 
 #: The operating points read off each method's front, and how the tables name them.
@@ -108,7 +131,12 @@ class MethodResult:
 
     def reached_at(self, flops: float) -> float | None:
         """The front's staircase: the best dev metric of a point at or below ``flops``."""
-        return max((p.metric for p in self.front if p.flops_real <= flops + 1e-12), default=None)
+        point = self.point_reached_at(flops)
+        return point.metric if point else None
+
+    def point_reached_at(self, flops: float) -> Point | None:
+        """The front's point whose metric ``reached_at`` gives."""
+        return max((p for p in self.front if p.flops_real <= flops + 1e-12), key=higher_metric, default=None)
 
 
 def operating_points(result: MethodResult, flops_budget: float, tolerance: float) -> dict[str, int | None]:
@@ -212,10 +240,12 @@ def collect(studies: list[optuna.Study], client: MlflowClient, main_metric: str)
         method = study.user_attrs["method"]
         complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
         front = {t.number for t in study.best_trials} if complete else set()
+        repeats = study.user_attrs.get("repeats", {})  # tokprune.repeat's records
         points = [Point(trial=t.number, params=dict(t.params), metric=t.values[0], flops_real=t.values[1],
                         flops_padded=t.user_attrs.get("best/flops_ratio_padded"),
                         kept=_kept(t.user_attrs, "best/kept_fraction/layer_"),
-                        run_id=t.user_attrs.get("mlflow_run_id"), pareto=t.number in front) for t in complete]
+                        run_id=t.user_attrs.get("mlflow_run_id"), pareto=t.number in front,
+                        repeats=list(repeats.get(str(t.number), []))) for t in complete]
         parent_id = study.user_attrs.get("mlflow_parent_run_id")
         try:
             parent = client.get_run(parent_id) if parent_id else None
@@ -366,16 +396,33 @@ def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[l
                 rows.append([r.label, names[role], "—", "no Pareto point qualifies", "", "", "",
                              *[""] * len(batch_sizes())])
                 continue
-            static = reference.reached_at(p.flops_real) if reference is not None and reference is not r else None
-            rows.append([r.label, names[role], str(p.trial), _fmt(p.metric), _fmt(p.metric - base, 4),
-                         _fmt(p.flops_real), _fmt(static) if static is not None else "—", *_speedups(r, p.trial)])
+            static = reference.point_reached_at(p.flops_real) if reference is not None and reference is not r else None
+            rows.append([r.label, names[role], str(p.trial), p.metric_cell(), _fmt(p.metric_mean - base, 4),
+                         _fmt(p.flops_real), static.metric_cell() if static is not None else "—",
+                         gap_against(p, static), *_speedups(r, p.trial)])
     return rows
+
+
+def gap_against(point: Point, other: Point | None) -> str:
+    """The difference of the mean metrics, and whether it exceeds the seed spread: ``+0.0123
+    (> spread 0.0041)``, ``... (within spread ...)``, or ``(one seed)`` when either has no repeats.
+    The spread is the standard error of the difference, ``sqrt(s1^2/n1 + s2^2/n2)``."""
+    if other is None:
+        return "—"
+    gap = point.metric_mean - other.metric_mean
+    if not point.repeats or not other.repeats:
+        return f"{gap:+.4f} (one seed)"
+    spread = math.sqrt(point.metric_std**2 / len(point.seed_metrics) + other.metric_std**2 / len(other.seed_metrics))
+    verdict = "> spread" if abs(gap) > 2 * spread else "within spread"
+    return f"{gap:+.4f} ({verdict} {spread:.4f})"
 
 
 def operating_header(metric: str, examples: int) -> list[str]:
     first, *rest = batch_sizes()
-    return ["method", "operating point", "trial", f"dev {metric}", "vs baseline", "FLOPs ratio (real length)",
-            f"{REFERENCE_METHOD} at <= these FLOPs", f"CPU speedup, batch {first} ({examples} dev rows)",
+    return ["method", "operating point", "trial", f"dev {metric} (mean +- std over seeds)", "vs baseline",
+            "FLOPs ratio (real length)", f"{REFERENCE_METHOD} at <= these FLOPs",
+            f"vs {REFERENCE_METHOD} (> spread: the gap exceeds twice its standard error)",
+            f"CPU speedup, batch {first} ({examples} dev rows)",
             *[f"CPU speedup, batch {size}" for size in rest]]
 
 
@@ -405,7 +452,7 @@ def table_rows(results: list[MethodResult]) -> list[list[str]]:
         for p in r.front:
             trial = f"{p.trial} (best)" if p is r.best else str(p.trial)
             measured = " / ".join(c for c in _speedups(r, p.trial) if c)
-            rows.append([r.label, trial, " ".join(param_strings(p.params)), _fmt(p.metric), _fmt(p.flops_real),
+            rows.append([r.label, trial, " ".join(param_strings(p.params)), p.metric_cell(), _fmt(p.flops_real),
                          _fmt(p.flops_padded), measured])
     return rows
 
@@ -420,7 +467,9 @@ def conventions(metric: str, max_length: int) -> str:
     return (f"FLOPs are counted by fvcore (1 multiply-add = 1 FLOP), relative to the unpruned encoder on the same "
             f"dev examples at their real length (\"real\") and padded to task.max_length={max_length} (\"padded\"). "
             f"Dev {metric} and FLOPs are those of each trial's selected validation. Operating points are read off "
-            f"each method's Pareto front; \"{REFERENCE_METHOD} at <= these FLOPs\" is the best dev {metric} of "
+            f"each method's Pareto front (of each trial's first seed); where a trial was repeated with more seeds "
+            f"(make repeat) its metric is the mean +- standard deviation over seeds and the plots draw that as an "
+            f"error bar; \"{REFERENCE_METHOD} at <= these FLOPs\" is the best dev {metric} of "
             f"the {REFERENCE_METHOD} front at or below the point's FLOPs ratio. Speedup: wall time of the unpruned "
             f"encoder (KeepAll) / the method's own pruner on the same weights, hard mode (tokens removed), CPU, "
             f"on seeded real dev rows, timed in turns.")

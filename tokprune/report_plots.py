@@ -83,6 +83,13 @@ def _front_line(ax, front, col, label=None):
         ax.plot(xs, ys, drawstyle="steps-post", color=col, alpha=0.7, linewidth=1.5, label=label)
 
 
+def _seed_spread(ax, p, col) -> None:
+    """A repeated trial (``make repeat``): its mean over seeds +- the standard deviation, beside the point."""
+    if p.repeats:
+        ax.errorbar([p.flops_real], [p.metric_mean], yerr=[p.metric_std], color=col, capsize=4, elinewidth=1.2,
+                    marker="_", markersize=10, zorder=5)
+
+
 def method_front(result, task: str, metric: str, max_length: int, index: int, png: Path) -> str:
     """One method: every complete trial (dominated ones faded), the front, the baseline."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -94,6 +101,7 @@ def method_front(result, task: str, metric: str, max_length: int, index: int, pn
         gid = f"pt-{result.slug}-{n}"
         style = dict(markersize=8) if p.pareto else faded
         ax.plot([p.flops_real], [p.metric], marker="o", color=col, linestyle="none", gid=gid, zorder=4, **style)
+        _seed_spread(ax, p, col)
         tips[gid] = tooltip(result.method, p, metric, max_length)
     for (x, y), labels in _coincident(front).items():  # one label per spot, so equal points stay legible
         ax.annotate(", ".join(labels), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=col)
@@ -120,6 +128,7 @@ def overlay(results, task: str, metric: str, max_length: int, png: Path) -> str:
             gid = f"all-{result.slug}-{n}"
             ax.plot([p.flops_real], [p.metric], marker="o", color=col, linestyle="none", gid=gid, zorder=4,
                     **(dict(markersize=7) if p.pareto else dict(markersize=4, alpha=0.2)))
+            _seed_spread(ax, p, col)
             tips[gid] = tooltip(result.method, p, metric, max_length)
     for n, (base, runs) in enumerate(distinct_baselines(results)):
         label = "unpruned baseline (method=none)" + (f" [{n + 1}]" if n else "")

@@ -299,6 +299,15 @@ class Sweep:
                 self.outcome = "surplus"
                 raise Surplus(f"trial {trial.number} is beyond the {self.plan.target} wanted")
 
+    def trial_arguments(self, values: dict) -> list[str]:
+        """A trial's command: the sweep's, its sampled values, and the baseline's checkpoint in the
+        space's ``baseline_checkpoint`` key (unless the command sets that key)."""
+        plan = self.plan
+        teacher = plan.space.baseline_checkpoint
+        given = {a.partition("=")[0] for a in plan.passthrough}
+        extra = [override(teacher, self.baseline["checkpoint"])] if teacher and teacher not in given else []
+        return [*plan.args, *(override(k, v) for k, v in values.items()), *extra]
+
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         plan = self.plan
         self.claim(trial)
@@ -306,11 +315,7 @@ class Sweep:
         shown = " ".join(param_strings(values))
         taken = len(trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
         self.say(f"trial {trial.number} started ({taken} of {plan.target}): {shown}")
-        teacher = plan.space.baseline_checkpoint
-        given = {a.partition("=")[0] for a in plan.passthrough}
-        extra = [override(teacher, self.baseline["checkpoint"])] if teacher and teacher not in given else []
-        cfg = compose([*plan.args, *(override(k, v) for k, v in values.items()), *extra,
-                       f"mlflow.run_name={plan.study_name}-trial{trial.number}"])
+        cfg = compose([*self.trial_arguments(values), f"mlflow.run_name={plan.study_name}-trial{trial.number}"])
         cfg.sweep.storage = plan.storage_label  # no password in the run's params
         tags = {track.PARENT: self.parent_id, track.ROLE: "trial", "trial": str(trial.number),
                 "study": plan.study_name, "seed": str(cfg.seed)}
