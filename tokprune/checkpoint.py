@@ -56,7 +56,9 @@ def read(path: str | Path, what: str = "checkpoint") -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not a torch file, or one holding more than tensors and plain data
-        raise UsageError(f"{what} '{path}' cannot be read as a checkpoint: {type(exc).__name__}") from None
+        detail = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise UsageError(f"{what} '{path}' is not a tokprune checkpoint: torch.load cannot read it "
+                         f"({type(exc).__name__}{': ' + detail if detail else ''})") from None
 
 
 def state_dict(contents: dict) -> dict:

@@ -152,6 +152,7 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "mlflow.tracking_uri": STR,
     "mlflow.experiment": STR,
     "mlflow.run_name": Rule("str", nullable=True),
+    "mlflow.stale_hours": Rule(FLOAT, low=0, low_open=True),
     "sweep.trials": Rule(INT, nullable=True, low=1),
     "sweep.workers": Rule(INT, low=1),
     "sweep.storage": PATH,

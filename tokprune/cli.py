@@ -3,20 +3,22 @@
 Every bad input ends in one line on stderr and exit code 2. Anything else that goes wrong
 is one line too, exit code 1, with the full traceback appended to ``tokprune-error.log`` in
 the working folder (the system's temp folder if that is not writable): a user sees what
-failed, a bug report has the details. Ctrl-C is one line and exit code 130.
+failed, a bug report has the details. SIGINT (Ctrl-C) and SIGTERM stop any command with one
+line and exit code 130 and 143 (128 + the signal), an open MLflow run marked FAILED.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import traceback
 from datetime import datetime
 from pathlib import Path
 
-from tokprune.errors import UsageError
+from tokprune.errors import Stopped, UsageError
 
 COMMANDS = {
     "train": "fine-tune one method on one task and log it to MLflow",
@@ -192,6 +194,13 @@ def _save_traceback(argv: list[str]) -> Path | None:
     return None
 
 
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
@@ -199,8 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
     try:
         return globals()[f"cmd_{args.command}"](args.overrides)
+    except Stopped as stop:
+        for s in STOP_SIGNALS:  # a second signal must not interrupt the message
+            signal.signal(s, signal.SIG_IGN)
+        print(f"tokprune: stopped by {stop}: exit code {stop.exit_code} (an open MLflow run was marked FAILED)",
+              file=sys.stderr)
+        return stop.exit_code
     except UsageError as exc:
         print(f"tokprune: error: {exc}", file=sys.stderr)
         return 2
@@ -213,3 +229,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f"full traceback in {log}" if log else "no traceback file could be written"
         print(f"tokprune: error: {type(exc).__name__}{': ' + message if message else ''} ({where})", file=sys.stderr)
         return 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

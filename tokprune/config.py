@@ -14,7 +14,7 @@ from typing import Iterable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from tokprune.checks import check_config
+from tokprune.checks import check_config, rule_for
 from tokprune.errors import UsageError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -51,6 +51,15 @@ def split_overrides(args: Iterable[str]) -> tuple[dict[str, str], list[str]]:
     return groups, dotted
 
 
+def _allowed(base: DictConfig, key: str) -> str:
+    """`` (expected ...)``: what the key's rule accepts, or nothing when it has no rule."""
+    rule = rule_for(key, OmegaConf.select(base, "method.name"))
+    if rule is None:
+        return ""
+    rules = rule if isinstance(rule, tuple) else (rule,)
+    return f" (expected {' or '.join(r.describe() for r in rules)})"
+
+
 def _check_override(base: DictConfig, key: str, raw: str):
     """Parse one override value and check it against the key's existing value."""
     current: object = base
@@ -76,7 +85,7 @@ def _check_override(base: DictConfig, key: str, raw: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"bad value for {key}: '{raw}' is not a number")
+            raise UsageError(f"bad value for {key}: '{raw}' is not a number{_allowed(base, key)}")
         if isinstance(current, float):
             value = float(value)
     return value

@@ -114,11 +114,24 @@ def metric_inputs(task: GlueTask, logits: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- reading TSV
 
 
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a BOM is dropped); bytes that are not UTF-8 are an error
+    naming the file and the line they are on."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "expected a UTF-8 text file") from None
+    return text.split("\n")
+
+
 def read_glue_tsv(path: Path, task: GlueTask) -> dict[str, list]:
     """Read one GLUE TSV file; a malformed row is an error naming the file and line."""
     if not path.is_file():
         raise UsageError(f"{path}: file not found")
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    lines = read_text_lines(path)
     if lines and lines[-1] == "":
         lines.pop()
     if not lines:
@@ -182,6 +195,12 @@ def find_task_dir(glue_dir: str, task: GlueTask, splits: tuple[str, ...] = SPLIT
     for d in dirs:
         if all((d / task.folder / f).is_file() for f in files):
             return d / task.folder
+    partial = next((d / task.folder for d in dirs if (d / task.folder).is_dir()), None)
+    if partial is not None:  # the task's folder is there, some of its files are not: say which
+        missing = [f for f in files if not (partial / f).is_file()]
+        present = sorted(p.name for p in partial.glob("*.tsv"))
+        raise UsageError(f"task {task.name}: {partial} has no {' and no '.join(missing)} (it has "
+                         f"{', '.join(present) or 'no .tsv file'}; data.glue_dir / GLUE_DIR)")
     raise UsageError(
         f"task {task.name}: no {task.folder}/{' and '.join(files)} under {', '.join(map(str, dirs))} "
         "(data.glue_dir / GLUE_DIR)"

@@ -51,7 +51,8 @@ from tokprune.data import get_task
 from tokprune.encoder import EncoderOutput, KeepAll
 from tokprune.errors import UsageError
 from tokprune.predict import check_engine
-from tokprune.tracking import artifact_root, resolve_tracking_uri, run_name, store_dir
+from tokprune.liveness import owner
+from tokprune.tracking import artifact_root, reap_dead_runs, resolve_tracking_uri, run_name, store_dir
 from tokprune.train import build_datamodule
 
 #: Stored settings an evaluation may change; the checkpoint fixes every other one.
@@ -250,9 +251,10 @@ def log_evaluation(result: Evaluation) -> str:
         experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
         experiment_id = (experiment.experiment_id if experiment else
                          client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_root(uri)))
+        reap_dead_runs(client, experiment_id, float(cfg.mlflow.get("stale_hours", 48)))
         tags = {"role": "eval", "training_run_id": result.training_run_id or "", "checkpoint": str(result.checkpoint),
                 "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name,
-                "engine": result.engine, "computation": result.computation}
+                "engine": result.engine, "computation": result.computation, **owner()}
         suffix = "" if result.computation == "hard" else f"-{result.computation}"
         run_id = client.create_run(experiment_id, run_name=f"eval-{run_name(cfg)}{suffix}", tags=tags).info.run_id
         try:

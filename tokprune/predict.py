@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from tokprune.checkpoint import Described, rebuild
-from tokprune.data import GlueTask, get_task
+from tokprune.data import GlueTask, get_task, read_text_lines
 from tokprune.errors import UsageError
 from tokprune.methods.base import PruningModule
 
@@ -115,7 +115,7 @@ class PrunedModel:
 def read_inputs(path: Path, task: GlueTask) -> tuple[list[Input], list[str] | None]:
     """(inputs, their labels or None) from a GLUE-layout TSV or plain text; a line with the
     wrong number of fields is an error naming the file and line."""
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    lines = read_text_lines(path)
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:

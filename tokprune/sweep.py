@@ -22,7 +22,6 @@ import fcntl
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,13 +40,13 @@ from optuna.trial import FrozenTrial, TrialState
 from tokprune import sweep_mlflow as track
 from tokprune.baseline import find_or_train
 from tokprune.config import compose
-from tokprune.errors import UsageError
+from tokprune.errors import Stopped, UsageError
+from tokprune.liveness import HOST, alive, owner, proc_start
 from tokprune.report import after_sweep, recorded_studies
 from tokprune.sweep_plan import FLOPS, Plan, override, param_strings, plan_sweep
 from tokprune.train import train
 
 WORKER_ENV = "TOKPRUNE_SWEEP_WORKER"  # set on the processes that `sweep.workers=N` starts
-HOST = socket.gethostname()
 _received: list[int] = []  # the signals (SIGINT, SIGTERM) this process got during the sweep
 
 
@@ -64,30 +63,6 @@ class Surplus(Exception):
 
 
 # -- storage, the lock, dead workers ------------------------------------------------------
-
-
-def _proc_start(pid: int) -> str | None:
-    """The process's start time (to tell a reused pid), or None when it is gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def _alive(pid, start) -> bool:
-    if not isinstance(pid, int):
-        return False
-    if Path("/proc").is_dir():
-        now = _proc_start(pid)
-        return now is not None and (start is None or now == start)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 class Gate:
@@ -163,7 +138,7 @@ class Sweep:
         else:  # under the gate: a RUNNING trial with no owner, or a dead one on this host, is stale
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 host = t.user_attrs.get("host")
-                if host not in (None, HOST) or _alive(t.user_attrs.get("pid"), t.user_attrs.get("pid_start")):
+                if host not in (None, HOST) or alive(t.user_attrs.get("pid"), t.user_attrs.get("pid_start")):
                     continue
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
                 self._stale(study, next(f for f in study.get_trials(deepcopy=False) if f.number == t.number))
@@ -191,7 +166,7 @@ class Sweep:
             self.exp_id = track.experiment_id(self.client, cfg.mlflow.experiment, plan.tracking_uri)
             tags = {"sweep_id": study.user_attrs["sweep_id"], "method": plan.space.method, "task": cfg.task.name,
                     "model": cfg.model.name, "budget": cfg.budget.name, "seed": str(cfg.seed),
-                    "study": plan.study_name, "storage": plan.storage_label, "trials": str(plan.target),
+                    "study": plan.study_name, "storage": plan.storage_label, "trials": str(plan.target), **owner(),
                     **{f"space.{k}": v for k, v in plan.space.describe().items()}}
             self.parent_id = track.parent_run(self.client, self.exp_id, tags, f"sweep-{plan.study_name}")
             for key, value in tags.items():
@@ -287,7 +262,7 @@ class Sweep:
 
     def claim(self, trial: optuna.Trial) -> None:
         """Mark the trial as this process's; then, with RDB storage, drop it if it is one too many."""
-        for key, value in {"host": HOST, "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
+        for key, value in {"host": HOST, "pid": os.getpid(), "pid_start": proc_start(os.getpid()),
                            "mlflow_run_id": None, "error": None}.items():
             trial.set_user_attr(key, value)
         self.gate.release()
@@ -516,7 +491,7 @@ def run_sweep(args: list[str]) -> int:
             sweep.say(f"interrupted ({name}): a running trial was marked failed; run the same command to resume")
             if study is not None and not worker:
                 sweep.finalize(sweep.load(), status="KILLED")
-            return 128 + _received[0]
+            raise Stopped(_received[0]) from None  # the CLI's one line and exit code 128 + signum
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)

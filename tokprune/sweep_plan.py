@@ -322,10 +322,19 @@ def storage_label(url: str) -> str:
         return url
     from sqlalchemy.engine import make_url
 
+    accepted = ("a journal file path (default: optuna.journal beside mlflow.db) or an SQLAlchemy database URL "
+                "that Optuna's RDB storage takes, e.g. postgresql://user@host/db, mysql://user@host/db, "
+                "sqlite:////path/optuna.db")
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except Exception:
-        raise UsageError(f"storage '{url}' is not a database URL (e.g. postgresql://user@host/db)") from None
+        raise UsageError(f"storage '{url}' is not a database URL: give {accepted}") from None
+    try:
+        parsed.get_dialect()
+    except Exception:  # SQLAlchemy knows no such database (e.g. mongodb://)
+        raise UsageError(f"storage '{parsed.render_as_string(hide_password=True)}': SQLAlchemy has no dialect "
+                         f"'{parsed.drivername}'; give {accepted}") from None
+    return parsed.render_as_string(hide_password=True)
 
 
 def study_name(method: str, cfg: DictConfig) -> str:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from tokprune.config import flat_params
+from tokprune.liveness import HOST, alive, owner
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -35,14 +38,56 @@ def run_name(cfg: DictConfig) -> str:
     return cfg.mlflow.run_name or f"{cfg.method.name}-{cfg.task.name}-{cfg.model.name}-{cfg.budget.name}"
 
 
+def reap_dead_runs(client: MlflowClient, experiment_id: str, stale_hours: float) -> list[str]:
+    """Mark FAILED the RUNNING runs of the experiment whose process is gone: its owner tags (host,
+    pid, pid_start: every run tokprune opens carries them) name this host and a process that no
+    longer runs; a run of another host, or one without owner tags, only once it started more than
+    ``stale_hours`` ago. A process killed with ``kill -9`` cannot close its own run: the next
+    command on the store does. Returns the run ids it closed."""
+    closed = []
+    now = time.time() * 1000
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get("pid", "")
+        if tags.get("host") == HOST and pid.isdigit():
+            dead = not alive(int(pid), tags.get("pid_start") or None)
+            why = f"its process (pid {pid} on {HOST}) is gone"
+        else:
+            dead = now - run.info.start_time > stale_hours * 3600 * 1000
+            why = f"it has been RUNNING for more than mlflow.stale_hours={stale_hours:g} and its process is not on this host"
+        if dead:
+            client.set_tag(run.info.run_id, "failure", why)
+            client.set_terminated(run.info.run_id, status="FAILED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def reap_store(cfg: DictConfig) -> list[str]:
+    """``reap_dead_runs`` on the configured store's experiment, if it exists; never fails a command."""
+    try:
+        client = MlflowClient(resolve_tracking_uri(cfg.mlflow.tracking_uri))
+        experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+        if experiment is None:
+            return []
+        closed = reap_dead_runs(client, experiment.experiment_id, float(cfg.mlflow.stale_hours))
+    except Exception:  # an unreachable store is reported by whoever opens a run on it
+        return []
+    for run_id in closed:
+        print(f"MLflow run {run_id} was left RUNNING by a process that is gone: marked FAILED")
+    return closed
+
+
 def make_logger(cfg: DictConfig, tags: dict[str, str] | None = None) -> MLFlowLogger:
-    """An MLFlowLogger on the configured store, with the resolved config logged as params."""
+    """An MLFlowLogger on the configured store, with the resolved config logged as params; the
+    run records its owner (host, pid) so a later command can tell whether it still runs."""
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    reap_store(cfg)
     base_tags = {
         "method": cfg.method.name,
         "task": cfg.task.name,
         "model": cfg.model.name,
         "budget": cfg.budget.name,
+        **owner(),
     }
     logger = MLFlowLogger(
         experiment_name=cfg.mlflow.experiment,
