@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from tokprune.backbone import load_tokenizer
-from tokprune.bench import run_bench, summary
+from tokprune.core.backbone import load_tokenizer
+from tokprune.reporting.bench import run_bench, summary
 from tokprune.methods.static import TopKSchedule
 from tokprune.config import compose
-from tokprune.encoder import PrunableEncoder
+from tokprune.core.encoder import PrunableEncoder
 from tokprune.errors import UsageError
 
 from conftest import random_batch, tiny_bert
@@ -30,7 +30,7 @@ def test_top_k_schedule_keeps_the_fraction_of_real_tokens_from_its_layer():
 
 def test_top_k_schedule_decides_only_at_its_layers_and_exports_with_real_removal(tmp_path):
     pytest.importorskip("onnxruntime")
-    from tokprune.export import EncoderGraph, OnnxModel, export_graph
+    from tokprune.serving.export import EncoderGraph, OnnxModel, export_graph
 
     pruner = TopKSchedule({1: 0.5, 2: 0.25})
     assert [pruner.decides(layer) for layer in range(3)] == [False, True, True]

@@ -5,13 +5,13 @@ import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
-from tokprune.backbone import load_bert, load_tokenizer
-from tokprune.callbacks import TokenPruningCallback
+from tokprune.core.backbone import load_bert, load_tokenizer
+from tokprune.training.callbacks import TokenPruningCallback
 from tokprune.config import compose
-from tokprune.data import get_task
-from tokprune.encoder import Pruner
+from tokprune.core.data import get_task
+from tokprune.core.encoder import Pruner
 from tokprune.methods.base import PruningModule
-from tokprune.train import build_datamodule
+from tokprune.training.train import build_datamodule
 
 
 class MemoryLogger(Logger):

@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import GLUE, QQP_SAMPLE, ROOT
-from tokprune import checks
-from tokprune.checks import METHOD_RULES, RULES, check_config, rule_for
+from tokprune.config import checks
+from tokprune.config.checks import METHOD_RULES, RULES, check_config, rule_for
 from tokprune.cli import main
 from tokprune.config import choices, compose
 from tokprune.errors import UsageError

@@ -70,9 +70,9 @@ def test_malformed_tsv_exits_2_naming_file_and_line(tmp_path):
 
 
 def test_predict_on_bytes_that_are_not_utf8_names_the_file_and_line(tmp_path):
-    from tokprune.data import get_task
+    from tokprune.core.data import get_task
     from tokprune.errors import UsageError
-    from tokprune.predict import read_inputs
+    from tokprune.serving.predict import read_inputs
 
     path = tmp_path / "input.txt"
     path.write_bytes(b"a fine film\nthen \xff\xfe bytes\n")
@@ -112,17 +112,17 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
 
 
 def test_train_says_when_no_validation_met_the_constraint(monkeypatch, capsys):
-    import tokprune.train
-    from tokprune.selection import Selected
+    import tokprune.training.train
+    from tokprune.methods.selection import Selected
 
     best = {"val/accuracy": 0.77, "val/flops_ratio_real": 0.4, "val/flops_ratio_padded": 0.15,
             "val/kept_fraction/layer_0": 1.0}
-    result = tokprune.train.RunResult("r1", "sqlite:///x.db", best, Selected(1, "best_meeting_constraint", False),
+    result = tokprune.training.train.RunResult("r1", "sqlite:///x.db", best, Selected(1, "best_meeting_constraint", False),
                                       "best.ckpt", 10, 5, 2, 20, 1.0)
-    monkeypatch.setattr(tokprune.train, "train", lambda cfg: result)
+    monkeypatch.setattr(tokprune.training.train, "train", lambda cfg: result)
     assert cli.main(["train", "method=top"]) == 0
     assert "note: no validation met the method's constraint: the result is the last validation" in capsys.readouterr().out
-    monkeypatch.setattr(tokprune.train, "train", lambda cfg: tokprune.train.RunResult(
+    monkeypatch.setattr(tokprune.training.train, "train", lambda cfg: tokprune.training.train.RunResult(
         "r1", "sqlite:///x.db", best, Selected(0, "best_meeting_constraint", True), "best.ckpt", 10, 5, 2, 20, 1.0))
     assert cli.main(["train", "method=top"]) == 0
     assert "note:" not in capsys.readouterr().out
@@ -175,7 +175,7 @@ def test_a_signal_during_train_exits_128_plus_signum_with_one_line_and_the_run_f
 @pytest.mark.slow
 def test_a_train_killed_with_sigkill_is_marked_failed_by_the_next_command_on_the_store(tmp_path, glue_dir):
     from tokprune.config import compose
-    from tokprune.tracking import reap_store
+    from tokprune.training.tracking import reap_store
 
     uri, proc = _long_training(tmp_path, glue_dir)
     client, run = _running_run(uri, proc)
@@ -191,7 +191,7 @@ def test_a_train_killed_with_sigkill_is_marked_failed_by_the_next_command_on_the
 def test_runs_of_other_hosts_are_left_alone_until_older_than_the_limit(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tokprune.tracking import reap_dead_runs
+    from tokprune.training.tracking import reap_dead_runs
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.create_experiment("tokprune")
@@ -203,7 +203,7 @@ def test_runs_of_other_hosts_are_left_alone_until_older_than_the_limit(tmp_path)
 
 
 def cli_host() -> str:
-    from tokprune.liveness import HOST
+    from tokprune.core.liveness import HOST
 
     return HOST
 

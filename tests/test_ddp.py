@@ -14,9 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 
-from tokprune.callbacks import TokenPruningCallback
-from tokprune.checkpoint import rebuild
-from tokprune.train import build_datamodule
+from tokprune.training.callbacks import TokenPruningCallback
+from tokprune.methods.checkpoint import rebuild
+from tokprune.training.train import build_datamodule
 
 from conftest import ROOT
 

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from tokprune.encoder import EncoderOutput, KeepAll, PrunableEncoder, Pruner, received_attention
+from tokprune.core.encoder import EncoderOutput, KeepAll, PrunableEncoder, Pruner, received_attention
 
 from conftest import random_batch, tiny_bert
 
@@ -111,9 +111,9 @@ def test_received_attention_averages_heads_and_kept_queries():
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["sst2", "mrpc"])
 def test_real_backbone_keep_all_and_hard_equals_soft_on_real_rows(task, glue_dir):
-    from tokprune.backbone import load_bert, load_tokenizer
+    from tokprune.core.backbone import load_bert, load_tokenizer
     from tokprune.config import compose
-    from tokprune.data import get_task, read_glue_tsv
+    from tokprune.core.data import get_task, read_glue_tsv
     from conftest import GLUE
 
     cfg = compose([f"task={task}"])
@@ -220,7 +220,7 @@ def test_output_cls_is_the_first_row_of_output_all_in_both_modes():
 
 
 def test_hard_mode_with_fused_attention_equals_soft_mode(monkeypatch):
-    from tokprune import encoder as encoder_module
+    from tokprune.core import encoder as encoder_module
 
     calls = []
     sdpa = encoder_module.F.scaled_dot_product_attention
@@ -260,7 +260,7 @@ def test_hard_mode_with_fused_attention_equals_soft_mode(monkeypatch):
 
 
 def test_hard_mode_scatters_nothing_back_for_cls_and_the_packed_views_are_exact(monkeypatch):
-    from tokprune.encoder import PackedTokens
+    from tokprune.core.encoder import PackedTokens
 
     bert = tiny_bert(seed=7, layers=4)
     batch = random_batch(batch=5, length=16, seed=7)
@@ -310,7 +310,7 @@ def test_a_pruner_that_does_not_decide_is_not_called_in_hard_mode():
 
 def test_the_classifier_reads_cls_only():
     from tokprune.config import compose
-    from tokprune.data import get_task
+    from tokprune.core.data import get_task
     from tokprune.methods import build_method
 
     module = build_method(compose(["method=none", "model=tiny"]), tiny_bert(layers=2), get_task("sst2")).eval()

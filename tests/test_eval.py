@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from tokprune.cli import main
 from tokprune.config import compose
-from tokprune.evaluate import evaluate, summary
-from tokprune.train import train
+from tokprune.serving.evaluate import evaluate, summary
+from tokprune.training.train import train
 
 from conftest import GLUE
 

@@ -12,13 +12,13 @@ import torch
 from transformers import BertConfig, BertModel
 
 import tokprune
-from tokprune.backbone import load_tokenizer
-from tokprune.checkpoint import describe
+from tokprune.core.backbone import load_tokenizer
+from tokprune.methods.checkpoint import describe
 from tokprune.cli import main
 from tokprune.config import compose
-from tokprune.data import get_task, read_glue_tsv
+from tokprune.core.data import get_task, read_glue_tsv
 from tokprune.errors import UsageError
-from tokprune.export import ClassifierGraph, OnnxModel, default_output, example_inputs, export_graph
+from tokprune.serving.export import ClassifierGraph, OnnxModel, default_output, example_inputs, export_graph
 from tokprune.methods import build_method
 
 from conftest import GLUE, requires_glue
@@ -160,7 +160,7 @@ def test_export_command_load_and_reuse(gate_checkpoint, tmp_path, capsys):
 @requires_glue
 def test_eval_engine_onnx_gives_the_torch_metrics_flops_and_kept_fractions(gate_checkpoint, tmp_path, capsys,
                                                                            monkeypatch):
-    from tokprune.evaluate import evaluate, summary
+    from tokprune.serving.evaluate import evaluate, summary
 
     monkeypatch.delenv("GLUE_DIR", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")  # not there: not logged
@@ -184,7 +184,7 @@ def test_eval_engine_onnx_gives_the_torch_metrics_flops_and_kept_fractions(gate_
 @pytest.mark.slow
 @requires_glue
 def test_eval_computations_measure_the_train_eval_gap_on_a_checkpoint(tokenizer, tmp_path, monkeypatch):
-    from tokprune.evaluate import evaluate, summary
+    from tokprune.serving.evaluate import evaluate, summary
 
     monkeypatch.delenv("GLUE_DIR", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from tokprune.encoder import KeepAll, PrunableEncoder
-from tokprune.flops import FlopsCounter, analytic_layer_macs, fvcore_flops
+from tokprune.core.encoder import KeepAll, PrunableEncoder
+from tokprune.core.flops import FlopsCounter, analytic_layer_macs, fvcore_flops
 
 from conftest import random_batch, tiny_bert
 from test_encoder import FixedMasks
@@ -59,7 +59,7 @@ def test_cached_lookups_equal_direct_traces_on_the_tiny_model():
 
 @pytest.mark.slow
 def test_cached_direct_and_analytic_agree_on_the_real_backbone():
-    from tokprune.backbone import load_bert
+    from tokprune.core.backbone import load_bert
     from tokprune.config import compose
 
     bert = load_bert(compose([]).model)
@@ -73,7 +73,7 @@ def test_cached_direct_and_analytic_agree_on_the_real_backbone():
 
 
 def test_each_length_is_traced_once(monkeypatch):
-    import tokprune.flops as flops
+    import tokprune.core.flops as flops
 
     traced = []
     real = flops.fvcore_flops

@@ -6,8 +6,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from tokprune.config import compose
-from tokprune.data import get_task
-from tokprune.encoder import PruneContext
+from tokprune.core.data import get_task
+from tokprune.core.encoder import PruneContext
 from tokprune.methods import build_method
 from tokprune.methods.gate import GatePruner, Method
 
@@ -196,3 +196,21 @@ def test_straight_through_trains_on_the_thresholded_gates_with_their_gradient():
     assert torch.equal(out.kept_counts(), hard.kept_counts())
     logits.sum().backward()
     assert module.pruner.weights.grad.abs().sum() > 0
+
+
+def test_inference_expected_keeps_the_sum_of_gate_values_and_training_computes_what_hard_mode_does():
+    module = make("method.straight_through=true", "method.inference=expected")
+    gates = torch.rand(module.pruner.weights.shape, generator=torch.Generator().manual_seed(3))
+    set_gates(module, gates)
+    batch = labelled_batch()
+    for dropout in (m for m in module.modules() if isinstance(m, torch.nn.Dropout)):
+        dropout.p = 0.0  # the training forward without its noise
+    module.train()
+    soft_logits, soft = module(batch)
+    expected = module.expected_kept(soft)
+    torch.testing.assert_close(expected, soft.kept_counts().to(expected.dtype), atol=0.5, rtol=0)  # round(sum g)
+    module.eval()
+    with torch.no_grad():
+        hard_logits, hard = module(batch, hard=True)
+    assert torch.equal(hard.kept_counts(), soft.kept_counts())  # the same tokens in training and in hard mode
+    torch.testing.assert_close(hard_logits, soft_logits.detach(), atol=1e-4, rtol=0)

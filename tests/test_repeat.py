@@ -11,7 +11,8 @@ from optuna.storages.journal import JournalFileBackend
 
 from conftest import GLUE, QQP_SAMPLE
 from tokprune.cli import main
-from tokprune.report import Point, gap_against
+from tokprune.reporting.render import gap_against
+from tokprune.search.results import Point
 
 SPACE = "trials: {smoke: 2}\nparams:\n  train.lr: {distribution: float, low: 1.0e-5, high: 1.0e-3, log: true}\n"
 
@@ -51,7 +52,7 @@ def test_repeat_trains_a_trials_settings_with_more_seeds_as_child_runs_and_the_r
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent = study.user_attrs["mlflow_parent_run_id"]
     runs = client.search_runs([client.get_run(parent).info.experiment_id],
-                              f"tags.`tokprune.role` = 'repeat' and tags.repeat_of = '0'")
+                              "tags.`tokprune.role` = 'repeat' and tags.repeat_of = '0'")
     assert sorted(r.data.tags["seed"] for r in runs) == ["43", "44"]
     assert all(r.data.tags["mlflow.parentRunId"] == parent and r.info.status == "FINISHED" for r in runs)
     trial = study.trials[0]

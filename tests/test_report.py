@@ -24,8 +24,10 @@ from PIL import Image
 
 from conftest import GLUE, QQP_SAMPLE
 from tokprune.cli import main
-from tokprune.report import (MethodResult, Point, after_sweep, distinct_baselines, operating_points, operating_rows,
-                             table_rows)
+from tokprune.reporting.collect import operating_points
+from tokprune.reporting.render import operating_rows, table_rows
+from tokprune.reporting.report import after_sweep
+from tokprune.search.results import MethodResult, Point, distinct_baselines
 
 CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLES = 8  # dev rows timed for each operating point: enough to exercise the code
@@ -254,7 +256,7 @@ def test_a_carried_report_of_another_run_set_is_one_line_exit_2(tmp_path, capsys
 
 
 def test_a_failing_report_only_warns_at_the_end_of_a_sweep(monkeypatch):
-    import tokprune.report as report_module
+    import tokprune.reporting.report as report_module
 
     def broken(cfg):
         raise RuntimeError("disk full\nsecond line")

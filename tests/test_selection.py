@@ -4,11 +4,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tokprune.checkpoint import rebuild
+from tokprune.methods.checkpoint import rebuild
 from tokprune.config import compose
 from tokprune.methods.base import PruningModule
-from tokprune.selection import select
-from tokprune import train as train_module
+from tokprune.methods.selection import select
+from tokprune.training import train as train_module
 
 ACC = "val/accuracy"
 

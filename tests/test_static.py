@@ -7,11 +7,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tokprune.config import compose
-from tokprune.data import get_task
-from tokprune.encoder import PrunableEncoder
+from tokprune.core.data import get_task
+from tokprune.core.encoder import PrunableEncoder
 from tokprune.methods import build_method
 from tokprune.methods.static import TopKSchedule
-from tokprune.train import train
+from tokprune.training.train import train
 
 from conftest import random_batch, tiny_bert
 
@@ -42,7 +42,7 @@ def test_keeps_the_scheduled_share_of_real_tokens_and_equals_soft_mode():
 
 
 def test_keeps_cls_and_the_most_attended_tokens():
-    from tokprune.encoder import PruneContext
+    from tokprune.core.encoder import PruneContext
 
     received = torch.tensor([[0.0, 0.1, 0.5, 0.3, 0.1]])
     probs = received[:, None, None, :].expand(1, 2, 5, 5).clone()

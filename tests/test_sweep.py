@@ -23,15 +23,17 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-import tokprune.sweep as sweep_module
-from tokprune import sweep_mlflow as track
+import tokprune.search.sweep as sweep_module
 from conftest import ROOT
 from tokprune.cli import main
 from tokprune.config import choices, compose
 from tokprune.errors import UsageError
-from tokprune.sweep import HOST, FiniteLoss, Surplus, Sweep, TrialFailed, plan_sweep
-from tokprune.report import portable
-from tokprune.sweep_plan import load_space, override
+from tokprune.core.liveness import HOST
+from tokprune.search.sweep import FiniteLoss, Surplus, Sweep, TrialFailed, plan_sweep
+from tokprune.search.results import portable
+from tokprune.config import override
+from tokprune.search.plan import load_space
+from tokprune.training.tracking import experiment_id
 
 STUDY = "none-sst2-tiny-smoke-seed42"
 FAST = ["model=tiny", "budget=smoke", "train.max_steps=2", "data.train_subset=32", "data.eval_subset=32"]
@@ -166,7 +168,7 @@ def test_bad_search_space_is_one_line_exit_2(text, message, tmp_path, capsys, no
     (["sweep.max_retry=-1"], "bad value for sweep.max_retry: -1 (expected an integer >= 0)"),
     (["sweep.nope=1"], "unknown config key 'sweep.nope'"),
     (["train.lr=1e-4"], "train.lr is searched by"),
-    (["sweep.storage=nosuchdb://x/y"], "storage nosuchdb://x/y: cannot open it"),
+    (["sweep.storage=nosuchdb://x/y"], "storage 'nosuchdb://x/y': SQLAlchemy has no dialect 'nosuchdb'; give a journal"),
     (["task=nope"], "unknown task 'nope'"),
     (["oops"], "bad argument 'oops'"),
 ])
@@ -264,8 +266,10 @@ def test_a_budget_replaces_and_adds_to_the_searched_ranges(tmp_path):
 
 
 def test_the_transkimmer_cpu_sweep_places_trials_by_their_target_kept_fraction():
-    cpu = plan_sweep(["method=transkimmer", "budget=cpu"]).space.describe()
-    full = plan_sweep(["method=transkimmer", "budget=full"]).space.describe()
+    shared = plan_sweep(["method=transkimmer", "budget=cpu"]).space.describe()  # protocol=shared: the FLOPs target
+    assert shared == {"protocol.target_flops": "float [0.3, 0.8]", "method.predictor_lr": "categorical [0.001]"}
+    cpu = plan_sweep(["method=transkimmer", "budget=cpu", "protocol=paper"]).space.describe()
+    full = plan_sweep(["method=transkimmer", "budget=full", "protocol=paper"]).space.describe()
     assert full == {"method.skim_lambda": "float [0.05, 2.0] log"}  # around the paper's 0.5
     assert cpu == {"method.skim_target": "float [0.2, 0.9]", "method.skim_target_mode": "categorical ['quadratic']",
                    "method.skim_lambda": "categorical [5.0]", "method.skim_warmup": "categorical [0.3]",
@@ -288,7 +292,7 @@ def test_a_dead_workers_trial_is_failed_and_requeued(space_dir, tmp_path):
     plan = plan_sweep(["method=none", *FAST, f"sweep.space_dir={space_dir}",
                        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
     sweep = Sweep(plan)
-    sweep.exp_id = track.experiment_id(sweep.client, "tokprune", plan.tracking_uri)
+    sweep.exp_id = experiment_id(sweep.client, "tokprune", plan.tracking_uri)
     sweep.parent_id = sweep.client.create_run(sweep.exp_id).info.run_id
     study = optuna.create_study(study_name=STUDY, storage=sweep.storage, directions=["maximize", "minimize"])
     gone = subprocess.Popen(["true"])

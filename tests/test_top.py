@@ -12,12 +12,12 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from transformers import BertConfig, BertModel
 
-from tokprune.backbone import load_tokenizer
-from tokprune.checkpoint import FrozenReference, describe
+from tokprune.core.backbone import load_tokenizer
+from tokprune.methods.checkpoint import FrozenReference, describe
 from tokprune.methods.protocol import TeacherOutputs
 from tokprune.config import compose
-from tokprune.data import get_task
-from tokprune.encoder import PruneContext
+from tokprune.core.data import get_task
+from tokprune.core.encoder import PruneContext
 from tokprune.errors import UsageError
 from tokprune.methods import build_method
 from tokprune.methods.top import (LOG_ALPHA_RANGE, TEMPERATURE, Method, TopPruner, deterministic_mask,

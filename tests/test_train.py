@@ -4,7 +4,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tokprune.config import compose
-from tokprune.train import train
+from tokprune.training.train import train
 
 pytestmark = pytest.mark.slow
 

@@ -8,12 +8,12 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from tokprune.backbone import load_tokenizer
-from tokprune.checkpoint import FrozenReference, describe
+from tokprune.core.backbone import load_tokenizer
+from tokprune.methods.checkpoint import FrozenReference, describe
 from tokprune.methods.protocol import TeacherOutputs
 from tokprune.config import compose
-from tokprune.data import get_task
-from tokprune.encoder import EncoderOutput
+from tokprune.core.data import get_task
+from tokprune.core.encoder import EncoderOutput
 from tokprune.errors import UsageError
 from tokprune.methods import build_method
 from tokprune.methods.distill import logit_distillation

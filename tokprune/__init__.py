@@ -1,6 +1,6 @@
 """tokprune: token pruning for BERT-style encoders, compared fairly on accuracy vs FLOPs."""
 
-__version__ = "0.1.0"
+from tokprune.version import __version__  # noqa: F401 (the package's version)
 
 
 def load(path, engine: str = "torch", batch_size: int = 32):
@@ -13,9 +13,9 @@ def load(path, engine: str = "torch", batch_size: int = 32):
     inside the graph) in ONNX Runtime: ``<path>.onnx`` when it is newer than the checkpoint
     (``python -m tokprune export``), else exported on the fly; it needs ``tokprune[onnx]``.
 
-    Returns a ``tokprune.predict.PrunedModel``. torch and transformers load on the first
+    Returns a ``tokprune.serving.predict.PrunedModel``. torch and transformers load on the first
     call, not on ``import tokprune``.
     """
-    from tokprune.predict import PrunedModel
+    from tokprune.serving.predict import PrunedModel
 
     return PrunedModel.load(path, engine=engine, batch_size=batch_size)

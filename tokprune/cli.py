@@ -61,13 +61,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(overrides: list[str]) -> int:
     from tokprune.config import compose
-    from tokprune.train import train
+    from tokprune.training.train import train
 
     cfg = compose(overrides)
     result = train(cfg)
     if result.global_rank:  # under DDP, rank 0 prints the summary
         return 0
-    from tokprune.data import get_task
+    from tokprune.core.data import get_task
 
     best = result.best
     metrics = "  ".join(f"{m}={best[f'val/{m}']:.4f}" for m in get_task(cfg.task.name).metrics)
@@ -93,7 +93,7 @@ def cmd_bench(words: list[str]) -> int:
     from pathlib import Path
 
     found, overrides = _arguments("bench", words, (), ("only",))
-    from tokprune.bench import run_bench, summary
+    from tokprune.reporting.bench import run_bench, summary
     from tokprune.config import compose
 
     cfg = compose(overrides)
@@ -107,14 +107,18 @@ def cmd_bench(words: list[str]) -> int:
 
 
 def cmd_sweep(overrides: list[str]) -> int:
-    from tokprune.sweep import run_sweep
+    from tokprune.reporting.report import after_sweep
+    from tokprune.search.sweep import run_sweep
 
-    return run_sweep(overrides)
+    outcome = run_sweep(overrides)
+    if outcome.report_args is not None:
+        after_sweep(outcome.report_args, outcome.say)  # the task's report; never fails the sweep
+    return outcome.code
 
 
 def cmd_repeat(words: list[str]) -> int:
     found, overrides = _arguments("repeat", words, ("trial", "seeds"))
-    from tokprune.repeat import repeat_trial
+    from tokprune.search.repeat import repeat_trial
 
     numbers = {}
     for name in ("trial", "seeds"):
@@ -126,7 +130,7 @@ def cmd_repeat(words: list[str]) -> int:
 
 
 def cmd_report(overrides: list[str]) -> int:
-    from tokprune.report import run_report
+    from tokprune.reporting.report import run_report
 
     return run_report(overrides)
 
@@ -150,7 +154,7 @@ def _arguments(command: str, words: list[str], required: tuple[str, ...], option
 
 def cmd_eval(words: list[str]) -> int:
     found, settings = _arguments("eval", words, ("checkpoint",), ("engine",))
-    from tokprune.evaluate import evaluate, summary
+    from tokprune.serving.evaluate import evaluate, summary
 
     print(summary(evaluate(found["checkpoint"], settings, engine=found.get("engine", "torch"))))
     return 0
@@ -163,7 +167,7 @@ def cmd_predict(words: list[str]) -> int:
     batch_size = found.get("batch_size", "32")
     if not batch_size.isdigit() or int(batch_size) < 1:
         raise UsageError(f"bad value for batch_size: '{batch_size}' (expected an integer >= 1)")
-    from tokprune.predict import run_predict
+    from tokprune.serving.predict import run_predict
 
     print(run_predict(found["checkpoint"], found["input"], found["output"], int(batch_size),
                       engine=found.get("engine", "torch")))
@@ -174,7 +178,7 @@ def cmd_export(words: list[str]) -> int:
     found, rest = _arguments("export", words, ("checkpoint",), ("output",))
     if rest:
         raise UsageError(f"export takes {ARGUMENTS_HELP['export']}, not '{rest[0]}'")
-    from tokprune.export import run_export
+    from tokprune.serving.export import run_export
 
     print(run_export(found["checkpoint"], found.get("output")))
     return 0

@@ -10,7 +10,7 @@ import importlib
 from omegaconf import DictConfig
 from transformers import BertModel
 
-from tokprune.data import GlueTask
+from tokprune.core.data import GlueTask
 from tokprune.methods.base import PruningModule
 
 

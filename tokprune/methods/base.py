@@ -34,15 +34,15 @@ from torch.nn import functional as F
 from transformers import BertModel
 from transformers.models.bert.modeling_bert import BertPooler
 
-from tokprune.checkpoint import load_weights
-from tokprune.data import GlueTask, build_metrics, metric_inputs
-from tokprune.encoder import EncoderOutput, KeepAll, PrunableEncoder, Pruner
+from tokprune.methods.checkpoint import load_weights
+from tokprune.core.data import GlueTask, build_metrics, metric_inputs
+from tokprune.core.encoder import EncoderOutput, KeepAll, PrunableEncoder, Pruner
 from tokprune.errors import UsageError
-from tokprune.flops import FlopsCounter
+from tokprune.core.flops import FlopsCounter
 from tokprune.methods import constraints
 from tokprune.methods.distill import load_teacher, prediction_distillation
 from tokprune.methods.protocol import FlopsTarget, TeacherBatch, TeacherOutputs, is_shared
-from tokprune.selection import Selected, Validation, select
+from tokprune.methods.selection import Selected, Validation, select
 
 BASELINE_KEY = "protocol.baseline_checkpoint"
 
@@ -63,7 +63,7 @@ class PruningModule(L.LightningModule):
     needs_teacher = False
     #: protocol=paper: config keys of the paper's initial weights and teacher (None: none), and the
     #: key that, left empty, gets the unpruned baseline's checkpoint of the same task, model, budget
-    #: and seed (found in the MLflow store or trained first: tokprune.baseline)
+    #: and seed (found in the MLflow store or trained first: tokprune.training.baseline)
     paper_init_key: str | None = None
     paper_teacher_key: str | None = None
     paper_baseline_checkpoint_key: str | None = None

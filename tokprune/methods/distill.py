@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.nn import functional as F
 
-from tokprune.checkpoint import FrozenReference, load_frozen
-from tokprune.encoder import KeepAll
+from tokprune.methods.checkpoint import FrozenReference, load_frozen
+from tokprune.core.encoder import KeepAll
 from tokprune.errors import UsageError
 
 

@@ -22,7 +22,13 @@ weighted by layer, their own lr, then hard extraction of the top tokens by atten
   reaches the gate value (straight-through), so training computes exactly what hard mode does
   rather than relying on the bi-modal term to close the gap;
 - inference: a rank is kept iff its gate > ``threshold`` (``inference: threshold``), or the
-  top ``floor(sum_r g_l[r])`` ranks (``top_sum``; with bins, that share of the live tokens).
+  top ``floor(sum_r g_l[r])`` ranks (``top_sum``; with bins, that share of the live tokens), or
+  (``expected``, ours; with ``straight_through`` also the training forward) each example keeps
+  ``round(sum of its live tokens' gate values)`` tokens, those with the highest gate values: the
+  kept count is the expected one, so the shared FLOPs target, held on the gate values, holds on
+  what is computed, and a target no longer makes every gate of a layer cross the threshold in the
+  same step (with ``threshold`` under protocol=shared, SST-2 cpu, target 0.45: [CLS] only from
+  layer 3 on and the majority class).
 
 Loss under ``protocol=paper`` (``w_l = (l+1)/L``, ``rho`` ramping 0 -> 1 from ``bimodal_start`` over
 ``bimodal_ramp`` of training, because at g = 1 the bi-modal gradient holds gates open)::
@@ -42,11 +48,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tokprune.encoder import EncoderOutput, PruneContext, Pruner
+from tokprune.core.encoder import EncoderOutput, PruneContext, Pruner
 from tokprune.errors import UsageError
 from tokprune.methods.base import PruningModule
 
 BIMODAL_EDGE = 0.1  # a gate below 0.1 or above 0.9 counts as decided
+
+
+def keep_expected_count(soft: Tensor, live: Tensor) -> Tensor:
+    """B x N binary keep: [CLS] and, of the other live tokens, the ``round(sum of their gate
+    values)`` with the highest gate values (ties: the more important rank). The kept count is the
+    expected one (``Method.expected_kept``), so a FLOPs target held on the gate values holds on what
+    is computed."""
+    live = live.to(torch.bool)
+    count = 1 + (soft[:, 1:] * live[:, 1:]).sum(1).round()
+    score = soft.detach().masked_fill(~live, -1.0)  # gate values are in [0, 1]: dead tokens last
+    score = torch.cat([torch.full_like(score[:, :1], 2.0), score[:, 1:]], dim=1)  # [CLS] first
+    order = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    return (order < count[:, None]).to(soft.dtype)
 
 
 class GatePruner(Pruner):
@@ -63,6 +82,7 @@ class GatePruner(Pruner):
         self.threshold, self.inference = threshold, inference
         init = sigmoid_init if parametrisation == "sigmoid" else 1.0
         self.weights = nn.Parameter(torch.full((num_layers - first_gated_layer, slots), float(init)))
+        self.soft_proposals: dict[int, Tensor] = {}  # per layer, the last training forward's gate value per token
 
     def gates(self) -> Tensor:
         """(gated layers) x slots gate values in [0, 1]."""
@@ -94,11 +114,16 @@ class GatePruner(Pruner):
         gates = self.gates()[ctx.layer - self.first]
         if self.training:
             soft = gates[self.slots_of(ranks, live_count)]
+            self.soft_proposals[ctx.layer] = soft  # the gate values, for the expected kept count
             if not self.straight_through:
                 return soft
-            return (soft > self.threshold).to(soft.dtype) + (soft - soft.detach())  # exactly binary forward
+            binary = (keep_expected_count(soft, ctx.live) if self.inference == "expected"
+                      else (soft > self.threshold).to(soft.dtype))
+            return binary + (soft - soft.detach())  # exactly binary forward, the gate values' gradient
         if self.inference == "threshold":
             return (gates[self.slots_of(ranks, live_count)] > self.threshold).to(ctx.keep.dtype)
+        if self.inference == "expected":
+            return keep_expected_count(gates[self.slots_of(ranks, live_count)], ctx.live).to(ctx.keep.dtype)
         total = gates.sum()  # top_sum: keep the top floor(sum g) ranks (a share of the live tokens with bins)
         if self.ranks == "bins":
             count = torch.floor(total / gates.numel() * live_count)
@@ -128,6 +153,24 @@ class Method(PruningModule):
         if self.progress < m.bimodal_start:
             return 0.0
         return 1.0 if m.bimodal_ramp <= 0 else min(1.0, (self.progress - m.bimodal_start) / m.bimodal_ramp)
+
+    def expected_kept(self, out: EncoderOutput) -> Tensor:
+        """L x B expected kept tokens: in a gated layer [CLS] plus the gate values of the tokens the
+        previous layer computed (not the thresholded forward of ``straight_through``); other layers
+        as computed. With ``inference=expected`` this is the kept count up to rounding. A target held
+        on thresholded counts sees no progress while gates drift towards the threshold and then every
+        rank of a layer crosses it in the same step (Adam moves all gates at ~gate_lr): on SST-2 (cpu
+        budget, target 0.45) the counts fell to [CLS] only and the model to the majority class."""
+        proposals = self.pruner.soft_proposals if self.pruner.training and not out.hard else {}
+        previous, counts = out.padding, []
+        for layer, used in enumerate(out.keep):
+            soft = proposals.get(layer)
+            if soft is None or soft.shape != used.shape:  # not gated (or no training forward): as computed
+                counts.append(used.sum(1))
+            else:
+                counts.append(1 + (soft[:, 1:] * (previous[:, 1:] > 0)).sum(1))
+            previous = used
+        return torch.stack(counts)
 
     def pruning_losses(self, logits: Tensor, out: EncoderOutput, batch: dict) -> dict[str, Tensor]:
         m, gates = self.cfg.method, self.pruner.gates()

@@ -36,9 +36,9 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from tokprune.checkpoint import FrozenReference
-from tokprune.data import ROW
-from tokprune.encoder import received_attention
+from tokprune.methods.checkpoint import FrozenReference
+from tokprune.core.data import ROW
+from tokprune.core.encoder import received_attention
 
 SHARED, PAPER = "shared", "paper"
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokprune.encoder import PruneContext, Pruner
+from tokprune.core.encoder import PruneContext, Pruner
 from tokprune.errors import UsageError
 from tokprune.methods.base import PruningModule
 

@@ -127,7 +127,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tokprune.encoder import EncoderOutput, PruneContext, Pruner, received_attention, untraced
+from tokprune.core.encoder import EncoderOutput, PruneContext, Pruner, received_attention, untraced
 from tokprune.errors import UsageError
 from tokprune.methods import constraints
 from tokprune.methods.base import PruningModule

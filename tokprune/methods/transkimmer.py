@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tokprune.encoder import EncoderOutput, PruneContext, Pruner
+from tokprune.core.encoder import EncoderOutput, PruneContext, Pruner
 from tokprune.errors import UsageError
 from tokprune.methods import constraints
 from tokprune.methods.base import PruningModule

@@ -11,14 +11,14 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from tokprune.backbone import load_bert, load_tokenizer
-from tokprune.baseline import baseline_tags, find_or_train
-from tokprune.callbacks import TokenPruningCallback
-from tokprune.checkpoint import describe
-from tokprune.data import GlueDataModule, get_task
+from tokprune.core.backbone import load_bert, load_tokenizer
+from tokprune.training.baseline import baseline_tags, find_or_train
+from tokprune.training.callbacks import TokenPruningCallback
+from tokprune.methods.checkpoint import describe
+from tokprune.core.data import GlueDataModule, get_task
 from tokprune.methods import build_method
-from tokprune.selection import RULES, Selected
-from tokprune.tracking import make_logger, resolve_tracking_uri
+from tokprune.methods.selection import RULES, Selected
+from tokprune.training.tracking import make_logger, resolve_tracking_uri
 
 
 class _NoAdverts(logging.Filter):
@@ -133,7 +133,7 @@ def train(cfg: DictConfig, callbacks: list | None = None, tags: dict[str, str] |
     module = build_method(cfg, load_bert(cfg.model), task)
     key = module.baseline_checkpoint_key
     if key and not OmegaConf.select(cfg, key):  # e.g. ToP's teacher: the baseline run's checkpoint
-        OmegaConf.update(cfg, key, find_or_train(cfg).data.tags["checkpoint"])
+        OmegaConf.update(cfg, key, find_or_train(cfg, train).data.tags["checkpoint"])
         print(f"{key}={OmegaConf.select(cfg, key)} (the unpruned baseline's)")
     module.prepare_fit(datamodule)  # initial weights, a teacher: their errors come before the run opens too
     if tags is None and cfg.method.name == "none":  # a plain unpruned run: the baseline later runs find

@@ -1,6 +1,6 @@
 """``python -m tokprune eval checkpoint=PATH``: what a trained checkpoint does on its dev set.
 
-A checkpoint describes itself (``tokprune.checkpoint``), so its task, backbone, dev subset
+A checkpoint describes itself (``tokprune.methods.checkpoint``), so its task, backbone, dev subset
 and batch size come from the file; an evaluation may change only where the data and the
 MLflow store are, how many dev rows and how big a batch. The dev set goes through the same
 Lightning validation loop and token-pruning callback as in training, in hard mode (pruned
@@ -9,7 +9,7 @@ CPU latency of the model's pruner against the unpruned encoder on the same weigh
 bench.py's measurement.
 
 ``engine=onnx`` (an argument of the command, not a config key) runs the same validation on the
-model exported to ONNX (``tokprune.export``: decisions and token removal inside the graph) in
+model exported to ONNX (``tokprune.serving.export``: decisions and token removal inside the graph) in
 ONNX Runtime: ``<checkpoint>.onnx`` when it is newer than the checkpoint, else an export made on
 the fly. The graph reports kept counts per layer, which is all the FLOPs callback reads, so the
 metrics, FLOPs and kept fractions are those of torch's hard mode; the latency is then ONNX
@@ -43,17 +43,17 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from tokprune.bench import LATENCY_BATCH_SIZES, onnx_trained_speedup, trained_speedup
-from tokprune.callbacks import TokenPruningCallback
-from tokprune.checkpoint import rebuild
-from tokprune.checks import Rule, check_config
-from tokprune.data import get_task
-from tokprune.encoder import EncoderOutput, KeepAll
+from tokprune.serving.latency import LATENCY_BATCH_SIZES, onnx_trained_speedup, trained_speedup
+from tokprune.training.callbacks import TokenPruningCallback
+from tokprune.methods.checkpoint import rebuild
+from tokprune.config.checks import Rule, check_config
+from tokprune.core.data import get_task
+from tokprune.core.encoder import EncoderOutput, KeepAll
 from tokprune.errors import UsageError
-from tokprune.predict import check_engine
-from tokprune.liveness import owner
-from tokprune.tracking import artifact_root, reap_dead_runs, resolve_tracking_uri, run_name, store_dir
-from tokprune.train import build_datamodule
+from tokprune.serving.predict import check_engine
+from tokprune.core.liveness import owner
+from tokprune.training.tracking import artifact_root, reap_dead_runs, resolve_tracking_uri, run_name, store_dir
+from tokprune.training.train import build_datamodule
 
 #: Stored settings an evaluation may change; the checkpoint fixes every other one.
 CHANGEABLE = ("data.glue_dir", "data.eval_subset", "data.num_workers", "train.eval_batch_size", "mlflow.tracking_uri")
@@ -175,7 +175,7 @@ def evaluate(checkpoint: str | Path, words: list[str] = (), engine: str = "torch
     datamodule = build_datamodule(OmegaConf.merge(cfg, {"data": {"train_subset": 1}}), described.tokenizer())
     session, validated_module = None, module
     if engine == "onnx":
-        from tokprune.export import session_for
+        from tokprune.serving.export import session_for
 
         session = session_for(described, module, spinning=False)  # timed taking turns with another session
         validated_module = copy.copy(module)  # the same weights, its forward run by ONNX Runtime

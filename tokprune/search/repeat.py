@@ -18,12 +18,12 @@ import statistics
 
 from optuna.trial import TrialState
 
-from tokprune import sweep_mlflow as track
 from tokprune.config import compose
 from tokprune.errors import UsageError
-from tokprune.sweep import Sweep
-from tokprune.sweep_plan import FLOPS, plan_sweep
-from tokprune.train import train
+from tokprune.search.sweep import Sweep
+from tokprune.search.plan import FLOPS, plan_sweep
+from tokprune.training.tracking import PARENT, ROLE
+from tokprune.training.train import train
 
 REPEATS = "repeats"  # the study's user attribute: str(trial number) -> list of repeat records
 
@@ -50,7 +50,7 @@ def repeat_trial(args: list[str], trial_number: int, seeds: int) -> int:
         cfg = compose([*sweep.trial_arguments(dict(trial.params)), f"seed={seed}",
                        f"mlflow.run_name={plan.study_name}-trial{trial_number}-seed{seed}"])
         cfg.sweep.storage = plan.storage_label
-        tags = {track.PARENT: sweep.parent_id, track.ROLE: "repeat", "repeat_of": str(trial_number),
+        tags = {PARENT: sweep.parent_id, ROLE: "repeat", "repeat_of": str(trial_number),
                 "study": plan.study_name, "seed": str(seed)}
         result = train(cfg, tags=tags)
         record = {"seed": seed, "metric": result.best.get(f"val/{main}"), "flops_real": result.best.get(f"val/{FLOPS}"),

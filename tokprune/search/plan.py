@@ -31,7 +31,6 @@ one-line ``UsageError`` found by ``plan_sweep`` before anything trains.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,12 +38,12 @@ from pathlib import Path
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from tokprune.config import CONF_DIR, _load_yaml, choices, compose, split_overrides
-from tokprune.data import get_task
+from tokprune.config import CONF_DIR, NEUTRAL, _load_yaml, choices, compose, override, split_overrides
+from tokprune.core.data import get_task
 from tokprune.errors import UsageError
-from tokprune.tracking import resolve_tracking_uri, store_dir
+from tokprune.training.tracking import resolve_tracking_uri, store_dir
 
-SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
+SWEEPS_DIR = Path(__file__).resolve().parent.parent.parent / "sweeps"
 FLOPS = "flops_ratio_real"  # the second objective: FLOPs vs the same examples unpruned
 
 FIELDS = {
@@ -126,11 +125,6 @@ def param_strings(params: dict) -> list[str]:
     return [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()]
 
 
-def override(key: str, value) -> str:
-    """``key=value`` in the form ``config.compose`` parses back to the same value."""
-    return f"{key}={json.dumps(value)}"
-
-
 def _number(path: Path, key: str, field: str, value, integer: bool):
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or not math.isfinite(value):
@@ -156,9 +150,9 @@ def _param(path: Path, key: str, spec) -> Param:
             raise UsageError(f"{path}: {key}: choices must be plain values (numbers, strings, true/false, null)")
         return Param(key, dist, choices=tuple(values))
     integer = dist == "int"
-    for field in ("low", "high"):
-        if field not in spec:
-            raise UsageError(f"{path}: {key}: missing {field}")
+    for bound in ("low", "high"):
+        if bound not in spec:
+            raise UsageError(f"{path}: {key}: missing {bound}")
     low = _number(path, key, "low", spec["low"], integer)
     high = _number(path, key, "high", spec["high"], integer)
     if low >= high:
@@ -295,11 +289,6 @@ class Plan:
         apart baselines, and a resumed study warns when they differ."""
         return sorted(a for a in self.passthrough
                       if not a.partition("=")[0].startswith(NEUTRAL) and a.partition("=")[0] != "seed")
-
-
-# Keys that change where things go or how they are shown, never a run's numbers.
-NEUTRAL = ("mlflow.", "report.", "data.glue_dir", "data.hub_dataset", "data.num_workers", "train.checkpoint_dir",
-           "train.progress_bar", "train.log_every_n_steps")
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:

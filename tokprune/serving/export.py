@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tokprune import __version__
-from tokprune.encoder import PrunableEncoder, Pruner
+from tokprune.version import __version__
+from tokprune.core.encoder import PrunableEncoder, Pruner
 from tokprune.errors import UsageError
 
 OPSET = 17
@@ -181,7 +181,7 @@ def checkpoint_metadata(described, num_layers: int) -> dict[str, str]:
 
 def export_module(described, module, path: str | Path) -> Path:
     """Export a rebuilt checkpoint (``checkpoint.rebuild``) to ``path``."""
-    from tokprune.data import get_task
+    from tokprune.core.data import get_task
 
     module = module.cpu().eval()
     pairs = len(get_task(described.cfg.task.name).tsv_text) == 2
@@ -197,7 +197,7 @@ def default_output(checkpoint: str | Path) -> Path:
 
 def run_export(checkpoint: str, output: str | None = None) -> str:
     """The ``export`` command: returns the line to print."""
-    from tokprune.checkpoint import rebuild
+    from tokprune.methods.checkpoint import rebuild
 
     require("onnx")
     if not Path(checkpoint).is_file():

@@ -18,7 +18,6 @@ Exactness and crashes:
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import signal
@@ -27,24 +26,27 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import optuna
 import torch
 from mlflow.tracking import MlflowClient
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend
-from optuna.trial import FrozenTrial, TrialState
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 
-from tokprune import sweep_mlflow as track
-from tokprune.baseline import find_or_train
+from tokprune.search import records as track
+from tokprune.training.baseline import find_or_train
 from tokprune.config import compose
 from tokprune.errors import Stopped, UsageError
-from tokprune.liveness import HOST, alive, owner, proc_start
-from tokprune.report import after_sweep, recorded_studies
-from tokprune.sweep_plan import FLOPS, Plan, override, param_strings, plan_sweep
-from tokprune.train import train
+from tokprune.core.liveness import HOST, alive, owner, proc_start
+from tokprune.search.storage import Gate, open_storage, resumed_trials
+from tokprune.config import override
+from tokprune.search.plan import FLOPS, Plan, param_strings, plan_sweep
+from tokprune.training.tracking import PARENT, ROLE, experiment_id
+from tokprune.training.train import train
 
 WORKER_ENV = "TOKPRUNE_SWEEP_WORKER"  # set on the processes that `sweep.workers=N` starts
 _received: list[int] = []  # the signals (SIGINT, SIGTERM) this process got during the sweep
@@ -62,30 +64,6 @@ class Surplus(Exception):
     """A trial asked after the study already had its total (RDB storage, racing workers)."""
 
 
-# -- storage, the lock, dead workers ------------------------------------------------------
-
-
-class Gate:
-    """An exclusive file lock for journal studies (one machine); a no-op for RDB studies."""
-
-    def __init__(self, path: str | None):
-        self.path, self.fd = path, None
-
-    def __enter__(self):
-        if self.path and self.fd is None:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the lock
-            self.fd = None
-
-    def __exit__(self, *exc):
-        self.release()
-
-
 class Sweep:
     """One process's share of a study: setup (study, parent run, baseline), then trials."""
 
@@ -96,7 +74,7 @@ class Sweep:
             self.retry = RetryHeartbeatStaleTrialCallback(max_retry=plan.cfg.sweep.max_retry)
         self.gate = Gate(None if plan.is_rdb else plan.storage + ".sweep-lock")
         self.resumed = resumed_trials(plan)  # a bad report is an error before any store opens
-        self.storage = self._open_storage()  # first: a bad URL is an error before the MLflow store opens
+        self.storage = open_storage(plan, self._stale)  # first: a bad URL is an error before the MLflow store opens
         self.client = MlflowClient(plan.tracking_uri)
         self.exp_id = self.parent_id = None
         self.baseline: dict = {}
@@ -105,24 +83,6 @@ class Sweep:
 
     def say(self, message: str) -> None:
         print(f"[sweep{self.label}] {message}", flush=True)
-
-    def _open_storage(self):
-        plan = self.plan
-        if not plan.is_rdb:
-            Path(plan.storage).parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(plan.storage))
-        s = plan.cfg.sweep
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-                return RDBStorage(plan.storage, heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period,
-                                  heartbeat_stale_trial_callback=self._stale, engine_kwargs={"pool_pre_ping": True})
-        except ModuleNotFoundError as exc:
-            raise UsageError(f"storage {plan.storage_label}: {exc} (install its driver, e.g. psycopg2-binary)") \
-                from None
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"storage {plan.storage_label}: cannot open it ({first})") from None
 
     def _stale(self, study: optuna.Study, trial) -> None:
         """A trial whose worker died: re-queue its values, close its MLflow run(s)."""
@@ -163,7 +123,7 @@ class Sweep:
         with self.gate:
             study = self._study()
             self.add_resumed(study)
-            self.exp_id = track.experiment_id(self.client, cfg.mlflow.experiment, plan.tracking_uri)
+            self.exp_id = experiment_id(self.client, cfg.mlflow.experiment, plan.tracking_uri)
             tags = {"sweep_id": study.user_attrs["sweep_id"], "method": plan.space.method, "task": cfg.task.name,
                     "model": cfg.model.name, "budget": cfg.budget.name, "seed": str(cfg.seed),
                     "study": plan.study_name, "storage": plan.storage_label, "trials": str(plan.target), **owner(),
@@ -217,7 +177,7 @@ class Sweep:
     def _baseline(self) -> dict:
         """The unpruned run (method=none) for this task, model, budget and seed: the FLOPs-ratio-1.0
         point, trained once and shared by every sweep of every method (and ToP's teacher)."""
-        run = find_or_train(self.plan.cfg, self.say, self.client, self.exp_id)
+        run = find_or_train(self.plan.cfg, train, self.say, self.client, self.exp_id)
         metric = run.data.metrics.get(f"best/{self.plan.main_metric}", float("nan"))
         flops = run.data.metrics.get(f"best/{FLOPS}", 1.0)
         parent_tags = self.client.get_run(self.parent_id).data.tags
@@ -292,7 +252,7 @@ class Sweep:
         self.say(f"trial {trial.number} started ({taken} of {plan.target}): {shown}")
         cfg = compose([*self.trial_arguments(values), f"mlflow.run_name={plan.study_name}-trial{trial.number}"])
         cfg.sweep.storage = plan.storage_label  # no password in the run's params
-        tags = {track.PARENT: self.parent_id, track.ROLE: "trial", "trial": str(trial.number),
+        tags = {PARENT: self.parent_id, ROLE: "trial", "trial": str(trial.number),
                 "study": plan.study_name, "seed": str(cfg.seed)}
         start = time.perf_counter()
         try:
@@ -369,49 +329,6 @@ class Sweep:
             self.say(f"deleted the checkpoints of dominated trials ({freed / 2**20:.0f} MiB; sweep.keep_checkpoints=all keeps them)")
 
 
-def resumed_trials(plan: Plan) -> tuple[str, list[FrozenTrial]]:
-    """``sweep.resume_from``: (where from, the trials) a study with no trial yet starts with: each
-    complete trial the report.json recorded for this study (values, parameters, kept fractions,
-    speedups, MLflow run id), and a failed one in each gap (a report records complete trials only),
-    so the trials keep their numbers and the sampler, seeded by the trial count, sees the history
-    the lost storage held. A sweep whose storage is gone (another machine, a lost sitting) goes on
-    where it stopped; the recorded trials' MLflow runs stay in the store they were logged to."""
-    path = str(plan.cfg.sweep.resume_from or "")
-    if not path:
-        return "", []
-    option = f"sweep.resume_from={path}"
-    recorded = next((r for r in recorded_studies(path, plan.cfg, "sweep.resume_from")
-                     if r.study == plan.study_name), None)
-    if recorded is None:
-        raise UsageError(f"{option}: it records no study {plan.study_name}")
-    if recorded.overrides != plan.result_overrides:
-        print(f"[sweep] warning: the trials in {path} ran with overrides {recorded.overrides}, now "
-              f"{plan.result_overrides}: the study's trials are not all alike", flush=True)
-    points = {p.trial: p for p in recorded.points}
-    distributions = {param.key: param.optuna_distribution() for param in plan.space.params}
-    trials = []
-    for number in range(max(points, default=-1) + 1):
-        point = points.get(number)
-        if point is None:
-            trials.append(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={
-                "resumed_from": recorded.carried_from, "error": "not complete where it was resumed from"}))
-            continue
-        if set(point.params) != set(distributions):
-            raise UsageError(f"{option}: trial {number} has parameters {sorted(point.params)}, this sweep's "
-                             f"space {sorted(distributions)}")
-        attrs = {"mlflow_run_id": point.run_id, "resumed_from": recorded.carried_from,
-                 "best/flops_ratio_padded": point.flops_padded,
-                 **{f"best/kept_fraction/layer_{i}": kept for i, kept in enumerate(point.kept)}}
-        if number in recorded.speedup:
-            attrs["speedup"] = recorded.speedup[number]
-        try:
-            trials.append(optuna.trial.create_trial(params=point.params, distributions=distributions,
-                                                    values=[point.metric, point.flops_real], user_attrs=attrs))
-        except ValueError as exc:
-            raise UsageError(f"{option}: trial {number} does not fit this sweep's space ({exc})") from None
-    return recorded.carried_from, trials
-
-
 class TrialLink(L.Callback):
     """As soon as the trial's MLflow run exists: its id on the Optuna trial, the sampled values on the run."""
 
@@ -465,7 +382,17 @@ def _spawn_workers(plan: Plan) -> int:
     return max(codes)
 
 
-def run_sweep(args: list[str]) -> int:
+@dataclass
+class SweepOutcome:
+    """How a sweep ended: its exit code, and (for the process that ran the study, not a worker) the
+    arguments of the task's report, which the caller writes next (reporting sits above search)."""
+
+    code: int
+    report_args: list[str] | None = None
+    say: Callable[[str], None] = print
+
+
+def run_sweep(args: list[str]) -> SweepOutcome:
     """The ``sweep`` command. Bad input raises ``UsageError`` before anything trains."""
     plan = plan_sweep(args)
     worker = os.environ.get(WORKER_ENV)
@@ -496,12 +423,12 @@ def run_sweep(args: list[str]) -> int:
             for s, handler in old.items():
                 signal.signal(s, handler)
         if worker:
-            return code
+            return SweepOutcome(code)
         study = sweep.load()
         complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         sweep.finalize(study, status="FINISHED" if complete >= plan.target else ("KILLED" if code > 128 else None))
         sweep.show_front(study)  # unless the last trial's report above was this same table
         sweep.say(f"MLflow store {plan.tracking_uri}, parent run {sweep.parent_id}; Optuna study {plan.study_name} "
                   f"in {plan.storage_label}")
-        after_sweep([*plan.args, f"sweep.storage={plan.storage}"], sweep.say)  # the task's report; never fails
-        return code if code else (0 if complete >= plan.target else 1)
+        return SweepOutcome(code if code else (0 if complete >= plan.target else 1),
+                            [*plan.args, f"sweep.storage={plan.storage}"], sweep.say)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
-from tokprune import __version__
+from tokprune.version import __version__
 from tokprune.errors import UsageError
 
 KEY = "tokprune"
@@ -103,7 +103,7 @@ def read_described(path: str | Path, what: str = "checkpoint") -> Described:
 
 def rebuild(path: str | Path, what: str = "checkpoint"):
     """(description, the trained module in eval mode): the model as it was trained."""
-    from tokprune.data import get_task
+    from tokprune.core.data import get_task
     from tokprune.methods import build_method
 
     described = read_described(path, what)

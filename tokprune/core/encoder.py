@@ -39,7 +39,7 @@ layers a caller wants) and whose mask carries no gradient (padding only, a fixed
 frozen teacher) runs fused attention with ``log m`` added to the scores, which is the renormalised
 rule exactly; a mask with a gradient keeps the eager weighting (its gradient at m = 0 is finite).
 
-Hard mode is written to be traced for ONNX export (``tokprune.export``): no Python number is
+Hard mode is written to be traced for ONNX export (``tokprune.serving.export``): no Python number is
 taken from a data-dependent tensor (the packed length is a 0-d tensor fed to ``arange``; the
 packing order is a sort on unique keys), so the traced graph keeps each input's own number of
 tokens (TopK + Range + Gather/GatherElements in ONNX).

@@ -6,11 +6,13 @@ import time
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from tokprune.config import flat_params
-from tokprune.liveness import HOST, alive, owner
+from tokprune.core.liveness import HOST, alive, owner
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -98,3 +100,51 @@ def make_logger(cfg: DictConfig, tags: dict[str, str] | None = None) -> MLFlowLo
     )
     logger.log_hyperparams(flat_params(cfg))
     return logger
+
+
+# -- finding runs by their tags (baselines here; sweep parents and trials in search.records) --------
+
+ROLE = "tokprune.role"
+
+
+PARENT = "mlflow.parentRunId"
+
+
+def quoted(value: str) -> str:
+    if "'" in value:
+        return '"' + value + '"'
+    return "'" + value + "'"
+
+
+def where(tags: dict[str, str], status: str | None = None) -> str:
+    terms = [f"tags.`{k}` = {quoted(str(v))}" for k, v in tags.items()]
+    if status:
+        terms.append(f"attributes.status = '{status}'")
+    return " and ".join(terms)
+
+
+def search(client: MlflowClient, experiment_id: str, filter_string: str, oldest_first: bool = True) -> list[Run]:
+    """Every run that matches, across pages."""
+    runs, token = [], None
+    order = ["attributes.start_time ASC" if oldest_first else "attributes.start_time DESC"]
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, order_by=order, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(uri))
+    except MlflowException:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def find_baseline(client: MlflowClient, exp_id: str, key: dict[str, str]) -> Run | None:
+    found = search(client, exp_id, where({ROLE: "baseline", **key}, status="FINISHED"))
+    return found[0] if found else None

@@ -24,8 +24,8 @@ import warnings
 import lightning as L
 import torch
 
-from tokprune.encoder import EncoderOutput
-from tokprune.flops import BatchFlops, FlopsCounter
+from tokprune.core.encoder import EncoderOutput
+from tokprune.core.flops import BatchFlops, FlopsCounter
 
 # Lightning asks for sync_dist=True on epoch-level values in DDP; ours are summed across
 # processes before they are logged, and averaging them again would only cost a collective.

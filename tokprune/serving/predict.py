@@ -4,10 +4,10 @@
 Inference is what the pruning is for, so it runs in hard mode (pruned tokens really
 removed) and reports, beside each label, how many tokens every layer computed. Two engines:
 ``torch`` (the encoder's hard mode) and ``onnx`` (the same model exported with its pruning
-decisions and token removal inside the graph, run by ONNX Runtime: ``tokprune.export``; it
+decisions and token removal inside the graph, run by ONNX Runtime: ``tokprune.serving.export``; it
 reuses ``<checkpoint>.onnx`` when that is newer than the checkpoint, else exports on the fly).
 Both give the same labels and kept counts. Everything
-comes from the checkpoint file (``tokprune.checkpoint``): the task's labels, its max length
+comes from the checkpoint file (``tokprune.methods.checkpoint``): the task's labels, its max length
 and the tokenizer, so a prediction needs neither the training data nor MLflow.
 
 The command reads a TSV in the task's GLUE layout (recognised by its header holding the
@@ -24,8 +24,8 @@ from typing import Sequence
 
 import torch
 
-from tokprune.checkpoint import Described, rebuild
-from tokprune.data import GlueTask, get_task, read_text_lines
+from tokprune.methods.checkpoint import Described, rebuild
+from tokprune.core.data import GlueTask, get_task, read_text_lines
 from tokprune.errors import UsageError
 from tokprune.methods.base import PruningModule
 
@@ -54,7 +54,7 @@ class PrunedModel:
         self.engine = engine
         self.onnx = None
         if engine == "onnx":
-            from tokprune.export import session_for
+            from tokprune.serving.export import session_for
 
             self.onnx = session_for(described, self.module)
 
@@ -161,7 +161,7 @@ def check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise UsageError(f"engine must be one of {', '.join(ENGINES)}, not '{engine}'")
     if engine == "onnx":
-        from tokprune.export import require
+        from tokprune.serving.export import require
 
         require("onnxruntime")
         require("onnx")

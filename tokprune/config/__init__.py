@@ -8,16 +8,17 @@ file, so a typo is an error rather than a silently ignored setting.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from tokprune.checks import check_config, rule_for
+from tokprune.config.checks import check_config, rule_for
 from tokprune.errors import UsageError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 GROUPS = ("model", "task", "method", "budget", "protocol")
 
 
@@ -89,6 +90,16 @@ def _check_override(base: DictConfig, key: str, raw: str):
         if isinstance(current, float):
             value = float(value)
     return value
+
+
+# Keys that change where things go or how they are shown, never a run's numbers.
+NEUTRAL = ("mlflow.", "report.", "data.glue_dir", "data.hub_dataset", "data.num_workers", "train.checkpoint_dir",
+           "train.progress_bar", "train.log_every_n_steps")
+
+
+def override(key: str, value) -> str:
+    """``key=value`` in the form ``config.compose`` parses back to the same value."""
+    return f"{key}={json.dumps(value)}"
 
 
 def compose(args: Iterable[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:

@@ -15,10 +15,9 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from tokprune import sweep_mlflow as track
-from tokprune.config import compose, flat_params
-from tokprune.sweep_plan import NEUTRAL, override
-from tokprune.tracking import resolve_tracking_uri
+from tokprune.config import NEUTRAL, compose, flat_params, override
+from tokprune.training import tracking as track
+from tokprune.training.tracking import resolve_tracking_uri
 
 GROUPS = ("task", "model", "budget")
 
@@ -45,11 +44,11 @@ def baseline_tags(cfg: DictConfig) -> dict[str, str]:
     return {track.ROLE: "baseline", "seed": key["seed"], "overrides": key["overrides"]}
 
 
-def find_or_train(cfg: DictConfig, say: Callable[[str], None] = print, client: MlflowClient | None = None,
-                  experiment_id: str | None = None) -> Run:
-    """The finished baseline run of ``cfg`` (whatever its method), training it first if the
-    store has none. Its ``checkpoint`` tag is the best.ckpt path."""
-    from tokprune.train import train
+def find_or_train(cfg: DictConfig, train: Callable, say: Callable[[str], None] = print,
+                  client: MlflowClient | None = None, experiment_id: str | None = None) -> Run:
+    """The finished baseline run of ``cfg`` (whatever its method), training it first with ``train``
+    (``training.train.train``, passed in: it calls this module) if the store has none. Its
+    ``checkpoint`` tag is the best.ckpt path."""
 
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     client = client or MlflowClient(uri)

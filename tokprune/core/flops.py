@@ -19,7 +19,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import Tensor, nn
 
-from tokprune.encoder import EncoderOutput, PrunableEncoder, Pruner
+from tokprune.core.encoder import EncoderOutput, PrunableEncoder, Pruner
 
 
 def fvcore_flops(module: nn.Module, inputs: tuple[Tensor, ...]) -> int:

@@ -222,7 +222,7 @@ METHOD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "bins": Rule(INT, low=1),
         "first_gated_layer": Rule(INT, low=1),  # its upper end (layers - 1) is checked when the model is known
         "threshold": Rule(FLOAT, low=0, high=1),  # gates live in [0, 1]
-        "inference": Rule("str", choices=("threshold", "top_sum")),
+        "inference": Rule("str", choices=("threshold", "top_sum", "expected")),
         "straight_through": Rule("bool"),
     },
     "top": {

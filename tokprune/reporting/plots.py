@@ -21,8 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tokprune.report import distinct_baselines  # noqa: E402
-from tokprune.sweep_plan import param_strings  # noqa: E402
+from tokprune.search.results import distinct_baselines  # noqa: E402
+from tokprune.search.plan import param_strings  # noqa: E402
 
 SVG_NS = "http://www.w3.org/2000/svg"
 ET.register_namespace("", SVG_NS)

@@ -1,0 +1,180 @@
+"""Render collected results: the operating-points and Pareto tables, the plots, ``pareto.md``,
+``report.html`` and ``report.json``, and the same files as MLflow artifacts."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from tokprune.core.data import get_task
+from tokprune.reporting.collect import REFERENCE_METHOD, ROLES, batch_sizes
+from tokprune.search.plan import param_strings, storage_label
+from tokprune.search.results import MethodResult, Point, _fmt, distinct_baselines, portable
+
+
+ARTIFACT_DIR = "report"
+
+
+OWNED = ("pareto_*.png", "kept_*.png", "pareto.md", "report.html", "report.json")  # replaced on each run
+
+
+def role_names(cfg: DictConfig, metric: str) -> dict[str, str]:
+    points = 100 * float(cfg.report.metric_tolerance)
+    return {"best": f"highest dev {metric}", "within_flops": f"best at FLOPs ratio <= {cfg.report.flops_budget:g}",
+            "near_baseline": f"fewest FLOPs within {points:g} point{'s' * (points != 1)} of the baseline"}
+
+
+def _speedups(result: MethodResult, trial: int) -> list[str]:
+    """One cell per batch size: ``x1.45``; or, in the first, why it was not measured."""
+    cells = [""] * len(batch_sizes())
+    s = result.speedup.get(trial)
+    if s and "skipped" in s:
+        cells[0] = f"skipped: {s['skipped']}"
+    elif s:
+        cells = [f"x{s[f'batch_{size}']['wall_speedup']:.2f}" for size in batch_sizes()]
+    return cells
+
+
+def _reference(results: list[MethodResult]) -> MethodResult | None:
+    return next((r for r in results if r.method == REFERENCE_METHOD), None)
+
+
+def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[list[str]]:
+    """Per method and role: the trial, its metric and distance to the baseline, its FLOPs,
+    what the ``static`` front reaches at those FLOPs, and its speedups."""
+    reference, rows = _reference(results), []
+    for r in results:
+        base = r.baseline["metric"] if r.baseline else math.nan
+        for role in ROLES:
+            p = r.point(r.operating.get(role))
+            if p is None:
+                rows.append([r.label, names[role], "—", "no Pareto point qualifies", "", "", "",
+                             *[""] * len(batch_sizes())])
+                continue
+            static = reference.point_reached_at(p.flops_real) if reference is not None and reference is not r else None
+            rows.append([r.label, names[role], str(p.trial), p.metric_cell(), _fmt(p.metric_mean - base, 4),
+                         _fmt(p.flops_real), static.metric_cell() if static is not None else "—",
+                         gap_against(p, static), *_speedups(r, p.trial)])
+    return rows
+
+
+def gap_against(point: Point, other: Point | None) -> str:
+    """The difference of the mean metrics, and whether it exceeds the seed spread: ``+0.0123
+    (> spread 0.0041)``, ``... (within spread ...)``, or ``(one seed)`` when either has no repeats.
+    The spread is the standard error of the difference, ``sqrt(s1^2/n1 + s2^2/n2)``."""
+    if other is None:
+        return "—"
+    gap = point.metric_mean - other.metric_mean
+    if not point.repeats or not other.repeats:
+        return f"{gap:+.4f} (one seed)"
+    spread = math.sqrt(point.metric_std**2 / len(point.seed_metrics) + other.metric_std**2 / len(other.seed_metrics))
+    verdict = "> spread" if abs(gap) > 2 * spread else "within spread"
+    return f"{gap:+.4f} ({verdict} {spread:.4f})"
+
+
+def operating_header(metric: str, examples: int) -> list[str]:
+    first, *rest = batch_sizes()
+    return ["method", "operating point", "trial", f"dev {metric} (mean +- std over seeds)", "vs baseline",
+            "FLOPs ratio (real length)", f"{REFERENCE_METHOD} at <= these FLOPs",
+            f"vs {REFERENCE_METHOD} (> spread: the gap exceeds twice its standard error)",
+            f"CPU speedup, batch {first} ({examples} dev rows)",
+            *[f"CPU speedup, batch {size}" for size in rest]]
+
+
+def table_rows(results: list[MethodResult]) -> list[list[str]]:
+    """Baseline(s) first, then each method's Pareto points by FLOPs; the best point marked."""
+    rows = []
+    for b, runs in distinct_baselines(results):
+        rows.append(["none (baseline)", "—", f"run{'s' * (len(runs) > 1)} {', '.join(r[:8] for r in runs)}",
+                     _fmt(b["metric"]), _fmt(b["flops_real"]), _fmt(b["flops_padded"]), "—"])
+    for r in results:
+        for p in r.front:
+            trial = f"{p.trial} (best)" if p is r.best else str(p.trial)
+            measured = " / ".join(c for c in _speedups(r, p.trial) if c)
+            rows.append([r.label, trial, " ".join(param_strings(p.params)), p.metric_cell(), _fmt(p.flops_real),
+                         _fmt(p.flops_padded), measured])
+    return rows
+
+
+def header(metric: str, max_length: int) -> list[str]:
+    return ["method", "trial", "parameters", f"dev {metric}", "FLOPs ratio (real length)",
+            f"FLOPs ratio (padded to {max_length})",
+            f"CPU speedup, batch {' / '.join(map(str, batch_sizes()))} (operating points)"]
+
+
+def conventions(metric: str, max_length: int) -> str:
+    return (f"FLOPs are counted by fvcore (1 multiply-add = 1 FLOP), relative to the unpruned encoder on the same "
+            f"dev examples at their real length (\"real\") and padded to task.max_length={max_length} (\"padded\"). "
+            f"Dev {metric} and FLOPs are those of each trial's selected validation. Operating points are read off "
+            f"each method's Pareto front (of each trial's first seed); where a trial was repeated with more seeds "
+            f"(make repeat) its metric is the mean +- standard deviation over seeds and the plots draw that as an "
+            f"error bar; \"{REFERENCE_METHOD} at <= these FLOPs\" is the best dev {metric} of "
+            f"the {REFERENCE_METHOD} front at or below the point's FLOPs ratio. Speedup: wall time of the unpruned "
+            f"encoder (KeepAll) / the method's own pruner on the same weights, hard mode (tokens removed), CPU, "
+            f"on seeded real dev rows, timed in turns.")
+
+
+def write(cfg: DictConfig, results: list[MethodResult], out: Path, storage: str, uri: str) -> list[Path]:
+    from tokprune.reporting import plots as plots
+
+    task, max_length = cfg.task.name, cfg.task.max_length
+    metric = get_task(task).main_metric
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in OWNED:
+        for old in out.glob(pattern):
+            old.unlink()
+    sections = []
+    for index, r in enumerate(results):
+        front = plots.method_front(r, task, metric, max_length, index, out / f"pareto_{r.slug}.png")
+        kept = plots.kept_profile(r, task, metric, max_length, index, out / f"kept_{r.slug}.png")
+        sections.append((f"{r.label} (study {r.study})", front, kept))
+    overlay_svg = plots.overlay(results, task, metric, max_length, out / "pareto_all.png")
+    title = f"tokprune report: {task} (model={cfg.model.name}, budget={cfg.budget.name}, seed={cfg.seed})"
+    tables = [("Operating points", operating_header(metric, int(cfg.report.speedup_examples)),
+               operating_rows(results, role_names(cfg, metric))),
+              ("Pareto points", header(metric, max_length), table_rows(results))]
+    note = conventions(metric, max_length)
+    carried_from = {}
+    for r in results:
+        if r.carried_from:
+            carried_from.setdefault(r.carried_from, []).append(r.label)
+    for origin, labels in carried_from.items():
+        note += (f" Carried from {origin} (report.carry), as recorded there, points, baseline and speedups: "
+                 f"{', '.join(labels)}.")
+    for r in results:
+        if r.resumed_trials:
+            note += (f" Resumed from {r.resumed_from} (sweep.resume_from), as recorded there, points and speedups: "
+                     f"{r.label} trial{'s' * (len(r.resumed_trials) > 1)} {', '.join(map(str, r.resumed_trials))}.")
+    fresh = [r.study for r in results if not r.carried_from]
+    generated = time.strftime("%Y-%m-%d %H:%M:%S")
+    (out / "pareto.md").write_text(plots.markdown(title, note, tables))
+    meta = (f"Studies: {', '.join(fresh) or 'none'} in {portable(storage_label(storage))}; "
+            f"MLflow store {portable(uri)}. Generated {generated}.")
+    (out / "report.html").write_text(plots.page(title, meta, note, tables, overlay_svg, sections))
+    data = {"task": task, "model": cfg.model.name, "budget": cfg.budget.name, "seed": cfg.seed, "metric": metric,
+            "max_length": max_length, "flops_convention": plots.CONVENTION, "storage": portable(storage_label(storage)),
+            "tracking_uri": portable(uri), "generated": generated, "methods": [asdict(r) for r in results]}
+    (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return sorted(p for pattern in OWNED for p in out.glob(pattern))
+
+
+def log_to_mlflow(client: MlflowClient, results: list[MethodResult], files: list[Path]) -> list[str]:
+    """Replace the ``report/`` artifacts of each study's parent run with these files."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    logged = []
+    for run_id in dict.fromkeys(r.parent_run_id for r in results if r.parent_run_id and not r.carried_from):
+        try:
+            get_artifact_repository(client.get_run(run_id).info.artifact_uri).delete_artifacts(ARTIFACT_DIR)
+        except Exception:  # nothing there yet, or a store that cannot delete: files are overwritten anyway
+            pass
+        for path in files:
+            client.log_artifact(run_id, str(path), ARTIFACT_DIR)
+        logged.append(run_id)
+    return logged

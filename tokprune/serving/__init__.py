@@ -1,0 +1,1 @@
+"""A trained model in use: load, evaluate, predict, ONNX export, latency measurement."""

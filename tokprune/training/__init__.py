@@ -1,0 +1,1 @@
+"""One training run: the Lightning fit, the token-pruning callback, baseline lookup, MLflow tracking."""
