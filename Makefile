@@ -32,7 +32,7 @@ OUTPUT ?=
 OUT ?=
 ENGINE ?=
 
-.PHONY: install test test-fast train bench sweep repeat report eval predict export ui clean
+.PHONY: install lint format test test-fast train bench sweep repeat report eval predict export ui clean
 
 install: $(VENV)/.installed
 
@@ -43,7 +43,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,onnx]'
 	touch $@
 
+# ruff (lint + format check) and import-linter (the one-way layers in pyproject.toml)
+lint: install
+	$(VENV)/bin/ruff check tokprune tests
+	$(VENV)/bin/ruff format --check tokprune tests
+	$(VENV)/bin/lint-imports
+
+format: install
+	$(VENV)/bin/ruff format tokprune tests
+	$(VENV)/bin/ruff check --fix tokprune tests
+
+# the layers first: an import that runs upward fails the tests
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -25,8 +25,11 @@ def pytest_sessionstart(session):
     """Without ../shared/data the integration tests skip, with the reason, for a user who has no
     data; CI sets TOKPRUNE_REQUIRE_DATA=1 so that it cannot pass without them."""
     if os.environ.get(REQUIRE_DATA) and not (GLUE.is_dir() and QQP_SAMPLE.is_dir()):
-        pytest.exit(f"{REQUIRE_DATA} is set but the real data is not at {SHARED_DATA} (glue/ and qqp-sample/): "
-                    "the integration tests would skip", returncode=1)
+        pytest.exit(
+            f"{REQUIRE_DATA} is set but the real data is not at {SHARED_DATA} (glue/ and qqp-sample/): "
+            "the integration tests would skip",
+            returncode=1,
+        )
 
 
 def tiny_bert(seed: int = 0, layers: int = 3) -> BertModel:

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from tokprune.core.backbone import load_tokenizer
-from tokprune.reporting.bench import run_bench, summary
-from tokprune.methods.static import TopKSchedule
 from tokprune.config import compose
+from tokprune.core.backbone import load_tokenizer
 from tokprune.core.encoder import PrunableEncoder
 from tokprune.errors import UsageError
+from tokprune.methods.static import TopKSchedule
+from tokprune.reporting.bench import run_bench, summary
 
 from conftest import random_batch, tiny_bert
 
@@ -20,8 +20,9 @@ from conftest import random_batch, tiny_bert
 def test_top_k_schedule_keeps_the_fraction_of_real_tokens_from_its_layer():
     bert = tiny_bert(layers=3)
     batch = random_batch(batch=4, length=20)
-    out = PrunableEncoder(bert).eval()(batch["input_ids"], batch["attention_mask"],
-                                       pruner=TopKSchedule({1: 0.5, 2: 0.25}), hard=True)
+    out = PrunableEncoder(bert).eval()(
+        batch["input_ids"], batch["attention_mask"], pruner=TopKSchedule({1: 0.5, 2: 0.25}), hard=True
+    )
     lengths = batch["attention_mask"].sum(1)
     assert torch.equal(out.kept_counts()[0], lengths)
     assert torch.equal(out.kept_counts()[1], torch.ceil(lengths * 0.5).long())
@@ -36,8 +37,13 @@ def test_top_k_schedule_decides_only_at_its_layers_and_exports_with_real_removal
     assert [pruner.decides(layer) for layer in range(3)] == [False, True, True]
     encoder = PrunableEncoder(tiny_bert(layers=3)).eval()
     example = random_batch(batch=2, length=9, seed=9)
-    graph = OnnxModel(export_graph(EncoderGraph(encoder, pruner), (example["input_ids"], example["attention_mask"],
-                                                                   example["token_type_ids"]), tmp_path / "s.onnx"))
+    graph = OnnxModel(
+        export_graph(
+            EncoderGraph(encoder, pruner),
+            (example["input_ids"], example["attention_mask"], example["token_type_ids"]),
+            tmp_path / "s.onnx",
+        )
+    )
     for seed, (size, length) in enumerate([(1, 7), (1, 20), (4, 16), (3, 30)]):
         batch = random_batch(batch=size, length=length, seed=seed)
         with torch.no_grad():
@@ -68,15 +74,38 @@ def test_bench_writes_json_and_plot(glue_dir, tmp_path, one_thread):
     checkpoint = write_checkpoint(tmp_path / "gate.ckpt", gate_cfg, gate, tokenizer)
     reports = tmp_path / "reports"
     (reports / "sst2").mkdir(parents=True)
-    (reports / "sst2" / "report.json").write_text(json.dumps({"model": "tiny", "methods": [
-        {"method": "gate", "label": "gate", "operating": {"best": 3}, "speedup": {"3": {"checkpoint": str(checkpoint)}}},
-        {"method": "top", "label": "top", "operating": {"best": 1}, "speedup": {"1": {"skipped": "no MLflow run"}}}]}))
+    (reports / "sst2" / "report.json").write_text(
+        json.dumps(
+            {
+                "model": "tiny",
+                "methods": [
+                    {
+                        "method": "gate",
+                        "label": "gate",
+                        "operating": {"best": 3},
+                        "speedup": {"3": {"checkpoint": str(checkpoint)}},
+                    },
+                    {
+                        "method": "top",
+                        "label": "top",
+                        "operating": {"best": 1},
+                        "speedup": {"1": {"skipped": "no MLflow run"}},
+                    },
+                ],
+            }
+        )
+    )
     out = tmp_path / "bench"
     results = run_bench(cfg, out, schedule={1: 0.5}, examples=16, steps_per_block=2, rounds=1, reports=reports)
     saved = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").stat().st_size > 0 and (out / "engines.png").stat().st_size > 0
     assert saved["speedup"] == results["speedup"]
-    assert {(r["task"], r["batch_size"]) for r in saved["speedup"]} == {("sst2", 1), ("sst2", 32), ("mrpc", 1), ("mrpc", 32)}
+    assert {(r["task"], r["batch_size"]) for r in saved["speedup"]} == {
+        ("sst2", 1),
+        ("sst2", 32),
+        ("mrpc", 1),
+        ("mrpc", 32),
+    }
     for row in saved["speedup"]:
         assert 1.2 < row["flops_reduction"] < 2.0  # half the tokens from layer 1 of 2
         assert row["flops_ratio_real"] == pytest.approx(1 / row["flops_reduction"])
@@ -85,16 +114,25 @@ def test_bench_writes_json_and_plot(glue_dir, tmp_path, one_thread):
 
     table = saved["engines"]
     assert [(r["task"], r["config"], r["batch_size"]) for r in table["rows"]] == [
-        ("sst2", "keep schedule 0.5 from layer 1", 1), ("sst2", "keep schedule 0.5 from layer 1", 32),
-        ("sst2", "gate best (trial 3)", 1), ("sst2", "gate best (trial 3)", 32),
-        ("mrpc", "keep schedule 0.5 from layer 1", 1), ("mrpc", "keep schedule 0.5 from layer 1", 32)]
+        ("sst2", "keep schedule 0.5 from layer 1", 1),
+        ("sst2", "keep schedule 0.5 from layer 1", 32),
+        ("sst2", "gate best (trial 3)", 1),
+        ("sst2", "gate best (trial 3)", 32),
+        ("mrpc", "keep schedule 0.5 from layer 1", 1),
+        ("mrpc", "keep schedule 0.5 from layer 1", 32),
+    ]
     for row in table["rows"]:
         assert row["onnx_kept_equal_torch"] and row["onnx_max_abs_diff"] < 1e-4  # ONNX Runtime removed the same tokens
-        assert all(row[f"ms_per_batch_{e}"] > 0 for e in ("transformers", "onnx_unpruned", "torch_pruned", "onnx_pruned"))
+        assert all(
+            row[f"ms_per_batch_{e}"] > 0 for e in ("transformers", "onnx_unpruned", "torch_pruned", "onnx_pruned")
+        )
         assert 0 < row["flops_ratio_real"] < 1 and row["examples"] == 16
     for row in table["rows"][:2] + table["rows"][4:]:  # half the tokens from layer 1 of 2 ([CLS] may add one)
         assert 1 / 2.0 < row["flops_ratio_real"] < 1 / 1.2
-    assert table["pareto"] == ["sst2: top: no best point", f"mrpc: no sweep report at {reports / 'mrpc' / 'report.json'}"]
+    assert table["pareto"] == [
+        "sst2: top: no best point",
+        f"mrpc: no sweep report at {reports / 'mrpc' / 'report.json'}",
+    ]
     printed = summary(saved)
     assert "engines: median ms per batch" in printed and "gate best (trial 3)" in printed
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
-from tokprune.core.backbone import load_bert, load_tokenizer
-from tokprune.training.callbacks import TokenPruningCallback
 from tokprune.config import compose
+from tokprune.core.backbone import load_bert, load_tokenizer
 from tokprune.core.data import get_task
 from tokprune.core.encoder import Pruner
 from tokprune.methods.base import PruningModule
+from tokprune.training.callbacks import TokenPruningCallback
 from tokprune.training.train import build_datamodule
 
 
@@ -57,9 +57,18 @@ def fit(glue_dir, module_class=PruningModule, with_callback=True, steps=4):
     module = module_class(cfg, load_bert(cfg.model), get_task("sst2"))
     logger = MemoryLogger()
     callbacks = [TokenPruningCallback(cfg.task.max_length)] if with_callback else []
-    trainer = L.Trainer(max_steps=steps, logger=logger, callbacks=callbacks, log_every_n_steps=1,
-                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                        deterministic=True, num_sanity_val_steps=0, limit_val_batches=2)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=logger,
+        callbacks=callbacks,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        deterministic=True,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+    )
     trainer.fit(module, datamodule=datamodule)
     return logger
 

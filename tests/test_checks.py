@@ -11,12 +11,12 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import GLUE, QQP_SAMPLE, ROOT
-from tokprune.config import checks
-from tokprune.config.checks import METHOD_RULES, RULES, check_config, rule_for
 from tokprune.cli import main
-from tokprune.config import choices, compose
+from tokprune.config import checks, choices, compose
+from tokprune.config.checks import METHOD_RULES, RULES, check_config, rule_for
 from tokprune.errors import UsageError
+
+from conftest import GLUE, QQP_SAMPLE, ROOT
 
 
 def leaves(cfg) -> list[str]:
@@ -46,8 +46,14 @@ def all_configs():
 def test_every_method_has_rules_and_every_key_a_rule():
     """A method (or anyone) cannot add a config key without saying what it accepts."""
     assert set(choices("method")) <= set(METHOD_RULES), "add the method's rules to tokprune/checks.py METHOD_RULES"
-    missing = sorted({f"{key} (method={cfg.method.name})" for cfg in all_configs() for key in leaves(cfg)
-                      if rule_for(key, cfg.method.name) is None})
+    missing = sorted(
+        {
+            f"{key} (method={cfg.method.name})"
+            for cfg in all_configs()
+            for key in leaves(cfg)
+            if rule_for(key, cfg.method.name) is None
+        }
+    )
     assert not missing, f"config keys without a rule in tokprune/checks.py: {missing}"
 
 
@@ -78,62 +84,75 @@ def with_value(key: str, value, *groups: str):
     return cfg
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("train.batch_size", 0, "bad value for train.batch_size: 0 (expected an integer >= 1)"),
-    ("train.batch_size", True, "bad value for train.batch_size: true (expected an integer >= 1)"),  # bools: not ints
-    ("train.batch_size", 8.5, "bad value for train.batch_size: 8.5 (expected an integer >= 1)"),
-    ("train.batch_size", 0.0, "bad value for train.batch_size: 0 (expected an integer >= 1)"),
-    ("train.batch_size", "8", "bad value for train.batch_size: '8' (expected an integer >= 1)"),
-    ("train.lr", False, "bad value for train.lr: false (expected a number > 0)"),
-    ("train.lr", float("inf"), "bad value for train.lr: inf (expected a number > 0)"),
-    ("train.lr", None, "bad value for train.lr: null (expected a number > 0)"),
-    ("train.warmup_ratio", 1.0, "bad value for train.warmup_ratio: 1.0 (expected a number in [0, 1))"),
-    ("train.max_steps", -2, "bad value for train.max_steps: -2 (expected -1 or an integer >= 1)"),
-    ("train.val_check_interval", 0.0, "(expected a number in (0, 1] or an integer >= 1)"),
-    ("train.limit_val_batches", 1.5, "bad value for train.limit_val_batches: 1.5 (expected a number in (0, 1]"),
-    ("train.devices", "all", "bad value for train.devices: 'all' (expected an integer >= 1 or auto)"),
-    ("train.deterministic", 1, "bad value for train.deterministic: 1 (expected true or false)"),
-    ("train.precision", 8, "bad value for train.precision: 8 (expected one of 32-true, 32, 16-mixed"),
-    ("train.precision", True, "bad value for train.precision: true"),
-    ("train.checkpoint_dir", "", "bad value for train.checkpoint_dir: '' (expected a non-empty string)"),
-    ("seed", -1, "bad value for seed: -1 (expected an integer in [0, 4294967295])"),
-    ("model.random_init.num_hidden_layers", 0, "bad value for model.random_init.num_hidden_layers: 0"),
-    ("sweep.workers", 0, "bad value for sweep.workers: 0 (expected an integer >= 1)"),
-    ("sweep.poll_seconds", 0.5, "bad value for sweep.poll_seconds: 0.5 (expected an integer >= 1)"),
-    ("report.speedup_examples", -1, "bad value for report.speedup_examples: -1 (expected an integer >= 0)"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.batch_size", 0, "bad value for train.batch_size: 0 (expected an integer >= 1)"),
+        (
+            "train.batch_size",
+            True,
+            "bad value for train.batch_size: true (expected an integer >= 1)",
+        ),  # bools: not ints
+        ("train.batch_size", 8.5, "bad value for train.batch_size: 8.5 (expected an integer >= 1)"),
+        ("train.batch_size", 0.0, "bad value for train.batch_size: 0 (expected an integer >= 1)"),
+        ("train.batch_size", "8", "bad value for train.batch_size: '8' (expected an integer >= 1)"),
+        ("train.lr", False, "bad value for train.lr: false (expected a number > 0)"),
+        ("train.lr", float("inf"), "bad value for train.lr: inf (expected a number > 0)"),
+        ("train.lr", None, "bad value for train.lr: null (expected a number > 0)"),
+        ("train.warmup_ratio", 1.0, "bad value for train.warmup_ratio: 1.0 (expected a number in [0, 1))"),
+        ("train.max_steps", -2, "bad value for train.max_steps: -2 (expected -1 or an integer >= 1)"),
+        ("train.val_check_interval", 0.0, "(expected a number in (0, 1] or an integer >= 1)"),
+        ("train.limit_val_batches", 1.5, "bad value for train.limit_val_batches: 1.5 (expected a number in (0, 1]"),
+        ("train.devices", "all", "bad value for train.devices: 'all' (expected an integer >= 1 or auto)"),
+        ("train.deterministic", 1, "bad value for train.deterministic: 1 (expected true or false)"),
+        ("train.precision", 8, "bad value for train.precision: 8 (expected one of 32-true, 32, 16-mixed"),
+        ("train.precision", True, "bad value for train.precision: true"),
+        ("train.checkpoint_dir", "", "bad value for train.checkpoint_dir: '' (expected a non-empty string)"),
+        ("seed", -1, "bad value for seed: -1 (expected an integer in [0, 4294967295])"),
+        ("model.random_init.num_hidden_layers", 0, "bad value for model.random_init.num_hidden_layers: 0"),
+        ("sweep.workers", 0, "bad value for sweep.workers: 0 (expected an integer >= 1)"),
+        ("sweep.poll_seconds", 0.5, "bad value for sweep.poll_seconds: 0.5 (expected an integer >= 1)"),
+        ("report.speedup_examples", -1, "bad value for report.speedup_examples: -1 (expected an integer >= 0)"),
+    ],
+)
 def test_bad_values_are_one_line_naming_key_value_and_what_is_allowed(key, value, message):
     with pytest.raises(UsageError) as err:
         check_config(with_value(key, value))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("method.first_skim_layer", -1, "bad value for method.first_skim_layer: -1 (expected an integer >= 0)"),
-    ("method.keep_bias", "big", "bad value for method.keep_bias: 'big' (expected a number)"),
-    ("method.predictor_lr", 0, "bad value for method.predictor_lr: 0 (expected null or a number > 0)"),
-    ("method.init_checkpoint", 3, "bad value for method.init_checkpoint: 3 (expected null or a non-empty string)"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("method.first_skim_layer", -1, "bad value for method.first_skim_layer: -1 (expected an integer >= 0)"),
+        ("method.keep_bias", "big", "bad value for method.keep_bias: 'big' (expected a number)"),
+        ("method.predictor_lr", 0, "bad value for method.predictor_lr: 0 (expected null or a number > 0)"),
+        ("method.init_checkpoint", 3, "bad value for method.init_checkpoint: 3 (expected null or a non-empty string)"),
+    ],
+)
 def test_transkimmer_values(key, value, message):
     with pytest.raises(UsageError) as err:
         check_config(with_value(key, value, "method=transkimmer"))
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("key, value", [
-    ("train.lr", 1),  # ints are numbers
-    ("train.gradient_clip_val", None),
-    ("train.max_steps", -1),
-    ("train.val_check_interval", 0.25),
-    ("train.val_check_interval", 50),
-    ("train.limit_val_batches", 10),
-    ("train.devices", "auto"),
-    ("train.precision", 16),
-    ("train.precision", "bf16-mixed"),
-    ("train.strategy", "ddp_spawn_find_unused_parameters_false"),  # from Lightning's registry
-    ("data.train_subset", None),
-    ("sweep.startup_trials", 0),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("train.lr", 1),  # ints are numbers
+        ("train.gradient_clip_val", None),
+        ("train.max_steps", -1),
+        ("train.val_check_interval", 0.25),
+        ("train.val_check_interval", 50),
+        ("train.limit_val_batches", 10),
+        ("train.devices", "auto"),
+        ("train.precision", 16),
+        ("train.precision", "bf16-mixed"),
+        ("train.strategy", "ddp_spawn_find_unused_parameters_false"),  # from Lightning's registry
+        ("data.train_subset", None),
+        ("sweep.startup_trials", 0),
+    ],
+)
 def test_good_values_pass(key, value):
     check_config(with_value(key, value))
 
@@ -141,8 +160,15 @@ def test_good_values_pass(key, value):
 def test_values_the_override_parser_cannot_type_are_typed():
     """YAML 1.1 reads 1e-3 as a string under a null default; a whole number given to a key
     whose default is a float (or written 2.0 or 1e3) arrives as a float."""
-    cfg = compose(["method=transkimmer", "method.predictor_lr=1e-3", "train.val_check_interval=100",
-                   "train.epochs=2.0", "data.train_subset=1e3"])
+    cfg = compose(
+        [
+            "method=transkimmer",
+            "method.predictor_lr=1e-3",
+            "train.val_check_interval=100",
+            "train.epochs=2.0",
+            "data.train_subset=1e3",
+        ]
+    )
     assert cfg.method.predictor_lr == 1e-3 and isinstance(cfg.method.predictor_lr, float)
     assert cfg.train.val_check_interval == 100 and isinstance(cfg.train.val_check_interval, int)
     assert type(cfg.train.epochs) is int and type(cfg.data.train_subset) is int and cfg.data.train_subset == 1000
@@ -159,8 +185,9 @@ def test_a_gpu_is_accepted_where_there_is_one(monkeypatch):
 
 
 def test_a_new_methods_rules_are_a_few_lines(monkeypatch):
-    monkeypatch.setitem(METHOD_RULES, "transkimmer", {**METHOD_RULES["transkimmer"],
-                                                      "tau": checks.Rule("float", low=0.5, high=2.0)})
+    monkeypatch.setitem(
+        METHOD_RULES, "transkimmer", {**METHOD_RULES["transkimmer"], "tau": checks.Rule("float", low=0.5, high=2.0)}
+    )
     with pytest.raises(UsageError, match=r"method.tau: 0.25 \(expected a number in \[0.5, 2.0\]\)"):
         compose(["method=transkimmer", "method.tau=0.25"])
 
@@ -231,15 +258,26 @@ def test_the_table_opened_no_mlflow_run(store):
     assert not runs, "a bad value got as far as an MLflow run"
 
 
-@pytest.mark.parametrize("extra, line", [
-    (["train.batch_size=0"], "tokprune: error: bad value for train.batch_size: 0 (expected an integer >= 1)"),
-    (["method=transkimmer", "method.train_attention=magic"],
-     "tokprune: error: bad value for method.train_attention: 'magic' (expected one of reference, renormalised)"),
-])
+@pytest.mark.parametrize(
+    "extra, line",
+    [
+        (["train.batch_size=0"], "tokprune: error: bad value for train.batch_size: 0 (expected an integer >= 1)"),
+        (
+            ["method=transkimmer", "method.train_attention=magic"],
+            "tokprune: error: bad value for method.train_attention: 'magic' (expected one of reference, renormalised)",
+        ),
+    ],
+)
 def test_the_command_line_exits_2(extra, line, tmp_path):
     env = {**os.environ, "GLUE_DIR": f"{GLUE}:{QQP_SAMPLE}", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    result = subprocess.run([sys.executable, "-m", "tokprune", "train", "model=tiny", "budget=smoke", *extra],
-                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "tokprune", "train", "model=tiny", "budget=smoke", *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [line]
     assert "Traceback" not in result.stdout + result.stderr

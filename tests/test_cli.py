@@ -16,8 +16,12 @@ from conftest import GLUE, ROOT
 def tokprune(*args, env=None, cwd=None):
     full_env = {**os.environ, "GLUE_DIR": str(GLUE), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "tokprune", *args], capture_output=True, text=True, env=full_env,
-        cwd=cwd or ROOT, timeout=300,
+        [sys.executable, "-m", "tokprune", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        timeout=300,
     )
 
 
@@ -37,14 +41,21 @@ def tokprune(*args, env=None, cwd=None):
         (["predict", "checkpoint=x", "input=y"], "predict needs output=FILE"),
         (["predict", "checkpoint=x", "input=/no/such.txt", "output=o.tsv"], "input: no such file '/no/such.txt'"),
         (["predict", "checkpoint=x", "input=a", "output=b", "train.lr=1"], "predict takes checkpoint=PATH"),
-        (["train", "method=top", "method.reg_lr=abc"],
-         "bad value for method.reg_lr: 'abc' is not a number (expected a number > 0)"),
-        (["sweep", "method=top", "sweep.storage=mongodb://u@h/db"],
-         "storage 'mongodb://u@h/db': SQLAlchemy has no dialect 'mongodb'; give a journal file path"),
+        (
+            ["train", "method=top", "method.reg_lr=abc"],
+            "bad value for method.reg_lr: 'abc' is not a number (expected a number > 0)",
+        ),
+        (
+            ["sweep", "method=top", "sweep.storage=mongodb://u@h/db"],
+            "storage 'mongodb://u@h/db': SQLAlchemy has no dialect 'mongodb'; give a journal file path",
+        ),
         (["train", "task=qnli"], "QNLI has no train.tsv (it has dev.tsv;"),
         (["eval", "checkpoint=RANDOM_BYTES"], "is not a tokprune checkpoint: torch.load cannot read it"),
         (["train", "protocol=fair"], "unknown protocol 'fair': choose from paper, shared"),
-        (["train", "protocol.target_flops=1.5"], "bad value for protocol.target_flops: 1.5 (expected a number in (0, 1])"),
+        (
+            ["train", "protocol.target_flops=1.5"],
+            "bad value for protocol.target_flops: 1.5 (expected a number in (0, 1])",
+        ),
         (["repeat", "trial=x", "seeds=2"], "trial=x: expected a whole number"),
     ],
 )
@@ -115,15 +126,27 @@ def test_train_says_when_no_validation_met_the_constraint(monkeypatch, capsys):
     import tokprune.training.train
     from tokprune.methods.selection import Selected
 
-    best = {"val/accuracy": 0.77, "val/flops_ratio_real": 0.4, "val/flops_ratio_padded": 0.15,
-            "val/kept_fraction/layer_0": 1.0}
-    result = tokprune.training.train.RunResult("r1", "sqlite:///x.db", best, Selected(1, "best_meeting_constraint", False),
-                                      "best.ckpt", 10, 5, 2, 20, 1.0)
+    best = {
+        "val/accuracy": 0.77,
+        "val/flops_ratio_real": 0.4,
+        "val/flops_ratio_padded": 0.15,
+        "val/kept_fraction/layer_0": 1.0,
+    }
+    result = tokprune.training.train.RunResult(
+        "r1", "sqlite:///x.db", best, Selected(1, "best_meeting_constraint", False), "best.ckpt", 10, 5, 2, 20, 1.0
+    )
     monkeypatch.setattr(tokprune.training.train, "train", lambda cfg: result)
     assert cli.main(["train", "method=top"]) == 0
-    assert "note: no validation met the method's constraint: the result is the last validation" in capsys.readouterr().out
-    monkeypatch.setattr(tokprune.training.train, "train", lambda cfg: tokprune.training.train.RunResult(
-        "r1", "sqlite:///x.db", best, Selected(0, "best_meeting_constraint", True), "best.ckpt", 10, 5, 2, 20, 1.0))
+    assert (
+        "note: no validation met the method's constraint: the result is the last validation" in capsys.readouterr().out
+    )
+    monkeypatch.setattr(
+        tokprune.training.train,
+        "train",
+        lambda cfg: tokprune.training.train.RunResult(
+            "r1", "sqlite:///x.db", best, Selected(0, "best_meeting_constraint", True), "best.ckpt", 10, 5, 2, 20, 1.0
+        ),
+    )
     assert cli.main(["train", "method=top"]) == 0
     assert "note:" not in capsys.readouterr().out
 
@@ -152,10 +175,24 @@ def _running_run(uri: str, proc, timeout: float = 240.0):
 
 def _long_training(tmp_path, glue_dir):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["train", "model=tiny", "budget=smoke", "train.max_steps=-1", "train.epochs=100000",
-            f"data.glue_dir={glue_dir}", f"mlflow.tracking_uri={uri}", f"train.checkpoint_dir={tmp_path}/ckpt"]
-    proc = subprocess.Popen([sys.executable, "-m", "tokprune", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    args = [
+        "train",
+        "model=tiny",
+        "budget=smoke",
+        "train.max_steps=-1",
+        "train.epochs=100000",
+        f"data.glue_dir={glue_dir}",
+        f"mlflow.tracking_uri={uri}",
+        f"train.checkpoint_dir={tmp_path}/ckpt",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokprune", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return uri, proc
 
 
@@ -167,8 +204,9 @@ def test_a_signal_during_train_exits_128_plus_signum_with_one_line_and_the_run_f
     proc.send_signal(signum)
     assert proc.wait(timeout=120) == code
     lines = [line for line in proc.stderr.read().splitlines() if line.startswith("tokprune:")]
-    assert lines == [f"tokprune: stopped by {signal.Signals(signum).name}: exit code {code} "
-                     "(an open MLflow run was marked FAILED)"]
+    assert lines == [
+        f"tokprune: stopped by {signal.Signals(signum).name}: exit code {code} (an open MLflow run was marked FAILED)"
+    ]
     assert client.get_run(run.info.run_id).info.status == "FAILED"
 
 
@@ -219,5 +257,6 @@ def test_every_command_turns_a_signal_into_one_line_and_128_plus_signum(command,
     assert cli.main([command]) == 128 + signum
     assert capsys.readouterr().err.splitlines() == [
         f"tokprune: stopped by {signal.Signals(signum).name}: exit code {128 + signum} "
-        "(an open MLflow run was marked FAILED)"]
+        "(an open MLflow run was marked FAILED)"
+    ]
     assert signal.getsignal(signal.SIGTERM) is not cli._stop  # handlers restored

@@ -149,12 +149,20 @@ def test_metrics_per_task():
 def test_datamodule_pads_each_batch_dynamically():
     from transformers import AutoTokenizer
 
-    from tokprune.core.backbone import model_location
     from tokprune.config import compose
+    from tokprune.core.backbone import model_location
 
     tokenizer = AutoTokenizer.from_pretrained(model_location(compose([]).model))
-    dm = GlueDataModule(get_task("mrpc"), tokenizer, max_length=128, glue_dir=str(GLUE),
-                        train_subset=40, eval_subset=30, batch_size=8, eval_batch_size=8)
+    dm = GlueDataModule(
+        get_task("mrpc"),
+        tokenizer,
+        max_length=128,
+        glue_dir=str(GLUE),
+        train_subset=40,
+        eval_subset=30,
+        batch_size=8,
+        eval_batch_size=8,
+    )
     dm.setup("fit")
     assert dm.size("train") == 40 and dm.size("dev") == 30
     lengths = [b["input_ids"].shape[1] for b in dm.val_dataloader()]
@@ -173,8 +181,8 @@ def test_evaluating_reads_only_the_dev_file(tmp_path):
         load_splits(get_task("sst2"), str(tmp_path), "unused")
     from transformers import AutoTokenizer
 
-    from tokprune.core.backbone import model_location
     from tokprune.config import compose
+    from tokprune.core.backbone import model_location
 
     tokenizer = AutoTokenizer.from_pretrained(model_location(compose([]).model))
     dm = GlueDataModule(get_task("sst2"), tokenizer, max_length=16, glue_dir=str(tmp_path))
@@ -189,5 +197,7 @@ def test_hub_failure_is_one_clear_error(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(UsageError, match=r"could not load nyu-mll/glue/rte from the hub \(ConnectionError\); set GLUE_DIR"):
+    with pytest.raises(
+        UsageError, match=r"could not load nyu-mll/glue/rte from the hub \(ConnectionError\); set GLUE_DIR"
+    ):
         load_splits(get_task("rte"), "", "nyu-mll/glue")

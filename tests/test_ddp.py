@@ -14,8 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 
-from tokprune.training.callbacks import TokenPruningCallback
 from tokprune.methods.checkpoint import rebuild
+from tokprune.training.callbacks import TokenPruningCallback
 from tokprune.training.train import build_datamodule
 
 from conftest import ROOT
@@ -24,14 +24,23 @@ pytestmark = pytest.mark.slow
 
 DEV_ROWS = 64  # divisible by 2: DistributedSampler would pad an odd split with a repeated row
 COMMON = [
-    "model=tiny", "budget=smoke", f"data.eval_subset={DEV_ROWS}", "train.accelerator=cpu",
+    "model=tiny",
+    "budget=smoke",
+    f"data.eval_subset={DEV_ROWS}",
+    "train.accelerator=cpu",
     # random skim predictors without the keep bias drop most tokens at evaluation: something to count
-    "method=transkimmer", "method.keep_bias=0",
+    "method=transkimmer",
+    "method.keep_bias=0",
     # the weights stay as initialised, so both runs (4 steps on one process, 2 on two) validate one model
     "train.lr=1e-12",
 ]
-COMPARED = ("val/flops", "val/flops_ratio_real", "val/flops_ratio_padded",
-            "val/kept_fraction/layer_0", "val/kept_fraction/layer_1")
+COMPARED = (
+    "val/flops",
+    "val/flops_ratio_real",
+    "val/flops_ratio_padded",
+    "val/kept_fraction/layer_0",
+    "val/kept_fraction/layer_1",
+)
 
 
 def run_cli(folder, glue_dir, *extra):
@@ -39,8 +48,14 @@ def run_cli(folder, glue_dir, *extra):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     args = [*COMMON, *extra, f"mlflow.tracking_uri={uri}", f"train.checkpoint_dir={folder / 'ckpt'}"]
     env = {**os.environ, "GLUE_DIR": glue_dir}
-    proc = subprocess.run([sys.executable, "-m", "tokprune", "train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokprune", "train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -56,8 +71,14 @@ def validate(described, module, rows):
     datamodule = build_datamodule(described.cfg, described.tokenizer())
     datamodule.setup("fit")
     loader = DataLoader(datamodule.splits["dev"].select(list(rows)), batch_size=32, collate_fn=datamodule.collate)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[TokenPruningCallback(described.cfg.task.max_length)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TokenPruningCallback(described.cfg.task.max_length)],
+    )
     return {k: float(v) for k, v in trainer.validate(module, loader, verbose=False)[0].items()}
 
 

@@ -87,6 +87,7 @@ def test_hard_mode_equals_soft_mode_for_random_binary_masks(seed):
         torch.testing.assert_close(ph.transpose(1, 2)[rows], ps.transpose(1, 2)[rows], atol=1e-5, rtol=0)
         assert torch.all(ph.transpose(1, 2)[~rows] == 0)
 
+
 def test_hard_mode_packs_examples_to_the_largest_kept_count():
     bert = tiny_bert(layers=2)
     batch = random_batch(batch=3, length=12)
@@ -111,9 +112,10 @@ def test_received_attention_averages_heads_and_kept_queries():
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["sst2", "mrpc"])
 def test_real_backbone_keep_all_and_hard_equals_soft_on_real_rows(task, glue_dir):
-    from tokprune.core.backbone import load_bert, load_tokenizer
     from tokprune.config import compose
+    from tokprune.core.backbone import load_bert, load_tokenizer
     from tokprune.core.data import get_task, read_glue_tsv
+
     from conftest import GLUE
 
     cfg = compose([f"task={task}"])
@@ -224,7 +226,9 @@ def test_hard_mode_with_fused_attention_equals_soft_mode(monkeypatch):
 
     calls = []
     sdpa = encoder_module.F.scaled_dot_product_attention
-    monkeypatch.setattr(encoder_module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    monkeypatch.setattr(
+        encoder_module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
     bert = tiny_bert(seed=6, layers=4)
     batch = random_batch(batch=5, length=14, seed=6)
     masks = random_masks(batch, 4, seed=6)

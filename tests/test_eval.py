@@ -34,10 +34,21 @@ def trained(task: str, root: Path) -> Trained:
     folder = root / f"smoke-{task}"
     folder.mkdir()
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    result = train(compose([f"task={task}", "budget=smoke", f"mlflow.tracking_uri={uri}", f"data.glue_dir={GLUE}",
-                            f"train.checkpoint_dir={folder / 'ckpt'}"]))
+    result = train(
+        compose(
+            [
+                f"task={task}",
+                "budget=smoke",
+                f"mlflow.tracking_uri={uri}",
+                f"data.glue_dir={GLUE}",
+                f"train.checkpoint_dir={folder / 'ckpt'}",
+            ]
+        )
+    )
     metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
-    return Trained(Path(result.checkpoint), uri, result.run_id, {k: v for k, v in metrics.items() if k.startswith("best/")})
+    return Trained(
+        Path(result.checkpoint), uri, result.run_id, {k: v for k, v in metrics.items() if k.startswith("best/")}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +75,17 @@ def test_eval_logs_beside_its_training_run_then_needs_only_the_file(sst2, tmp_pa
     assert run.data.tags["training_run_id"] == sst2.run_id
     assert run.data.tags["checkpoint"] == str(sst2.checkpoint.resolve())
     assert {k: run.data.tags[k] for k in ("method", "task", "model", "budget")} == {
-        "method": "none", "task": "sst2", "model": "minilm", "budget": "smoke"}
+        "method": "none",
+        "task": "sst2",
+        "model": "minilm",
+        "budget": "smoke",
+    }
     logged = run.data.metrics
     assert logged["eval/accuracy"] == pytest.approx(sst2.best["best/accuracy"], abs=1e-6)
     assert logged["eval/flops_ratio_padded"] == pytest.approx(sst2.best["best/flops_ratio_padded"], rel=1e-9)
-    assert {"eval/cpu_batch_1/wall_speedup", "eval/cpu_batch_32/wall_speedup", "eval/kept_fraction/layer_5"} <= set(logged)
+    assert {"eval/cpu_batch_1/wall_speedup", "eval/cpu_batch_32/wall_speedup", "eval/kept_fraction/layer_5"} <= set(
+        logged
+    )
     assert f"MLflow: eval run {run.info.run_id} in experiment 'tokprune'" in printed
 
     moved = tmp_path / "elsewhere" / "best.ckpt"
@@ -94,8 +111,15 @@ def test_eval_logs_beside_its_training_run_then_needs_only_the_file(sst2, tmp_pa
 def test_eval_takes_data_settings_and_refuses_the_rest(sst2, tmp_path, capsys, monkeypatch):
     broken = tmp_path / "broken.db"
     broken.write_text("not a database")
-    result = evaluate(sst2.checkpoint, ["data.eval_subset=16", "train.eval_batch_size=8", "eval.latency_examples=0",
-                                        f"mlflow.tracking_uri=sqlite:///{broken}"])
+    result = evaluate(
+        sst2.checkpoint,
+        [
+            "data.eval_subset=16",
+            "train.eval_batch_size=8",
+            "eval.latency_examples=0",
+            f"mlflow.tracking_uri=sqlite:///{broken}",
+        ],
+    )
     assert result.rows == 16 and result.latency == []
     assert "CPU latency: skipped (eval.latency_examples=0)" in summary(result)
     assert result.mlflow == "MLflow: not logged (DatabaseError: (sqlite3.DatabaseError) file is not a database)"
@@ -103,8 +127,17 @@ def test_eval_takes_data_settings_and_refuses_the_rest(sst2, tmp_path, capsys, m
     monkeypatch.setenv("GLUE_DIR", "/no/such/glue")  # the environment wins over the stored folder ...
     assert main(["eval", f"checkpoint={sst2.checkpoint}"]) == 2
     assert "data directory /no/such/glue does not exist" in capsys.readouterr().err
-    assert evaluate(sst2.checkpoint, [f"data.glue_dir={GLUE}", "data.eval_subset=8",  # ... and an override over both
-                                      "eval.latency_examples=0"]).rows == 8
+    assert (
+        evaluate(
+            sst2.checkpoint,
+            [
+                f"data.glue_dir={GLUE}",
+                "data.eval_subset=8",  # ... and an override over both
+                "eval.latency_examples=0",
+            ],
+        ).rows
+        == 8
+    )
 
     assert main(["eval", f"checkpoint={sst2.checkpoint}", "task=rte"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()

@@ -12,14 +12,14 @@ import torch
 from transformers import BertConfig, BertModel
 
 import tokprune
-from tokprune.core.backbone import load_tokenizer
-from tokprune.methods.checkpoint import describe
 from tokprune.cli import main
 from tokprune.config import compose
+from tokprune.core.backbone import load_tokenizer
 from tokprune.core.data import get_task, read_glue_tsv
 from tokprune.errors import UsageError
-from tokprune.serving.export import ClassifierGraph, OnnxModel, default_output, example_inputs, export_graph
 from tokprune.methods import build_method
+from tokprune.methods.checkpoint import describe
+from tokprune.serving.export import ClassifierGraph, OnnxModel, default_output, example_inputs, export_graph
 
 from conftest import GLUE, requires_glue
 
@@ -40,9 +40,15 @@ def tokenizer():
 def tiny_real_vocab(tokenizer, seed: int = 0) -> BertModel:
     """A random 4-layer BERT with the MiniLM tokenizer's vocabulary, so real text runs through it."""
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=LAYERS,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=512,
-                        attn_implementation="eager")
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        attn_implementation="eager",
+    )
     return BertModel(config).eval()
 
 
@@ -67,8 +73,13 @@ def pruning_model(method: str, task: str, tokenizer, *overrides: str):
 def write_checkpoint(path, cfg, module, tokenizer):
     """A tokprune checkpoint as train() writes one (state dict + self-description)."""
     selected = {"rule": module.selection_rule, "epoch": 0, "step": 0, "metrics": {}}
-    torch.save({"state_dict": module.state_dict(),
-                "tokprune": {**describe(cfg, module.encoder.config, tokenizer, None), "selected": selected}}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "tokprune": {**describe(cfg, module.encoder.config, tokenizer, None), "selected": selected},
+        },
+        path,
+    )
     return path
 
 
@@ -149,8 +160,7 @@ def test_export_command_load_and_reuse(gate_checkpoint, tmp_path, capsys):
 
     source, target = tmp_path / "in.txt", tmp_path / "out.tsv"
     source.write_text("\n".join(texts) + "\n")
-    assert main(["predict", f"checkpoint={gate_checkpoint}", f"input={source}", f"output={target}",
-                 "engine=onnx"]) == 0
+    assert main(["predict", f"checkpoint={gate_checkpoint}", f"input={source}", f"output={target}", "engine=onnx"]) == 0
     assert "hard mode, ONNX Runtime: exported on the fly" in capsys.readouterr().out
     lines = target.read_text().splitlines()[1:]
     assert [line.split("\t")[2] for line in lines] == [",".join(map(str, p.kept_per_layer)) for p in expected]
@@ -158,8 +168,9 @@ def test_export_command_load_and_reuse(gate_checkpoint, tmp_path, capsys):
 
 @pytest.mark.slow
 @requires_glue
-def test_eval_engine_onnx_gives_the_torch_metrics_flops_and_kept_fractions(gate_checkpoint, tmp_path, capsys,
-                                                                           monkeypatch):
+def test_eval_engine_onnx_gives_the_torch_metrics_flops_and_kept_fractions(
+    gate_checkpoint, tmp_path, capsys, monkeypatch
+):
     from tokprune.serving.evaluate import evaluate, summary
 
     monkeypatch.delenv("GLUE_DIR", raising=False)
@@ -210,13 +221,26 @@ def test_eval_computations_measure_the_train_eval_gap_on_a_checkpoint(tokenizer,
 
 def test_missing_onnxruntime_is_one_line(gate_checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
-    with pytest.raises(UsageError, match=r"ONNX needs the 'onnxruntime' package, which is not installed: "
-                                         r"pip install 'tokprune\[onnx\]'"):
+    with pytest.raises(
+        UsageError,
+        match=r"ONNX needs the 'onnxruntime' package, which is not installed: "
+        r"pip install 'tokprune\[onnx\]'",
+    ):
         tokprune.load(gate_checkpoint, engine="onnx")
     source = tmp_path / "in.txt"
     source.write_text("fine\n")
-    assert main(["predict", f"checkpoint={gate_checkpoint}", f"input={source}", f"output={tmp_path / 'o.tsv'}",
-                 "engine=onnx"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                f"checkpoint={gate_checkpoint}",
+                f"input={source}",
+                f"output={tmp_path / 'o.tsv'}",
+                "engine=onnx",
+            ]
+        )
+        == 2
+    )
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("tokprune: error: ONNX needs the 'onnxruntime' package")
     monkeypatch.setitem(sys.modules, "onnx", None)
@@ -226,9 +250,12 @@ def test_missing_onnxruntime_is_one_line(gate_checkpoint, tmp_path, capsys, monk
 
 
 def test_sessions_timed_in_turns_do_not_spin(tokenizer, tmp_path):
-    path = export_graph(ClassifierGraph(pruning_model("none", "sst2", tokenizer)[1]), example_inputs(tokenizer, False),
-                        tmp_path / "m.onnx")
+    path = export_graph(
+        ClassifierGraph(pruning_model("none", "sst2", tokenizer)[1]),
+        example_inputs(tokenizer, False),
+        tmp_path / "m.onnx",
+    )
     entry = "session.intra_op.allow_spinning"
     assert OnnxModel(path, spinning=False).session.get_session_options().get_session_config_entry(entry) == "0"
-    with pytest.raises(Exception):  # ONNX Runtime's default (spinning allowed) is left alone: no entry
+    with pytest.raises(Exception):  # noqa: B017 (ONNX Runtime raises a bare RuntimeError subclass) ONNX Runtime's default (spinning allowed) is left alone: no entry
         OnnxModel(path).session.get_session_options().get_session_config_entry(entry)

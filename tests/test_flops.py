@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from test_encoder import FixedMasks
 from torch import nn
 
 from tokprune.core.encoder import KeepAll, PrunableEncoder
 from tokprune.core.flops import FlopsCounter, analytic_layer_macs, fvcore_flops
 
 from conftest import random_batch, tiny_bert
-from test_encoder import FixedMasks
 
 
 class WholeEncoder(nn.Module):
@@ -59,17 +59,21 @@ def test_cached_lookups_equal_direct_traces_on_the_tiny_model():
 
 @pytest.mark.slow
 def test_cached_direct_and_analytic_agree_on_the_real_backbone():
-    from tokprune.core.backbone import load_bert
     from tokprune.config import compose
+    from tokprune.core.backbone import load_bert
 
     bert = load_bert(compose([]).model)
     length = 48
     counter, unpruned = check_against_direct_traces(bert, length)
     c = bert.config
-    analytic = c.num_hidden_layers * analytic_layer_macs(length, c.hidden_size, c.num_attention_heads, c.intermediate_size)
+    analytic = c.num_hidden_layers * analytic_layer_macs(
+        length, c.hidden_size, c.num_attention_heads, c.intermediate_size
+    )
     assert unpruned == pytest.approx(analytic, rel=0.03)
     for n in (8, 64, 128):
-        assert counter.layer(0, n) == pytest.approx(analytic_layer_macs(n, c.hidden_size, c.num_attention_heads, c.intermediate_size), rel=0.03)
+        assert counter.layer(0, n) == pytest.approx(
+            analytic_layer_macs(n, c.hidden_size, c.num_attention_heads, c.intermediate_size), rel=0.03
+        )
 
 
 def test_each_length_is_traced_once(monkeypatch):
@@ -105,8 +109,12 @@ def test_ratios_against_real_and_padded_references():
     batch = random_batch(batch=4, length=16)
     with torch.no_grad():
         full = encoder(batch["input_ids"], batch["attention_mask"], pruner=KeepAll(), hard=True)
-        half = encoder(batch["input_ids"], batch["attention_mask"],
-                       pruner=FixedMasks({1: (torch.arange(16) < 6).float().expand(4, -1)}), hard=True)
+        half = encoder(
+            batch["input_ids"],
+            batch["attention_mask"],
+            pruner=FixedMasks({1: (torch.arange(16) < 6).float().expand(4, -1)}),
+            hard=True,
+        )
     unpruned = counter.batch(full, max_length=32)
     assert unpruned.ratio_real == pytest.approx(1.0)
     assert unpruned.ratio_padded < 0.5  # 16 of 32 positions at most, attention is quadratic

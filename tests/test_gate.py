@@ -55,8 +55,15 @@ def test_gates_have_their_own_lr_and_no_weight_decay():
 def test_clipping_after_every_step_keeps_gates_in_0_1():
     module = make("method.gate_lr=0.5", "method.lambda_sparse=10.0", "train.lr=1e-9")
     loader = DataLoader([labelled_batch(seed=i) for i in range(6)], batch_size=None)
-    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
     trainer.fit(module, train_dataloaders=loader)
     gates = module.pruner.gates()
     assert gates.min() >= 0 and gates.max() <= 1
@@ -64,8 +71,9 @@ def test_clipping_after_every_step_keeps_gates_in_0_1():
 
 
 def test_bimodal_term_lowers_the_share_of_undecided_gates():
-    module = make("method.lambda_sparse=0", "method.lambda_bimodal=1.0", "method.bimodal_start=0",
-                  "method.bimodal_ramp=0")
+    module = make(
+        "method.lambda_sparse=0", "method.lambda_bimodal=1.0", "method.bimodal_start=0", "method.bimodal_ramp=0"
+    )
     g = torch.Generator().manual_seed(0)
     set_gates(module, torch.rand(module.pruner.weights.shape, generator=g) * 0.6 + 0.2)
     undecided_before = 1 - module.bimodal_share()
@@ -146,8 +154,16 @@ def test_soft_evaluation_with_thresholded_gates_equals_hard_mode():
 
 
 def test_bins_map_ranks_by_length():
-    pruner = GatePruner(3, slots=4, first_gated_layer=1, ranks="bins", parametrisation="clipped",
-                        sigmoid_init=3.0, threshold=0.5, inference="threshold")
+    pruner = GatePruner(
+        3,
+        slots=4,
+        first_gated_layer=1,
+        ranks="bins",
+        parametrisation="clipped",
+        sigmoid_init=3.0,
+        threshold=0.5,
+        inference="threshold",
+    )
     ranks = torch.arange(8).expand(2, 8)
     live = torch.tensor([8, 4])
     slots = pruner.slots_of(ranks, live)

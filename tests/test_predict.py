@@ -5,13 +5,13 @@ import subprocess
 import sys
 
 import pytest
+from test_eval import sst2, trained  # noqa: F401  (sst2: the fixture, the same trained checkpoint)
 
 import tokprune
 from tokprune.cli import main
 from tokprune.errors import UsageError
 
 from conftest import GLUE
-from test_eval import sst2, trained  # noqa: F401  (sst2: the fixture, the same trained checkpoint)
 
 ROWS = 10
 
@@ -43,8 +43,11 @@ def test_predict_command_and_api_agree_on_real_dev_rows(task, layout, request, t
     text = [columns.index(c) for c in ({"sst2": ("sentence",), "mrpc": ("#1 String", "#2 String")}[task])]
     inputs = [row[text[0]] if len(text) == 1 else (row[text[0]], row[text[1]]) for row in rows]
     source = tmp_path / f"in.{'tsv' if layout == 'glue' else 'txt'}"
-    lines = [header, *("\t".join(row) for row in rows)] if layout == "glue" else [
-        x if isinstance(x, str) else "\t".join(x) for x in inputs]
+    lines = (
+        [header, *("\t".join(row) for row in rows)]
+        if layout == "glue"
+        else [x if isinstance(x, str) else "\t".join(x) for x in inputs]
+    )
     source.write_text("\n".join(lines) + "\n")
 
     target = tmp_path / "out.tsv"
@@ -77,7 +80,8 @@ def test_a_line_with_the_wrong_number_of_fields_is_one_line_naming_file_and_line
     assert main(["predict", f"checkpoint={mrpc.checkpoint}", f"input={source}", f"output={tmp_path / 'o.tsv'}"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"tokprune: error: {source}:3: expected 2 tab-separated field(s) "
-        "(plain text: one tab-separated pair per line), found 1"]
+        "(plain text: one tab-separated pair per line), found 1"
+    ]
     assert not (tmp_path / "o.tsv").exists()
 
 

@@ -8,12 +8,12 @@ import datasets
 import pytest
 import torch
 
-from tokprune.core.backbone import load_tokenizer
-from tokprune.methods.checkpoint import FrozenReference, describe
 from tokprune.config import compose
+from tokprune.core.backbone import load_tokenizer
 from tokprune.core.data import ROW, get_task
 from tokprune.errors import UsageError
 from tokprune.methods import build_method
+from tokprune.methods.checkpoint import FrozenReference, describe
 from tokprune.methods.distill import prediction_distillation
 from tokprune.methods.protocol import TeacherOutputs
 
@@ -22,8 +22,12 @@ from conftest import random_batch, tiny_bert
 LAYERS = 4
 LEARNED = ("gate", "transkimmer", "top")
 OWN = {"gate": "pruner.weights", "transkimmer": "pruner.predictors", "top": "pruner.token_log_alpha"}
-METHOD_SETTINGS = {"gate": ["method.straight_through=true", "method.gate_lr=5e-2", "method.inference=expected"],
-                   "transkimmer": ["method.predictor_lr=1e-2"], "top": ["method.reg_lr=0.1"], "static": []}
+METHOD_SETTINGS = {
+    "gate": ["method.straight_through=true", "method.gate_lr=5e-2", "method.inference=expected"],
+    "transkimmer": ["method.predictor_lr=1e-2"],
+    "top": ["method.reg_lr=0.1"],
+    "static": [],
+}
 
 
 def make(method: str, *overrides: str, seed: int = 0):
@@ -38,8 +42,13 @@ def baseline_checkpoint(tmp_path, seed: int = 3) -> str:
     with torch.no_grad():
         model.classifier.bias.fill_(0.25)  # a head that differs from a fresh one's
     path = tmp_path / "baseline.ckpt"
-    torch.save({"state_dict": model.state_dict(),
-                "tokprune": describe(cfg, model.encoder.config, load_tokenizer(cfg.model), None)}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "tokprune": describe(cfg, model.encoder.config, load_tokenizer(cfg.model), None),
+        },
+        path,
+    )
     return str(path)
 
 
@@ -55,8 +64,14 @@ def training_rows(batches: list[dict]) -> SimpleNamespace:
     for batch in batches:
         for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
             n = int(mask.sum())
-            rows.append({"input_ids": ids[:n].tolist(), "token_type_ids": [0] * n, "attention_mask": [1] * n,
-                         "labels": int(labels)})
+            rows.append(
+                {
+                    "input_ids": ids[:n].tolist(),
+                    "token_type_ids": [0] * n,
+                    "attention_mask": [1] * n,
+                    "labels": int(labels),
+                }
+            )
     dataset = datasets.Dataset.from_list(rows).add_column(ROW, list(range(len(rows)))).with_format("torch")
 
     def collate(features):
@@ -110,8 +125,9 @@ def test_the_distillation_term_reads_cached_teacher_outputs_equal_to_a_live_forw
     module = make(method, f"protocol.baseline_checkpoint={path}", "protocol.distill_weight=0.4")
     module.prepare_fit(data)
     assert module.teacher.cache is not None and len(list(tmp_path.glob("teacher-outputs-*.pt"))) == 1
-    batch = next(iter(torch.utils.data.DataLoader(data.splits["train"], batch_size=5, shuffle=True,
-                                                  collate_fn=data.collate)))
+    batch = next(
+        iter(torch.utils.data.DataLoader(data.splits["train"], batch_size=5, shuffle=True, collate_fn=data.collate))
+    )
     cached, live = module.teacher(batch), module.teacher.live(batch)
     torch.testing.assert_close(cached.logits, live.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cached.importance, live.importance, atol=1e-5, rtol=1e-5)
@@ -138,8 +154,9 @@ def test_the_expected_flops_ratio_equals_the_measured_one_for_binary_decisions(m
     batch = labelled_batch()
     if method == "gate":  # thresholded gates: a binary forward
         with torch.no_grad():
-            module.pruner.weights.copy_(torch.rand(module.pruner.weights.shape,
-                                                   generator=torch.Generator().manual_seed(1)).round())  # 0 or 1
+            module.pruner.weights.copy_(
+                torch.rand(module.pruner.weights.shape, generator=torch.Generator().manual_seed(1)).round()
+            )  # 0 or 1
     if method == "transkimmer":  # predictors without their keep bias: some tokens skimmed
         with torch.no_grad():
             for predictor in module.pruner.predictors:
@@ -162,8 +179,15 @@ def test_the_expected_flops_ratio_equals_the_measured_one_for_binary_decisions(m
 
 @pytest.mark.parametrize("method", LEARNED)
 def test_a_short_run_holds_the_expected_flops_ratio_near_the_target(method):
-    module = make(method, "protocol=shared", "protocol.target_flops=0.6", "protocol.target_warmup=0",
-                  "protocol.distill_weight=0", *METHOD_SETTINGS[method], seed=1)
+    module = make(
+        method,
+        "protocol=shared",
+        "protocol.target_flops=0.6",
+        "protocol.target_warmup=0",
+        "protocol.distill_weight=0",
+        *METHOD_SETTINGS[method],
+        seed=1,
+    )
     module.teacher = TeacherOutputs(FrozenReference(make("none", seed=2), path=None))  # ToP distils always
     batch = labelled_batch(batch=8, length=16)
     optimizer = torch.optim.AdamW(module.parameter_groups(), lr=1e-3)
@@ -214,14 +238,19 @@ def test_selection_reads_the_shared_target_for_every_learned_method():
 
 def test_paper_keeps_each_papers_loss_terms():
     batch = labelled_batch()
-    expected = {"gate": {"task_loss", "sparsity_loss", "bimodal_loss"},
-                "transkimmer": {"task_loss", "skim_loss"},
-                "static": {"task_loss"}}
+    expected = {
+        "gate": {"task_loss", "sparsity_loss", "bimodal_loss"},
+        "transkimmer": {"task_loss", "skim_loss"},
+        "static": {"task_loss"},
+    }
     for method, terms in expected.items():
         module = make(method, "protocol=paper")
         logits, out = module(batch)
         assert set(module.losses(logits, out, batch)) == terms
-    shared = {"gate": {"task_loss", "bimodal_loss", "flops_constraint"}, "transkimmer": {"task_loss", "flops_constraint"}}
+    shared = {
+        "gate": {"task_loss", "bimodal_loss", "flops_constraint"},
+        "transkimmer": {"task_loss", "flops_constraint"},
+    }
     for method, terms in shared.items():
         module = make(method, "protocol.distill_weight=0")
         logits, out = module(batch)
@@ -230,12 +259,18 @@ def test_paper_keeps_each_papers_loss_terms():
     assert top.flops_target.ratio == pytest.approx(0.7)  # ToP's own target, 1 - target_sparsity
 
 
-@pytest.mark.parametrize("override, message", [
-    ("protocol.target_flops=0", "bad value for protocol.target_flops: 0.0 (expected a number in (0, 1])"),
-    ("protocol.target_flops=1.5", "bad value for protocol.target_flops: 1.5 (expected a number in (0, 1])"),
-    ("protocol=fair", "unknown protocol 'fair': choose from paper, shared"),
-    ("protocol.constraint=exact", "bad value for protocol.constraint: 'exact' (expected one of lagrangian, quadratic)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("protocol.target_flops=0", "bad value for protocol.target_flops: 0.0 (expected a number in (0, 1])"),
+        ("protocol.target_flops=1.5", "bad value for protocol.target_flops: 1.5 (expected a number in (0, 1])"),
+        ("protocol=fair", "unknown protocol 'fair': choose from paper, shared"),
+        (
+            "protocol.constraint=exact",
+            "bad value for protocol.constraint: 'exact' (expected one of lagrangian, quadratic)",
+        ),
+    ],
+)
 def test_bad_protocol_values_are_one_line_errors(override, message):
     with pytest.raises(UsageError) as error:
         compose(["method=gate", override])

@@ -9,17 +9,27 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from conftest import GLUE, QQP_SAMPLE
 from tokprune.cli import main
 from tokprune.reporting.render import gap_against
 from tokprune.search.results import Point
+
+from conftest import GLUE, QQP_SAMPLE
 
 SPACE = "trials: {smoke: 2}\nparams:\n  train.lr: {distribution: float, low: 1.0e-5, high: 1.0e-3, log: true}\n"
 
 
 def point(metric: float, repeats=(), trial: int = 0) -> Point:
-    return Point(trial=trial, params={}, metric=metric, flops_real=0.5, flops_padded=0.2, kept=[], run_id=None,
-                 pareto=True, repeats=[{"seed": 43 + i, "metric": m} for i, m in enumerate(repeats)])
+    return Point(
+        trial=trial,
+        params={},
+        metric=metric,
+        flops_real=0.5,
+        flops_padded=0.2,
+        kept=[],
+        run_id=None,
+        pareto=True,
+        repeats=[{"seed": 43 + i, "metric": m} for i, m in enumerate(repeats)],
+    )
 
 
 def test_a_repeated_point_reads_as_mean_and_std_and_gaps_are_judged_against_the_spread():
@@ -39,25 +49,40 @@ def test_repeat_trains_a_trials_settings_with_more_seeds_as_child_runs_and_the_r
         pytest.skip(f"real GLUE data not found at {GLUE}")
     (tmp_path / "space").mkdir()
     (tmp_path / "space" / "none.yaml").write_text(SPACE)
-    args = ["method=none", "task=sst2", "model=tiny", "budget=smoke", f"data.glue_dir={GLUE}:{QQP_SAMPLE}",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"train.checkpoint_dir={tmp_path}/ckpt",
-            f"sweep.space_dir={tmp_path}/space", "report.speedup_examples=0", "sweep.trials=1"]
+    args = [
+        "method=none",
+        "task=sst2",
+        "model=tiny",
+        "budget=smoke",
+        f"data.glue_dir={GLUE}:{QQP_SAMPLE}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"train.checkpoint_dir={tmp_path}/ckpt",
+        f"sweep.space_dir={tmp_path}/space",
+        "report.speedup_examples=0",
+        "sweep.trials=1",
+    ]
     assert main(["sweep", *args]) == 0
     assert main(["repeat", "trial=0", "seeds=2", *args]) == 0
     assert main(["repeat", "trial=0", "seeds=2", *args]) == 0  # both seeds done: nothing trains again
-    study = optuna.load_study(study_name="none-sst2-tiny-smoke-seed42",
-                              storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    study = optuna.load_study(
+        study_name="none-sst2-tiny-smoke-seed42",
+        storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))),
+    )
     records = study.user_attrs["repeats"]["0"]
     assert [r["seed"] for r in records] == [43, 44]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent = study.user_attrs["mlflow_parent_run_id"]
-    runs = client.search_runs([client.get_run(parent).info.experiment_id],
-                              "tags.`tokprune.role` = 'repeat' and tags.repeat_of = '0'")
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id], "tags.`tokprune.role` = 'repeat' and tags.repeat_of = '0'"
+    )
     assert sorted(r.data.tags["seed"] for r in runs) == ["43", "44"]
     assert all(r.data.tags["mlflow.parentRunId"] == parent and r.info.status == "FINISHED" for r in runs)
     trial = study.trials[0]
-    assert all(r.data.params["train.lr"] == repr(trial.params["train.lr"]) or
-               float(r.data.params["train.lr"]) == pytest.approx(trial.params["train.lr"]) for r in runs)
+    assert all(
+        r.data.params["train.lr"] == repr(trial.params["train.lr"])
+        or float(r.data.params["train.lr"]) == pytest.approx(trial.params["train.lr"])
+        for r in runs
+    )
     assert main(["report", *args]) == 0
     data = json.loads((tmp_path / "reports" / "sst2" / "report.json").read_text())
     [saved] = data["methods"]

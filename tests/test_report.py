@@ -22,29 +22,44 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from PIL import Image
 
-from conftest import GLUE, QQP_SAMPLE
 from tokprune.cli import main
 from tokprune.reporting.collect import operating_points
 from tokprune.reporting.render import operating_rows, table_rows
 from tokprune.reporting.report import after_sweep
 from tokprune.search.results import MethodResult, Point, distinct_baselines
 
+from conftest import GLUE, QQP_SAMPLE
+
 CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLES = 8  # dev rows timed for each operating point: enough to exercise the code
 SPACES = {
     "transkimmer": "trials: {smoke: 4}\nparams:\n"
-                   "  method.skim_lambda: {distribution: float, low: 0.05, high: 2.0, log: true}\n"
-                   "  method.keep_bias: {distribution: float, low: -0.3, high: 0.3}\n"
-                   "  train.lr: {distribution: float, low: 1.0e-4, high: 1.0e-2, log: true}\n",
+    "  method.skim_lambda: {distribution: float, low: 0.05, high: 2.0, log: true}\n"
+    "  method.keep_bias: {distribution: float, low: -0.3, high: 0.3}\n"
+    "  train.lr: {distribution: float, low: 1.0e-4, high: 1.0e-2, log: true}\n",
     "none": "trials: {smoke: 2}\nparams:\n  train.lr: {distribution: float, low: 1.0e-5, high: 1.0e-3, log: true}\n",
 }
-FILES = {"pareto_all.png", "pareto_none.png", "pareto_transkimmer.png", "kept_none.png", "kept_transkimmer.png",
-         "pareto.md", "report.html", "report.json"}
+FILES = {
+    "pareto_all.png",
+    "pareto_none.png",
+    "pareto_transkimmer.png",
+    "kept_none.png",
+    "kept_transkimmer.png",
+    "pareto.md",
+    "report.html",
+    "report.json",
+}
 
 
 def common(store: Path) -> list[str]:
-    return ["task=sst2", "model=tiny", "budget=smoke", "protocol=paper", f"data.glue_dir={GLUE}:{QQP_SAMPLE}",
-            f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db"]
+    return [
+        "task=sst2",
+        "model=tiny",
+        "budget=smoke",
+        "protocol=paper",
+        f"data.glue_dir={GLUE}:{QQP_SAMPLE}",
+        f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +72,14 @@ def recorded(tmp_path_factory) -> Path:
     for method, text in SPACES.items():
         (store / "space" / f"{method}.yaml").write_text(text)
     for method in SPACES:
-        args = [f"method={method}", *common(store), "data.eval_subset=64", f"train.checkpoint_dir={store}/ckpt",
-                f"sweep.space_dir={store}/space", f"report.speedup_examples={EXAMPLES}"]
+        args = [
+            f"method={method}",
+            *common(store),
+            "data.eval_subset=64",
+            f"train.checkpoint_dir={store}/ckpt",
+            f"sweep.space_dir={store}/space",
+            f"report.speedup_examples={EXAMPLES}",
+        ]
         assert main(["sweep", *args]) == 0
     return store
 
@@ -84,20 +105,34 @@ def report(store: Path, out: Path, *extra: str) -> int:
 
 def made_up(method: str, points: list[tuple[float, float]], baseline: float = 0.85) -> MethodResult:
     """A study whose complete trials are (metric, FLOPs ratio) pairs, numbered in order."""
-    front = {i for i, (m, f) in enumerate(points)
-             if not any(m2 >= m and f2 <= f and (m2, f2) != (m, f) for m2, f2 in points)}
-    return MethodResult(method=method, label=method, study=f"{method}-study", parent_run_id=None, overrides=[],
-                        points=[Point(i, {}, m, f, None, [], None, i in front) for i, (m, f) in enumerate(points)],
-                        baseline={"run_id": "b" * 32, "metric": baseline})
+    front = {
+        i for i, (m, f) in enumerate(points) if not any(m2 >= m and f2 <= f and (m2, f2) != (m, f) for m2, f2 in points)
+    }
+    return MethodResult(
+        method=method,
+        label=method,
+        study=f"{method}-study",
+        parent_run_id=None,
+        overrides=[],
+        points=[Point(i, {}, m, f, None, [], None, i in front) for i, (m, f) in enumerate(points)],
+        baseline={"run_id": "b" * 32, "metric": baseline},
+    )
 
 
 def test_operating_points_are_read_off_the_front():
-    r = made_up("gate", [(0.852, 0.90), (0.845, 0.62), (0.841, 0.55), (0.80, 0.48), (0.70, 0.30), (0.75, 0.49),
-                         (0.79, 0.70)])
+    r = made_up(
+        "gate", [(0.852, 0.90), (0.845, 0.62), (0.841, 0.55), (0.80, 0.48), (0.70, 0.30), (0.75, 0.49), (0.79, 0.70)]
+    )
     assert operating_points(r, flops_budget=0.5, tolerance=0.01) == {
-        "best": 0, "within_flops": 3, "near_baseline": 2}  # 0.841 >= 0.85 - 0.01; 0.80 beats 0.75 under 0.5
-    assert operating_points(r, flops_budget=0.2, tolerance=0.001) == {"best": 0, "within_flops": None,
-                                                                      "near_baseline": 0}
+        "best": 0,
+        "within_flops": 3,
+        "near_baseline": 2,
+    }  # 0.841 >= 0.85 - 0.01; 0.80 beats 0.75 under 0.5
+    assert operating_points(r, flops_budget=0.2, tolerance=0.001) == {
+        "best": 0,
+        "within_flops": None,
+        "near_baseline": 0,
+    }
 
 
 def test_each_operating_point_is_set_beside_static_at_no_more_flops():
@@ -163,22 +198,45 @@ def write_study(folder: Path, method: str, trials: list[tuple[float, float, floa
     directly: (lambda_sparse, accuracy, FLOPs ratio) per complete trial, then one failed trial."""
     storage = JournalStorage(JournalFileBackend(str(folder / "optuna.journal")))
     study = optuna.create_study(study_name=f"{method}-sst2", storage=storage, directions=["maximize", "minimize"])
-    for key, value in {"method": method, "task": "sst2", "model": "tiny", "budget": "smoke", "seed": 42,
-                       "mlflow_parent_run_id": "not-in-this-store"}.items():
+    for key, value in {
+        "method": method,
+        "task": "sst2",
+        "model": "tiny",
+        "budget": "smoke",
+        "seed": 42,
+        "mlflow_parent_run_id": "not-in-this-store",
+    }.items():
         study.set_user_attr(key, value)
     lam = optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)
     for value, acc, flops in trials:
-        study.add_trial(optuna.trial.create_trial(
-            params={"method.lambda_sparse": value}, distributions={"method.lambda_sparse": lam}, values=[acc, flops],
-            user_attrs={"best/flops_ratio_padded": flops * 0.4, "best/kept_fraction/layer_0": 1.0,
-                        "best/kept_fraction/layer_1": flops}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"method.lambda_sparse": value},
+                distributions={"method.lambda_sparse": lam},
+                values=[acc, flops],
+                user_attrs={
+                    "best/flops_ratio_padded": flops * 0.4,
+                    "best/kept_fraction/layer_0": 1.0,
+                    "best/kept_fraction/layer_1": flops,
+                },
+            )
+        )
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
 
 
 def report_of(folder: Path, *extra: str) -> int:
     """``report`` over ``folder``'s store and journal, written to ``folder/out/sst2``."""
-    return main(["report", "task=sst2", "model=tiny", "budget=smoke", f"report.dir={folder}/out",
-                 f"mlflow.tracking_uri=sqlite:///{folder}/mlflow.db", *extra])
+    return main(
+        [
+            "report",
+            "task=sst2",
+            "model=tiny",
+            "budget=smoke",
+            f"report.dir={folder}/out",
+            f"mlflow.tracking_uri=sqlite:///{folder}/mlflow.db",
+            *extra,
+        ]
+    )
 
 
 GATE_TRIALS = [(0.002, 0.91, 0.95), (0.03, 0.90, 0.61), (0.2, 0.88, 0.72), (0.6, 0.84, 0.38)]
@@ -192,13 +250,20 @@ def test_a_study_written_directly_renders_without_mlflow_runs(tmp_path, capsys):
     assert [r[:2] + r[3:6] for r in rows] == [  # trial 2 (0.88 at 0.72) is dominated by trial 1
         ["gate", "3", "0.8400", "0.3800", "0.1520"],
         ["gate", "1", "0.9000", "0.6100", "0.2440"],
-        ["gate", "0 (best)", "0.9100", "0.9500", "0.3800"]]
+        ["gate", "0 (best)", "0.9100", "0.9500", "0.3800"],
+    ]
     assert rows[2][6] == rows[0][6] == "skipped: no MLflow run"  # the best point, and the best at <= 0.5
     assert rows[1][6] == ""  # not an operating point: not timed
     operating = table((tmp_path / "out" / "sst2" / "pareto.md").read_text(), "Operating points")
     assert [r[2] for r in operating] == ["0", "3", "—"]  # no baseline: nothing is "within 1 point" of it
     assert {p.name for p in (tmp_path / "out" / "sst2").iterdir()} == {
-        "pareto_all.png", "pareto_gate.png", "kept_gate.png", "pareto.md", "report.html", "report.json"}
+        "pareto_all.png",
+        "pareto_gate.png",
+        "kept_gate.png",
+        "pareto.md",
+        "report.html",
+        "report.json",
+    }
     assert "<title>gate trial 2 (dominated)" in (tmp_path / "out" / "sst2" / "report.html").read_text()
     assert "logged them to the report/ artifacts of 0 parent run(s)" in capsys.readouterr().out
 
@@ -215,8 +280,11 @@ def test_report_carry_keeps_the_studies_this_storage_lacks_as_recorded(tmp_path)
     earlier = first / "out" / "sst2" / "report.json"
     data = json.loads(earlier.read_text())
     [static] = [m for m in data["methods"] if m["method"] == "static"]
-    static["speedup"]["0"] = {"checkpoint": "ckpt/best.ckpt", "batch_1": {"wall_speedup": 1.25},
-                              "batch_32": {"wall_speedup": 2.5}}  # as if measured where it ran
+    static["speedup"]["0"] = {
+        "checkpoint": "ckpt/best.ckpt",
+        "batch_1": {"wall_speedup": 1.25},
+        "batch_32": {"wall_speedup": 2.5},
+    }  # as if measured where it ran
     earlier.write_text(json.dumps(data))
     write_study(second, "gate", GATE_TRIALS[:2])  # the gate sweep again, 2 trials so far: read afresh
 
@@ -235,13 +303,20 @@ def test_report_carry_keeps_the_studies_this_storage_lacks_as_recorded(tmp_path)
     assert f"Carried from sst2/report.json of {data['generated']} (report.carry)" in md and "static." in md
     assert "Studies: gate-sst2 in " in (second / "out" / "sst2" / "report.html").read_text()
     assert {p.name for p in (second / "out" / "sst2").glob("*.png")} == {
-        "pareto_all.png", "pareto_gate.png", "pareto_static.png", "kept_gate.png", "kept_static.png"}
+        "pareto_all.png",
+        "pareto_gate.png",
+        "pareto_static.png",
+        "kept_gate.png",
+        "kept_static.png",
+    }
 
     # carried again, into a storage with no study at all: each study keeps where it first came from
     assert report_of(third, f"report.carry={second / 'out' / 'sst2' / 'report.json'}") == 0
     again = json.loads((third / "out" / "sst2" / "report.json").read_text())
     assert {m["study"]: m["carried_from"] for m in again["methods"]} == {
-        "gate-sst2": f"sst2/report.json of {joined['generated']}", "static-sst2": origin["static-sst2"]}
+        "gate-sst2": f"sst2/report.json of {joined['generated']}",
+        "static-sst2": origin["static-sst2"],
+    }
     assert table((third / "out" / "sst2" / "pareto.md").read_text(), "Operating points") == list(operating.values())
 
 
@@ -312,7 +387,10 @@ def test_report_renders_every_file_and_its_table_is_the_studys(recorded, tmp_pat
     assert len(baseline_ids) == 1, "both sweeps share one baseline"
     base = client.get_run(baseline_ids.pop()).data.metrics
     assert [r for r in rows if r[0] == "none (baseline)"][0][3:6] == [
-        f"{base['best/accuracy']:.4f}", f"{base['best/flops_ratio_real']:.4f}", f"{base['best/flops_ratio_padded']:.4f}"]
+        f"{base['best/accuracy']:.4f}",
+        f"{base['best/flops_ratio_real']:.4f}",
+        f"{base['best/flops_ratio_padded']:.4f}",
+    ]
     operating = table((folder / "pareto.md").read_text(), "Operating points")
     data = json.loads((folder / "report.json").read_text())
     for method, study in studies(recorded).items():
@@ -364,8 +442,11 @@ def test_a_missing_checkpoint_skips_the_speedup_cleanly(recorded, tmp_path, caps
         assert report(recorded, tmp_path / "reports") == 0
     finally:
         shutil.move(moved, ckpt)
-    row = [r for r in table((tmp_path / "reports" / "sst2" / "pareto.md").read_text()) if "(best)" in r[1]
-           and r[0] == "transkimmer"][0]
+    row = [
+        r
+        for r in table((tmp_path / "reports" / "sst2" / "pareto.md").read_text())
+        if "(best)" in r[1] and r[0] == "transkimmer"
+    ][0]
     assert row[6] == f"skipped: checkpoint missing ({ckpt})"
     assert "wrote" in capsys.readouterr().out
 
@@ -381,10 +462,26 @@ def test_the_page_renders_its_charts_in_headless_chromium(recorded, tmp_path):
 
     def screenshot(html: Path) -> Image.Image:
         shot = tmp_path / f"{html.stem}.png"
-        subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-                        "--window-size=1200,2000", html.as_uri()], capture_output=True, timeout=120, check=True)
+        subprocess.run(
+            [
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                f"--screenshot={shot}",
+                "--window-size=1200,2000",
+                html.as_uri(),
+            ],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
         return Image.open(shot).convert("RGB")
 
     def coloured(image: Image.Image) -> int:

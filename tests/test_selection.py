@@ -4,9 +4,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tokprune.methods.checkpoint import rebuild
 from tokprune.config import compose
 from tokprune.methods.base import PruningModule
+from tokprune.methods.checkpoint import rebuild
 from tokprune.methods.selection import select
 from tokprune.training import train as train_module
 
@@ -66,9 +66,18 @@ def test_the_kept_checkpoint_and_best_metrics_follow_the_rule(rule, epoch, glue_
         selection_rule = rule
 
     monkeypatch.setattr(train_module, "build_method", lambda cfg, bert, task: Module(cfg, bert, task))
-    cfg = compose(["model=tiny", "budget=smoke", "train.epochs=2", "train.max_steps=-1", "data.train_subset=32",
-                   f"data.glue_dir={glue_dir}", f"mlflow.tracking_uri={mlflow_uri}",
-                   f"train.checkpoint_dir={tmp_path}"])
+    cfg = compose(
+        [
+            "model=tiny",
+            "budget=smoke",
+            "train.epochs=2",
+            "train.max_steps=-1",
+            "data.train_subset=32",
+            f"data.glue_dir={glue_dir}",
+            f"mlflow.tracking_uri={mlflow_uri}",
+            f"train.checkpoint_dir={tmp_path}",
+        ]
+    )
     result = train_module.train(cfg)
     assert result.best[ACC] == pytest.approx(Module.accuracies[epoch]) and result.selection.rule == rule
     contents = torch.load(result.checkpoint, weights_only=True)

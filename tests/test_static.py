@@ -20,7 +20,7 @@ def test_geometric_schedule_reaches_keep_last_at_the_last_layer():
     schedule = TopKSchedule.geometric(6, first_pruned_layer=2, keep_last=0.25)
     assert sorted(schedule.fractions) == [2, 3, 4, 5]
     assert schedule.fractions[5] == pytest.approx(0.25)
-    assert schedule.fractions[2] == pytest.approx(0.25 ** 0.25)
+    assert schedule.fractions[2] == pytest.approx(0.25**0.25)
     values = [schedule.fractions[l] for l in range(2, 6)]
     assert values == sorted(values, reverse=True)
 
@@ -62,8 +62,13 @@ def test_bad_first_pruned_layer_is_a_usage_error():
 @pytest.mark.slow
 def test_without_finetuning_a_run_is_one_evaluation_of_the_baseline(glue_dir, mlflow_uri, tmp_path):
     """The baseline is found (here: trained once) and evaluated under the schedule; no step is trained."""
-    common = ["model=tiny", "budget=smoke", f"data.glue_dir={glue_dir}", f"mlflow.tracking_uri={mlflow_uri}",
-              f"train.checkpoint_dir={tmp_path}"]
+    common = [
+        "model=tiny",
+        "budget=smoke",
+        f"data.glue_dir={glue_dir}",
+        f"mlflow.tracking_uri={mlflow_uri}",
+        f"train.checkpoint_dir={tmp_path}",
+    ]
     result = train(compose(["method=static", "method.first_pruned_layer=1", "method.keep_last=0.3", *common]))
     assert result.steps == 0 and result.best["val/flops_ratio_real"] < 0.9
     client = MlflowClient(mlflow_uri)
@@ -77,8 +82,13 @@ def test_without_finetuning_a_run_is_one_evaluation_of_the_baseline(glue_dir, ml
 
 @pytest.mark.slow
 def test_a_plain_unpruned_run_is_the_baseline_later_runs_find(glue_dir, mlflow_uri, tmp_path):
-    common = ["model=tiny", "budget=smoke", f"data.glue_dir={glue_dir}", f"mlflow.tracking_uri={mlflow_uri}",
-              f"train.checkpoint_dir={tmp_path}"]
+    common = [
+        "model=tiny",
+        "budget=smoke",
+        f"data.glue_dir={glue_dir}",
+        f"mlflow.tracking_uri={mlflow_uri}",
+        f"train.checkpoint_dir={tmp_path}",
+    ]
     baseline = train(compose(["method=none", *common]))
     other_seed = train(compose(["method=none", "seed=7", *common]))
     static = train(compose(["method=static", "method.first_pruned_layer=1", *common]))

@@ -24,16 +24,16 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 import tokprune.search.sweep as sweep_module
-from conftest import ROOT
 from tokprune.cli import main
-from tokprune.config import choices, compose
-from tokprune.errors import UsageError
+from tokprune.config import choices, compose, override
 from tokprune.core.liveness import HOST
-from tokprune.search.sweep import FiniteLoss, Surplus, Sweep, TrialFailed, plan_sweep
-from tokprune.search.results import portable
-from tokprune.config import override
+from tokprune.errors import UsageError
 from tokprune.search.plan import load_space
+from tokprune.search.results import portable
+from tokprune.search.sweep import FiniteLoss, Surplus, Sweep, TrialFailed, plan_sweep
 from tokprune.training.tracking import experiment_id
+
+from conftest import ROOT
 
 STUDY = "none-sst2-tiny-smoke-seed42"
 FAST = ["model=tiny", "budget=smoke", "train.max_steps=2", "data.train_subset=32", "data.eval_subset=32"]
@@ -58,8 +58,15 @@ def shared_store(tmp_path_factory) -> Path:
 
 
 def sweep_args(store: Path, space_dir: Path, glue_dir: str, *extra: str) -> list[str]:
-    return ["method=none", *FAST, f"data.glue_dir={glue_dir}", f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db",
-            f"train.checkpoint_dir={store}/ckpt", f"sweep.space_dir={space_dir}", *extra]
+    return [
+        "method=none",
+        *FAST,
+        f"data.glue_dir={glue_dir}",
+        f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db",
+        f"train.checkpoint_dir={store}/ckpt",
+        f"sweep.space_dir={space_dir}",
+        *extra,
+    ]
 
 
 def load(storage: str, name: str = STUDY) -> optuna.Study:
@@ -116,66 +123,99 @@ def one_line_error(capsys, args) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("params:\n  train.lr: {distribution: gauss, low: 0.1, high: 1}\n", "unknown distribution 'gauss'"),
-    ("params:\n  train.lr: {distribution: float, low: 1.0, high: 0.5}\n", "low (1.0) must be below high (0.5)"),
-    ("params:\n  train.lr: {distribution: float, low: 0.1, high: 0.1}\n", "must be below high"),
-    ("params:\n  train.lr: {distribution: float, low: 0.0, high: 1.0, log: true}\n",
-     "a log distribution needs low > 0"),
-    ("params:\n  train.lr: {distribution: float, low: a, high: 1.0}\n", "low must be a number"),
-    ("params:\n  train.lr: {distribution: float, low: 0.1}\n", "missing high"),
-    ("params:\n  train.lr: {distribution: float, low: 0.1, high: 1, q: 2}\n", "unknown field(s) q"),
-    ("params:\n  train.lr: {distribution: categorical, choices: []}\n", "choices must be a non-empty list"),
-    ("params:\n  train.learning_rate: {distribution: float, low: 0.1, high: 1}\n",
-     "train.learning_rate: unknown config key 'train.learning_rate'"),
-    ("params:\n  train: {distribution: float, low: 0.1, high: 1}\n", "is not a dotted config key"),
-    ("params:\n  train.epochs: {distribution: float, low: 1, high: 3}\n", "holds an integer (1): use an int"),
-    ("params:\n  train.deterministic: {distribution: categorical, choices: [1, 2]}\n", "is not true/false"),
-    ("params: {}\n", "params must map at least one config key"),
-    ("trials: {smoke: 0}\nparams:\n  train.lr: {distribution: float, low: 0.1, high: 1}\n",
-     "trials.smoke must be a positive integer"),
-    ("trials: {tiny: 3}\nparams:\n  train.lr: {distribution: float, low: 0.1, high: 1}\n", "unknown budget 'tiny'"),
-    ("trials: {cpu: 3}\nparams:\n  train.lr: {distribution: float, low: 0.1, high: 1}\n",
-     "no trial count for budget 'smoke'"),
-    ("space:\n  train.lr: {distribution: float, low: 0.1, high: 1}\n", "unknown top-level key(s) space"),
-    ("params: [oops\n", "not valid YAML"),
-    (SPACE + "baseline_checkpoint: teacher\n", "baseline_checkpoint must be a dotted config key"),
-    (SPACE + "baseline_checkpoint: method.teacher\n", "baseline_checkpoint: unknown config key 'method.teacher'"),
-    (SPACE + "per_budget:\n  tiny: {params: {train.lr: {distribution: float, low: 0.1, high: 1}}}\n",
-     "per_budget: unknown budget 'tiny'"),
-    (SPACE + "per_budget:\n  smoke: {trials: 3}\n", "per_budget.smoke must hold exactly one key, params"),
-    (SPACE + "per_budget:\n  smoke: {params: {}}\n", "per_budget.smoke.params must map at least one"),
-    (SPACE + "per_budget:\n  smoke: {params: {train.lr: {distribution: float, low: 2, high: 1}}}\n",
-     "low (2.0) must be below high (1.0)"),
-    (SPACE + "per_budget:\n  smoke: {params: {train.nope: {distribution: float, low: 0.1, high: 1}}}\n",
-     "unknown config key 'train.nope'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("params:\n  train.lr: {distribution: gauss, low: 0.1, high: 1}\n", "unknown distribution 'gauss'"),
+        ("params:\n  train.lr: {distribution: float, low: 1.0, high: 0.5}\n", "low (1.0) must be below high (0.5)"),
+        ("params:\n  train.lr: {distribution: float, low: 0.1, high: 0.1}\n", "must be below high"),
+        (
+            "params:\n  train.lr: {distribution: float, low: 0.0, high: 1.0, log: true}\n",
+            "a log distribution needs low > 0",
+        ),
+        ("params:\n  train.lr: {distribution: float, low: a, high: 1.0}\n", "low must be a number"),
+        ("params:\n  train.lr: {distribution: float, low: 0.1}\n", "missing high"),
+        ("params:\n  train.lr: {distribution: float, low: 0.1, high: 1, q: 2}\n", "unknown field(s) q"),
+        ("params:\n  train.lr: {distribution: categorical, choices: []}\n", "choices must be a non-empty list"),
+        (
+            "params:\n  train.learning_rate: {distribution: float, low: 0.1, high: 1}\n",
+            "train.learning_rate: unknown config key 'train.learning_rate'",
+        ),
+        ("params:\n  train: {distribution: float, low: 0.1, high: 1}\n", "is not a dotted config key"),
+        ("params:\n  train.epochs: {distribution: float, low: 1, high: 3}\n", "holds an integer (1): use an int"),
+        ("params:\n  train.deterministic: {distribution: categorical, choices: [1, 2]}\n", "is not true/false"),
+        ("params: {}\n", "params must map at least one config key"),
+        (
+            "trials: {smoke: 0}\nparams:\n  train.lr: {distribution: float, low: 0.1, high: 1}\n",
+            "trials.smoke must be a positive integer",
+        ),
+        ("trials: {tiny: 3}\nparams:\n  train.lr: {distribution: float, low: 0.1, high: 1}\n", "unknown budget 'tiny'"),
+        (
+            "trials: {cpu: 3}\nparams:\n  train.lr: {distribution: float, low: 0.1, high: 1}\n",
+            "no trial count for budget 'smoke'",
+        ),
+        ("space:\n  train.lr: {distribution: float, low: 0.1, high: 1}\n", "unknown top-level key(s) space"),
+        ("params: [oops\n", "not valid YAML"),
+        (SPACE + "baseline_checkpoint: teacher\n", "baseline_checkpoint must be a dotted config key"),
+        (SPACE + "baseline_checkpoint: method.teacher\n", "baseline_checkpoint: unknown config key 'method.teacher'"),
+        (
+            SPACE + "per_budget:\n  tiny: {params: {train.lr: {distribution: float, low: 0.1, high: 1}}}\n",
+            "per_budget: unknown budget 'tiny'",
+        ),
+        (SPACE + "per_budget:\n  smoke: {trials: 3}\n", "per_budget.smoke must hold exactly one key, params"),
+        (SPACE + "per_budget:\n  smoke: {params: {}}\n", "per_budget.smoke.params must map at least one"),
+        (
+            SPACE + "per_budget:\n  smoke: {params: {train.lr: {distribution: float, low: 2, high: 1}}}\n",
+            "low (2.0) must be below high (1.0)",
+        ),
+        (
+            SPACE + "per_budget:\n  smoke: {params: {train.nope: {distribution: float, low: 0.1, high: 1}}}\n",
+            "unknown config key 'train.nope'",
+        ),
+    ],
+)
 def test_bad_search_space_is_one_line_exit_2(text, message, tmp_path, capsys, no_training):
     (tmp_path / "none.yaml").write_text(text)
-    line = one_line_error(capsys, ["method=none", *FAST, f"sweep.space_dir={tmp_path}",
-                                   f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    line = one_line_error(
+        capsys,
+        ["method=none", *FAST, f"sweep.space_dir={tmp_path}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],
+    )
     assert message in line and str(tmp_path / "none.yaml") in line
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.journal").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["method=magic"], "unknown method 'magic': methods with a search space in"),
-    (["method=future"], "method 'future' is not implemented yet"),
-    (["sweep.trials=0"], "bad value for sweep.trials: 0 (expected null or an integer >= 1)"),
-    (["sweep.trials=many"], "bad value for sweep.trials: 'many' (expected null or an integer >= 1)"),
-    (["sweep.workers=0"], "bad value for sweep.workers: 0 (expected an integer >= 1)"),
-    (["sweep.startup_trials=0"], "sweep.startup_trials must be an integer >= 1"),
-    (["sweep.max_retry=-1"], "bad value for sweep.max_retry: -1 (expected an integer >= 0)"),
-    (["sweep.nope=1"], "unknown config key 'sweep.nope'"),
-    (["train.lr=1e-4"], "train.lr is searched by"),
-    (["sweep.storage=nosuchdb://x/y"], "storage 'nosuchdb://x/y': SQLAlchemy has no dialect 'nosuchdb'; give a journal"),
-    (["task=nope"], "unknown task 'nope'"),
-    (["oops"], "bad argument 'oops'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["method=magic"], "unknown method 'magic': methods with a search space in"),
+        (["method=future"], "method 'future' is not implemented yet"),
+        (["sweep.trials=0"], "bad value for sweep.trials: 0 (expected null or an integer >= 1)"),
+        (["sweep.trials=many"], "bad value for sweep.trials: 'many' (expected null or an integer >= 1)"),
+        (["sweep.workers=0"], "bad value for sweep.workers: 0 (expected an integer >= 1)"),
+        (["sweep.startup_trials=0"], "sweep.startup_trials must be an integer >= 1"),
+        (["sweep.max_retry=-1"], "bad value for sweep.max_retry: -1 (expected an integer >= 0)"),
+        (["sweep.nope=1"], "unknown config key 'sweep.nope'"),
+        (["train.lr=1e-4"], "train.lr is searched by"),
+        (
+            ["sweep.storage=nosuchdb://x/y"],
+            "storage 'nosuchdb://x/y': SQLAlchemy has no dialect 'nosuchdb'; give a journal",
+        ),
+        (["task=nope"], "unknown task 'nope'"),
+        (["oops"], "bad argument 'oops'"),
+    ],
+)
 def test_bad_arguments_are_one_line_exit_2(extra, message, space_dir, tmp_path, capsys, no_training):
     (space_dir / "future.yaml").write_text("params:\n  method.knob: {distribution: float, low: 0.1, high: 1}\n")
-    line = one_line_error(capsys, ["method=none", *FAST, f"sweep.space_dir={space_dir}",
-                                   f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *extra])
+    line = one_line_error(
+        capsys,
+        [
+            "method=none",
+            *FAST,
+            f"sweep.space_dir={space_dir}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            *extra,
+        ],
+    )
     assert message in line
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -186,8 +226,13 @@ def test_a_method_without_a_search_space_is_named(tmp_path, capsys, no_training)
 
 
 def test_the_command_line_path_exits_2_with_one_line():
-    result = subprocess.run([sys.executable, "-m", "tokprune", "sweep", "method=magic"], capture_output=True,
-                            text=True, cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "tokprune", "sweep", "method=magic"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"tokprune: error: unknown method 'magic': methods with a search space in {ROOT / 'sweeps'}: "
@@ -215,8 +260,12 @@ def test_every_method_search_space_in_the_repo_is_valid():
                 assert plan.target == space.trials["smoke"]
                 assert plan.study_name.endswith(f"smoke{'-shared' if protocol == 'shared' else ''}-seed42")
                 for budget in {*space.per_budget, *paper.per_budget}:  # and so do a budget's own ranges
-                    assert plan_sweep([f"method={path.stem}", "model=tiny", f"budget={budget}",
-                                       f"protocol={protocol}"]).space.per_budget == {}
+                    assert (
+                        plan_sweep(
+                            [f"method={path.stem}", "model=tiny", f"budget={budget}", f"protocol={protocol}"]
+                        ).space.per_budget
+                        == {}
+                    )
         else:
             with pytest.raises(UsageError, match=f"method '{path.stem}' is not implemented yet"):
                 plan_sweep([f"method={path.stem}", "model=tiny", "budget=smoke"])
@@ -224,8 +273,18 @@ def test_every_method_search_space_in_the_repo_is_valid():
 
 
 def test_plan_names_the_study_and_puts_the_journal_beside_the_mlflow_store(space_dir, tmp_path):
-    plan = plan_sweep(["method=none", "model=tiny", "budget=smoke", "seed=7", f"sweep.space_dir={space_dir}",
-                       f"mlflow.tracking_uri=sqlite:///{tmp_path}/m/mlflow.db", "sweep.trials=9", "train.epochs=2"])
+    plan = plan_sweep(
+        [
+            "method=none",
+            "model=tiny",
+            "budget=smoke",
+            "seed=7",
+            f"sweep.space_dir={space_dir}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/m/mlflow.db",
+            "sweep.trials=9",
+            "train.epochs=2",
+        ]
+    )
     assert plan.study_name == "none-sst2-tiny-smoke-seed7"
     assert plan.storage == str(tmp_path / "m" / "optuna.journal") and not plan.is_rdb
     assert plan.target == 9 and plan.passthrough[-1] == "train.epochs=2"
@@ -237,11 +296,13 @@ def test_plan_names_the_study_and_puts_the_journal_beside_the_mlflow_store(space
 
 def test_sampled_values_reach_the_trial_config_with_their_types(tmp_path):
     path = tmp_path / "none.yaml"
-    path.write_text("params:\n"
-                    "  train.epochs: {distribution: int, low: 1, high: 4}\n"
-                    "  train.deterministic: {distribution: categorical, choices: [true, false]}\n"
-                    "  train.gradient_clip_val: {distribution: float, low: 0.5, high: 2.0, step: 0.5}\n"
-                    "  train.lr: {distribution: float, low: 1.0e-6, high: 1.0e-5, log: true}\n")
+    path.write_text(
+        "params:\n"
+        "  train.epochs: {distribution: int, low: 1, high: 4}\n"
+        "  train.deterministic: {distribution: categorical, choices: [true, false]}\n"
+        "  train.gradient_clip_val: {distribution: float, low: 0.5, high: 2.0, step: 0.5}\n"
+        "  train.lr: {distribution: float, low: 1.0e-6, high: 1.0e-5, log: true}\n"
+    )
     space = load_space(path, "none")
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(5):
@@ -257,7 +318,8 @@ def test_a_budget_replaces_and_adds_to_the_searched_ranges(tmp_path):
     (tmp_path / "none.yaml").write_text(
         SPACE + "per_budget:\n  cpu:\n    params:\n"
         "      train.lr: {distribution: float, low: 1.0e-4, high: 1.0e-3, log: true}\n"
-        "      train.warmup_ratio: {distribution: categorical, choices: [0.0]}\n")
+        "      train.warmup_ratio: {distribution: categorical, choices: [0.0]}\n"
+    )
     args = ["method=none", "model=tiny", f"sweep.space_dir={tmp_path}"]
     smoke = plan_sweep([*args, "budget=smoke"]).space.describe()
     cpu = plan_sweep([*args, "budget=cpu"]).space.describe()
@@ -271,9 +333,13 @@ def test_the_transkimmer_cpu_sweep_places_trials_by_their_target_kept_fraction()
     cpu = plan_sweep(["method=transkimmer", "budget=cpu", "protocol=paper"]).space.describe()
     full = plan_sweep(["method=transkimmer", "budget=full", "protocol=paper"]).space.describe()
     assert full == {"method.skim_lambda": "float [0.05, 2.0] log"}  # around the paper's 0.5
-    assert cpu == {"method.skim_target": "float [0.2, 0.9]", "method.skim_target_mode": "categorical ['quadratic']",
-                   "method.skim_lambda": "categorical [5.0]", "method.skim_warmup": "categorical [0.3]",
-                   "method.predictor_lr": "categorical [0.001]"}
+    assert cpu == {
+        "method.skim_target": "float [0.2, 0.9]",
+        "method.skim_target_mode": "categorical ['quadratic']",
+        "method.skim_lambda": "categorical [5.0]",
+        "method.skim_warmup": "categorical [0.3]",
+        "method.predictor_lr": "categorical [0.001]",
+    }
 
 
 # -- fast unit checks of the crash machinery ---------------------------------------------
@@ -289,8 +355,9 @@ def test_finite_loss_callback_fails_a_nan_step():
 
 
 def test_a_dead_workers_trial_is_failed_and_requeued(space_dir, tmp_path):
-    plan = plan_sweep(["method=none", *FAST, f"sweep.space_dir={space_dir}",
-                       f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    plan = plan_sweep(
+        ["method=none", *FAST, f"sweep.space_dir={space_dir}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    )
     sweep = Sweep(plan)
     sweep.exp_id = experiment_id(sweep.client, "tokprune", plan.tracking_uri)
     sweep.parent_id = sweep.client.create_run(sweep.exp_id).info.run_id
@@ -312,8 +379,15 @@ def test_a_dead_workers_trial_is_failed_and_requeued(space_dir, tmp_path):
 
 
 def test_the_sampler_models_the_front_after_the_startup_trials(space_dir, tmp_path):
-    plan = plan_sweep(["method=none", *FAST, f"sweep.space_dir={space_dir}", "sweep.startup_trials=2",
-                       f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    plan = plan_sweep(
+        [
+            "method=none",
+            *FAST,
+            f"sweep.space_dir={space_dir}",
+            "sweep.startup_trials=2",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        ]
+    )
     sweep = Sweep(plan)
     optuna.create_study(study_name=STUDY, storage=sweep.storage, directions=["maximize", "minimize"])
     sampler = sweep.load().sampler
@@ -322,8 +396,16 @@ def test_the_sampler_models_the_front_after_the_startup_trials(space_dir, tmp_pa
 
 def test_rdb_storage_drops_a_trial_beyond_the_total(space_dir, tmp_path):
     db = f"sqlite:///{tmp_path}/optuna.db"
-    plan = plan_sweep(["method=none", *FAST, f"sweep.space_dir={space_dir}", f"sweep.storage={db}",
-                       "sweep.trials=2", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    plan = plan_sweep(
+        [
+            "method=none",
+            *FAST,
+            f"sweep.space_dir={space_dir}",
+            f"sweep.storage={db}",
+            "sweep.trials=2",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        ]
+    )
     sweep = Sweep(plan)
     study = optuna.create_study(study_name=STUDY, storage=sweep.storage, directions=["maximize", "minimize"])
     first, second = study.ask(), study.ask()
@@ -347,7 +429,13 @@ def test_smoke_sweep_logs_study_parent_children_and_pareto_tags(space_dir, glue_
     client, parent, children = parent_and_children(tmp_path, str(journal))
     assert parent.info.status == "FINISHED"
     assert {k: parent.data.tags[k] for k in ("method", "task", "model", "budget", "study", "storage")} == {
-        "method": "none", "task": "sst2", "model": "tiny", "budget": "smoke", "study": STUDY, "storage": str(journal)}
+        "method": "none",
+        "task": "sst2",
+        "model": "tiny",
+        "budget": "smoke",
+        "study": STUDY,
+        "storage": str(journal),
+    }
     assert len(children) == 3
     assert_consistent(study, children, complete=3)
     front = {t.number for t in study.best_trials}
@@ -421,12 +509,19 @@ def test_a_sweep_resumes_on_a_new_store_from_its_report(space_dir, glue_dir, tmp
     assert f"resumed 2 complete trial(s) of 3 from sst2/report.json of {data['generated']}" in out
     study = load(str(second / "optuna.journal"))
     trials = study.get_trials()
-    assert [(t.number, t.state) for t in trials] == [(0, TrialState.COMPLETE), (1, TrialState.FAIL),
-                                                     (2, TrialState.COMPLETE), (3, TrialState.COMPLETE)]
+    assert [(t.number, t.state) for t in trials] == [
+        (0, TrialState.COMPLETE),
+        (1, TrialState.FAIL),
+        (2, TrialState.COMPLETE),
+        (3, TrialState.COMPLETE),
+    ]
     for number in (0, 2):
         t, p = trials[number], recorded[number]
-        assert (t.values, t.params, t.user_attrs["mlflow_run_id"]) == ([p["metric"], p["flops_real"]], p["params"],
-                                                                       p["run_id"])
+        assert (t.values, t.params, t.user_attrs["mlflow_run_id"]) == (
+            [p["metric"], p["flops_real"]],
+            p["params"],
+            p["run_id"],
+        )
     _, _, children = parent_and_children(second, str(second / "optuna.journal"))
     assert [r.data.tags["trial"] for r in children] == ["3"]  # only the missing trial trained here
     joined = json.loads((second / "reports" / "sst2" / "report.json").read_text())
@@ -435,23 +530,56 @@ def test_a_sweep_resumes_on_a_new_store_from_its_report(space_dir, glue_dir, tmp
     for number, speedup in method["speedup"].items():  # measured there, kept as recorded
         if int(number) in (0, 2) and str(number) in resumed["speedup"]:
             assert resumed["speedup"][str(number)] == speedup
-    assert "(sweep.resume_from), as recorded there, points and speedups: none trials 0, 2." in \
-        (second / "reports" / "sst2" / "pareto.md").read_text()
+    assert (
+        "(sweep.resume_from), as recorded there, points and speedups: none trials 0, 2."
+        in (second / "reports" / "sst2" / "pareto.md").read_text()
+    )
     # the same command again: the study has its trials, the report is not read again
     assert main(["sweep", *args, "sweep.trials=3"]) == 0
-    assert "sweep.resume_from: not used, study none-sst2-tiny-smoke-seed42 already has trials" in capsys.readouterr().out
+    assert (
+        "sweep.resume_from: not used, study none-sst2-tiny-smoke-seed42 already has trials" in capsys.readouterr().out
+    )
     assert len(load(str(second / "optuna.journal")).get_trials()) == 4
 
 
 def test_a_report_that_cannot_resume_the_study_is_one_line_exit_2(space_dir, tmp_path, capsys, no_training):
-    point = {"trial": 0, "params": {"train.lr": 1e-4}, "metric": 0.8, "flops_real": 1.0, "flops_padded": 0.5,
-             "kept": [1.0, 1.0], "run_id": None, "pareto": True}
+    point = {
+        "trial": 0,
+        "params": {"train.lr": 1e-4},
+        "metric": 0.8,
+        "flops_real": 1.0,
+        "flops_padded": 0.5,
+        "kept": [1.0, 1.0],
+        "run_id": None,
+        "pareto": True,
+    }
+
     def report(name, study=STUDY, **point_changes):
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"task": "sst2", "model": "tiny", "budget": "smoke", "seed": 42, "methods": [
-            {"method": "none", "label": "none", "study": study, "parent_run_id": None, "overrides": [],
-             "points": [{**point, **point_changes}], "baseline": None, "speedup": {}}]}))
+        path.write_text(
+            json.dumps(
+                {
+                    "task": "sst2",
+                    "model": "tiny",
+                    "budget": "smoke",
+                    "seed": 42,
+                    "methods": [
+                        {
+                            "method": "none",
+                            "label": "none",
+                            "study": study,
+                            "parent_run_id": None,
+                            "overrides": [],
+                            "points": [{**point, **point_changes}],
+                            "baseline": None,
+                            "speedup": {},
+                        }
+                    ],
+                }
+            )
+        )
         return path
+
     args = ["method=none", *FAST, f"sweep.space_dir={space_dir}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
     for path, message in [
         (report("other", study="another-study"), "it records no study none-sst2-tiny-smoke-seed42"),
@@ -477,10 +605,12 @@ def test_a_report_that_cannot_resume_the_study_is_one_line_exit_2(space_dir, tmp
 
 def sweep_with_two_workers(storage, shared_store, space_dir, glue_dir):
     """A 4-trial sweep by two worker processes on one storage: (study, parent run, child runs, stdout)."""
-    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={storage}", "sweep.trials=4",
-                      "sweep.workers=2")
-    result = subprocess.run([sys.executable, "-m", "tokprune", "sweep", *args], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600)
+    args = sweep_args(
+        shared_store, space_dir, glue_dir, f"sweep.storage={storage}", "sweep.trials=4", "sweep.workers=2"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "tokprune", "sweep", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _, parent, children = parent_and_children(shared_store, storage=storage)
     return load(storage), parent, children, result.stdout
@@ -488,7 +618,9 @@ def sweep_with_two_workers(storage, shared_store, space_dir, glue_dir):
 
 @pytest.mark.slow
 def test_two_workers_on_one_journal_make_exactly_the_total(space_dir, glue_dir, shared_store, tmp_path):
-    study, parent, children, stdout = sweep_with_two_workers(str(tmp_path / "two.journal"), shared_store, space_dir, glue_dir)
+    study, parent, children, stdout = sweep_with_two_workers(
+        str(tmp_path / "two.journal"), shared_store, space_dir, glue_dir
+    )
     assert_consistent(study, children, complete=4)
     assert len(study.get_trials()) == 4
     assert len({t.user_attrs["pid"] for t in study.get_trials()}) == 2, "both workers ran trials"
@@ -502,8 +634,13 @@ LONG_TRIAL = ["data.train_subset=3200", "train.max_steps=200"]
 
 
 def start_sweep(args, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tokprune", "sweep", *args], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tokprune", "sweep", *args],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
+    )
 
 
 def wait_for_running_trial(proc, storage: str, number: int, log: Path, store: Path, timeout: float = 400):
@@ -517,20 +654,32 @@ def wait_for_running_trial(proc, storage: str, number: int, log: Path, store: Pa
             trials = load(storage).get_trials()
         except Exception:  # the study may not exist yet
             trials = []
-        if len(trials) > number and trials[number].state == TrialState.RUNNING \
-                and trials[number].user_attrs.get("mlflow_run_id"):
+        if (
+            len(trials) > number
+            and trials[number].state == TrialState.RUNNING
+            and trials[number].user_attrs.get("mlflow_run_id")
+        ):
             if client.get_metric_history(trials[number].user_attrs["mlflow_run_id"], "train/loss"):
                 return trials[number]
         time.sleep(0.2)
-    raise AssertionError("the sweep never reached trial %d: %s" % (number, log.read_text()[-3000:]))
+    raise AssertionError(f"the sweep never reached trial {number}: {log.read_text()[-3000:]}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["journal", "rdb"])
 def test_kill_9_then_rerun_loses_and_duplicates_nothing(kind, space_dir, glue_dir, shared_store, tmp_path):
     storage = str(tmp_path / "k.journal") if kind == "journal" else f"sqlite:///{tmp_path}/k.db"
-    args = sweep_args(shared_store, space_dir, glue_dir, f"sweep.storage={storage}", "sweep.trials=2",
-                      "sweep.heartbeat_interval=1", "sweep.grace_period=2", "sweep.poll_seconds=1", *LONG_TRIAL)
+    args = sweep_args(
+        shared_store,
+        space_dir,
+        glue_dir,
+        f"sweep.storage={storage}",
+        "sweep.trials=2",
+        "sweep.heartbeat_interval=1",
+        "sweep.grace_period=2",
+        "sweep.poll_seconds=1",
+        *LONG_TRIAL,
+    )
     proc = start_sweep(args, tmp_path / "log.txt")
     killed = wait_for_running_trial(proc, storage, 1, tmp_path / "log.txt", store=shared_store)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -571,8 +720,9 @@ def test_ctrl_c_or_sigterm_marks_the_running_trial_failed(signum, space_dir, glu
 
 
 @pytest.mark.slow
-def test_failing_trials_are_marked_failed_and_the_sweep_goes_on(space_dir, glue_dir, shared_store, tmp_path,
-                                                                  monkeypatch):
+def test_failing_trials_are_marked_failed_and_the_sweep_goes_on(
+    space_dir, glue_dir, shared_store, tmp_path, monkeypatch
+):
     real_train = sweep_module.train
 
     class Boom(Exception):
@@ -608,8 +758,9 @@ def test_failing_trials_are_marked_failed_and_the_sweep_goes_on(space_dir, glue_
 
 
 @pytest.mark.slow
-def test_a_worker_gives_up_after_too_many_failures_in_a_row(space_dir, glue_dir, shared_store, tmp_path,
-                                                             monkeypatch, capsys):
+def test_a_worker_gives_up_after_too_many_failures_in_a_row(
+    space_dir, glue_dir, shared_store, tmp_path, monkeypatch, capsys
+):
     real_train = sweep_module.train
 
     def broken(cfg, callbacks=None, tags=None):
@@ -629,7 +780,8 @@ def test_a_worker_gives_up_after_too_many_failures_in_a_row(space_dir, glue_dir,
 def test_trials_get_the_baseline_checkpoint_when_the_space_asks(glue_dir, shared_store, tmp_path):
     (tmp_path / "transkimmer.yaml").write_text(
         "params:\n  method.skim_lambda: {distribution: float, low: 0.05, high: 2.0, log: true}\n"
-        "baseline_checkpoint: method.init_checkpoint\n")
+        "baseline_checkpoint: method.init_checkpoint\n"
+    )
     storage = str(tmp_path / "t.journal")
     args = sweep_args(shared_store, tmp_path, glue_dir, f"sweep.storage={storage}", "sweep.trials=1")
     assert main(["sweep", *[a.replace("method=none", "method=transkimmer") for a in args]]) == 0
@@ -671,10 +823,25 @@ def postgres_url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([*run_as, initdb, "-D", str(data / "db"), "-U", "postgres", "--auth=trust"], check=True,
-                   capture_output=True)
-    subprocess.run([*run_as, pg_ctl, "-D", str(data / "db"), "-w", "-l", str(data / "log"), "-o",
-                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*run_as, initdb, "-D", str(data / "db"), "-U", "postgres", "--auth=trust"], check=True, capture_output=True
+    )
+    subprocess.run(
+        [
+            *run_as,
+            pg_ctl,
+            "-D",
+            str(data / "db"),
+            "-w",
+            "-l",
+            str(data / "log"),
+            "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
     finally:

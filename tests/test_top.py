@@ -12,17 +12,26 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from transformers import BertConfig, BertModel
 
-from tokprune.core.backbone import load_tokenizer
-from tokprune.methods.checkpoint import FrozenReference, describe
-from tokprune.methods.protocol import TeacherOutputs
 from tokprune.config import compose
+from tokprune.core.backbone import load_tokenizer
 from tokprune.core.data import get_task
 from tokprune.core.encoder import PruneContext
 from tokprune.errors import UsageError
 from tokprune.methods import build_method
-from tokprune.methods.top import (LOG_ALPHA_RANGE, TEMPERATURE, Method, TopPruner, deterministic_mask,
-                                  log_alpha_for, logit_distillation, prob_nonzero, rank_distillation_loss,
-                                  sample_hard_concrete)
+from tokprune.methods.checkpoint import FrozenReference, describe
+from tokprune.methods.protocol import TeacherOutputs
+from tokprune.methods.top import (
+    LOG_ALPHA_RANGE,
+    TEMPERATURE,
+    Method,
+    TopPruner,
+    deterministic_mask,
+    log_alpha_for,
+    logit_distillation,
+    prob_nonzero,
+    rank_distillation_loss,
+    sample_hard_concrete,
+)
 
 from conftest import random_batch, tiny_bert
 
@@ -47,8 +56,11 @@ def set_log_alpha(param: torch.Tensor, values) -> None:
 
 def attach_teacher(module: Method, seed: int = 1) -> None:
     """An in-memory unpruned teacher of the same shape (no checkpoint file needed)."""
-    teacher = build_method(compose(["method=none", "model=tiny", f"task={module.task.name}"]),
-                           tiny_bert(seed=seed, layers=module.encoder.num_layers), module.task)
+    teacher = build_method(
+        compose(["method=none", "model=tiny", f"task={module.task.name}"]),
+        tiny_bert(seed=seed, layers=module.encoder.num_layers),
+        module.task,
+    )
     module.teacher = TeacherOutputs(FrozenReference(teacher, path=None))
 
 
@@ -175,8 +187,15 @@ def test_deterministic_keep_drops_the_zeroed_bins_of_a_pruning_layer():
 def minilm_sized_method(*overrides: str) -> Method:
     """Random weights with all-MiniLM-L6-v2's sizes: hidden 384, 12 heads (of 32), FFN 1536, 6 layers."""
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                        intermediate_size=1536, max_position_embeddings=64, attn_implementation="eager")
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     cfg = compose(["method=top", "model=tiny", "method.bins=4", *overrides])
     return build_method(cfg, BertModel(config), get_task("sst2"))
 
@@ -213,7 +232,9 @@ def test_expected_sparsity_is_the_shared_flops_model_at_the_references_expected_
     kept = (lengths[None, :] - 1) * torch.tensor(ratios)[:, None] + 1  # (n - 1) * ratio + 1, [CLS] always
     torch.testing.assert_close(module.expected_kept(out), kept)
     expected = module.expected_flops_ratio(out)
-    assert float(expected) == pytest.approx(float(module.flops_model().expected_ratio(kept.double(), lengths)), rel=1e-5)
+    assert float(expected) == pytest.approx(
+        float(module.flops_model().expected_ratio(kept.double(), lengths)), rel=1e-5
+    )
     # the reference's hand-written MACs with MiniLM's sizes agree to within fvcore's layer norms and biases
     assert 1 - float(expected) == pytest.approx(hand_sparsity(lengths.tolist(), ratios, 384, 12, 1536), abs=0.02)
 
@@ -315,7 +336,7 @@ def test_logit_distillation_is_kl_teacher_to_student_at_temperature_2():
     loss.backward()
     torch.testing.assert_close(student.grad, 2 * (p_s - p_t) / 2)  # T * (p_s - p_t) / batch
     moved = F.softmax((student.detach() - 0.5 * student.grad) / 2, -1)
-    assert ((moved - p_t).abs().sum() < (p_s - p_t).abs().sum())  # a descent step pulls the student to the teacher
+    assert (moved - p_t).abs().sum() < (p_s - p_t).abs().sum()  # a descent step pulls the student to the teacher
 
 
 def test_losses_replace_the_task_loss_and_log_nothing_outside_a_trainer():
@@ -422,8 +443,13 @@ def teacher_checkpoint(tmp_path_factory):
     cfg = compose(["method=none", "model=tiny"])
     teacher = build_method(cfg, tiny_bert(seed=3, layers=LAYERS), get_task("sst2"))
     path = tmp_path_factory.mktemp("teacher") / "best.ckpt"
-    torch.save({"state_dict": teacher.state_dict(),
-                "tokprune": describe(cfg, teacher.encoder.config, load_tokenizer(cfg.model), None)}, path)
+    torch.save(
+        {
+            "state_dict": teacher.state_dict(),
+            "tokprune": describe(cfg, teacher.encoder.config, load_tokenizer(cfg.model), None),
+        },
+        path,
+    )
     return path
 
 
@@ -431,8 +457,13 @@ def test_a_pruned_teacher_is_refused(tmp_path):
     cfg = compose(["method=top", "model=tiny"])
     pruned = build_method(cfg, tiny_bert(seed=3, layers=LAYERS), get_task("sst2"))
     path = tmp_path / "best.ckpt"
-    torch.save({"state_dict": pruned.state_dict(),
-                "tokprune": describe(cfg, pruned.encoder.config, load_tokenizer(cfg.model), None)}, path)
+    torch.save(
+        {
+            "state_dict": pruned.state_dict(),
+            "tokprune": describe(cfg, pruned.encoder.config, load_tokenizer(cfg.model), None),
+        },
+        path,
+    )
     with pytest.raises(UsageError, match="must be unpruned"):
         make(f"method.teacher_checkpoint={path}").prepare_fit()
 
@@ -449,8 +480,16 @@ def test_the_teacher_stays_frozen_and_the_student_starts_from_it(teacher_checkpo
     before = {k: v.clone() for k, v in module.state_dict().items()}
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     loader = DataLoader([labelled_batch(seed=i) for i in range(4)], batch_size=None)
-    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", gradient_clip_val=1.0)
+    trainer = L.Trainer(
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        gradient_clip_val=1.0,
+    )
     trainer.fit(module, train_dataloaders=loader)
     for name, value in teacher.state_dict().items():
         assert torch.equal(value, teacher_before[name]), name
@@ -478,10 +517,27 @@ def test_the_mission_command_sweeps_top_on_the_qqp_sample_end_to_end(glue_dir, t
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = subprocess.run(
-        [sys.executable, "-m", "tokprune", "sweep", "method=top", "task=qqp", "budget=smoke", "model=tiny",
-         "sweep.trials=2", f"mlflow.tracking_uri={uri}", f"train.checkpoint_dir={tmp_path / 'ckpt'}",
-         f"report.dir={tmp_path / 'reports'}", "report.speedup_examples=4"],
-        capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "GLUE_DIR": glue_dir})
+        [
+            sys.executable,
+            "-m",
+            "tokprune",
+            "sweep",
+            "method=top",
+            "task=qqp",
+            "budget=smoke",
+            "model=tiny",
+            "sweep.trials=2",
+            f"mlflow.tracking_uri={uri}",
+            f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+            f"report.dir={tmp_path / 'reports'}",
+            "report.speedup_examples=4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+        env={**os.environ, "GLUE_DIR": glue_dir},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "reports" / "qqp" / "report.html").is_file()
     client = MlflowClient(uri)

@@ -10,16 +10,27 @@ pytestmark = pytest.mark.slow
 
 
 def smoke(task: str, glue_dir: str, uri: str, tmp_path, *extra: str):
-    cfg = compose([f"task={task}", "budget=smoke", f"mlflow.tracking_uri={uri}",
-                   f"data.glue_dir={glue_dir}", f"train.checkpoint_dir={tmp_path / 'ckpt'}", *extra])
+    cfg = compose(
+        [
+            f"task={task}",
+            "budget=smoke",
+            f"mlflow.tracking_uri={uri}",
+            f"data.glue_dir={glue_dir}",
+            f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+            *extra,
+        ]
+    )
     return cfg, train(cfg)
 
 
-@pytest.mark.parametrize("task, metrics", [
-    ("sst2", {"accuracy"}),  # single sentence
-    ("mrpc", {"f1", "accuracy"}),  # pairs
-    ("stsb", {"pearson", "spearman"}),  # regression
-])
+@pytest.mark.parametrize(
+    "task, metrics",
+    [
+        ("sst2", {"accuracy"}),  # single sentence
+        ("mrpc", {"f1", "accuracy"}),  # pairs
+        ("stsb", {"pearson", "spearman"}),  # regression
+    ],
+)
 def test_smoke_run_logs_params_and_metrics_to_mlflow(task, metrics, glue_dir, mlflow_uri, tmp_path):
     cfg, result = smoke(task, glue_dir, mlflow_uri, tmp_path)
     assert result.steps == 4 and result.train_rows == 64

@@ -8,15 +8,15 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from tokprune.core.backbone import load_tokenizer
-from tokprune.methods.checkpoint import FrozenReference, describe
-from tokprune.methods.protocol import TeacherOutputs
 from tokprune.config import compose
+from tokprune.core.backbone import load_tokenizer
 from tokprune.core.data import get_task
 from tokprune.core.encoder import EncoderOutput
 from tokprune.errors import UsageError
 from tokprune.methods import build_method
+from tokprune.methods.checkpoint import FrozenReference, describe
 from tokprune.methods.distill import logit_distillation
+from tokprune.methods.protocol import TeacherOutputs
 from tokprune.methods.transkimmer import DEFAULTS, KEEP, SKIM, Method, gumbel_noise, straight_through
 
 from conftest import kept_after_steps, random_batch, tiny_bert
@@ -58,10 +58,21 @@ def test_the_method_builds_from_the_config():
     assert make_method("method.train_attention=reference").soft_rule == "post_softmax"
     assert len(module.pruner.predictors) == LAYERS - 1  # none before layer 0
     defaults = compose(["method=transkimmer"]).method
-    assert (defaults.skim_lambda, defaults.tau, defaults.first_skim_layer, defaults.init_checkpoint) == (0.5, 1.0, 0, None)
+    assert (defaults.skim_lambda, defaults.tau, defaults.first_skim_layer, defaults.init_checkpoint) == (
+        0.5,
+        1.0,
+        0,
+        None,
+    )
     # the new options are off (or as before) by default
-    assert (defaults.skim_target, defaults.skim_warmup, defaults.skim_layer_weights, defaults.skim_loss_on,
-            defaults.skim_norm, defaults.teacher_checkpoint) == (None, 0.0, None, "cumulative", "real", None)
+    assert (
+        defaults.skim_target,
+        defaults.skim_warmup,
+        defaults.skim_layer_weights,
+        defaults.skim_loss_on,
+        defaults.skim_norm,
+        defaults.teacher_checkpoint,
+    ) == (None, 0.0, None, "cumulative", "real", None)
     assert not hasattr(module, "multipliers") and module.layer_weights == [1 / LAYERS] * LAYERS
     assert {key: defaults[key] for key in DEFAULTS} == DEFAULTS  # what older checkpoints' configs read as
     for predictor in module.pruner.predictors:
@@ -167,7 +178,10 @@ def test_skim_loss_divides_by_the_real_length_not_the_padded_one():
     keep_l1 = torch.tensor([[1.0, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]])
     out = EncoderOutput(torch.zeros(2, 8, 4), [keep_l0, keep_l1], [None, None], padding)
     # layer 0 keeps 4/4 and 8/8, layer 1 keeps 2/4 and 4/8: mean kept fraction (1 + 0.5) / 2
-    torch.testing.assert_close(module.losses(torch.zeros(2, 2), out, {"labels": torch.zeros(2, dtype=torch.long)})["skim_loss"], torch.tensor(2.0 * 0.75))
+    torch.testing.assert_close(
+        module.losses(torch.zeros(2, 2), out, {"labels": torch.zeros(2, dtype=torch.long)})["skim_loss"],
+        torch.tensor(2.0 * 0.75),
+    )
 
 
 def kept_after_training(skim_lambda: float, seed: int, steps: int = 40) -> float:
@@ -189,9 +203,16 @@ def baseline_checkpoint(tmp_path) -> tuple[str, dict]:
     cfg = compose(["method=none", "model=tiny", "train.max_steps=1"])
     baseline = build_method(cfg, tiny_bert(seed=7), get_task("sst2"))
     batches = DataLoader([labelled_batch()], batch_size=None)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
     trainer.fit(baseline, train_dataloaders=batches)
     path = tmp_path / "baseline.ckpt"
     trainer.save_checkpoint(path, weights_only=True)
@@ -306,8 +327,9 @@ def test_skim_layer_weights_are_normalised_and_checked():
     module = make_method("method.skim_lambda=2.0", "method.skim_layer_weights=[1,3]", layers=2)
     assert module.layer_weights == [0.25, 0.75]
     # per layer (real length): 1.0 and 0.5
-    torch.testing.assert_close(module.losses(torch.zeros(2, 2), out, labels)["skim_loss"],
-                               torch.tensor(2.0 * (0.25 * 1.0 + 0.75 * 0.5)))
+    torch.testing.assert_close(
+        module.losses(torch.zeros(2, 2), out, labels)["skim_loss"], torch.tensor(2.0 * (0.25 * 1.0 + 0.75 * 0.5))
+    )
     with pytest.raises(UsageError, match="skim_layer_weights must be 3"):
         make_method("method.skim_layer_weights=[1,1]")
     with pytest.raises(UsageError, match="skim_layer_weights"):
@@ -321,8 +343,13 @@ def at_progress(monkeypatch, progress: float) -> None:
 def test_skim_warmup_ramps_the_weight_from_zero_and_the_target_from_one(monkeypatch):
     out, labels = hand_output()
     linear = make_method("method.skim_lambda=2.0", "method.skim_warmup=0.5", layers=2)
-    target = make_method("method.skim_target=0.4", "method.skim_warmup=0.5", "method.skim_target_mode=quadratic",
-                         "method.skim_lambda=2.0", layers=2)
+    target = make_method(
+        "method.skim_target=0.4",
+        "method.skim_warmup=0.5",
+        "method.skim_target_mode=quadratic",
+        "method.skim_lambda=2.0",
+        layers=2,
+    )
     kept = 0.75  # the hand output's kept fraction
     for progress, ramp in [(0.0, 0.0), (0.25, 0.5), (0.5, 1.0), (1.0, 1.0)]:
         at_progress(monkeypatch, progress)
@@ -330,7 +357,8 @@ def test_skim_warmup_ramps_the_weight_from_zero_and_the_target_from_one(monkeypa
         assert float(skim) == pytest.approx(2.0 * ramp * kept)  # exactly 0 at the first step
         assert target.target() == pytest.approx(1 - ramp * 0.6)
         assert float(target.losses(torch.zeros(2, 2), out, labels)["skim_loss"]) == pytest.approx(
-            2.0 * (kept - (1 - ramp * 0.6)) ** 2)
+            2.0 * (kept - (1 - ramp * 0.6)) ** 2
+        )
     at_progress(monkeypatch, 0.3)
     assert make_method("method.skim_lambda=2.0", layers=2).ramp() == 1.0  # no warm-up: full weight from step 0
 
@@ -347,8 +375,10 @@ def skim_gradients(*overrides: str) -> tuple[list[float], list[Tensor], list[Ten
     logits, out = module(batch)
     masks = [m.detach() for m in module.layer_masks(out)] if "method.skim_loss_on=own" in overrides else None
     module.losses(logits, out, batch)["skim_loss"].backward()
-    grads = [sum(float(p.grad.abs().sum()) for p in predictor.parameters() if p.grad is not None)
-             for predictor in module.pruner.predictors]
+    grads = [
+        sum(float(p.grad.abs().sum()) for p in predictor.parameters() if p.grad is not None)
+        for predictor in module.pruner.predictors
+    ]
     return grads, masks, [k.detach() for k in out.keep]
 
 
@@ -400,8 +430,14 @@ def test_the_sampler_is_torchs_gumbel_softmax():
 def train_predictors_to_target(mode: str, target: float, steps: int = 200, seed: int = 0) -> list[float]:
     """Only the predictors (and multipliers) learn, on one batch, from the skim term alone, with the
     target ramping over half the steps; returns the training kept fraction of every step."""
-    module = make_method(f"method.skim_target={target}", f"method.skim_target_mode={mode}", "method.skim_lambda=1.0",
-                         "method.target_lr=0.02", "method.skim_warmup=0.5", seed=seed)
+    module = make_method(
+        f"method.skim_target={target}",
+        f"method.skim_target_mode={mode}",
+        "method.skim_lambda=1.0",
+        "method.target_lr=0.02",
+        "method.skim_warmup=0.5",
+        seed=seed,
+    )
     batch = labelled_batch(seed=seed, batch=8, length=16)
     groups = [{"params": list(module.pruner.parameters()), "lr": 3e-3}]
     groups += [g for g in module.own_parameter_groups() if g.get("constant_lr")]  # the multipliers, if any
@@ -454,15 +490,19 @@ def test_lagrangian_multipliers_ascend_with_their_own_constant_lr():
 
 
 def attach_teacher(module: Method, seed: int = 5) -> None:
-    teacher = build_method(compose(["method=none", "model=tiny", f"task={module.task.name}"]),
-                           tiny_bert(seed=seed, layers=module.encoder.num_layers), module.task)
+    teacher = build_method(
+        compose(["method=none", "model=tiny", f"task={module.task.name}"]),
+        tiny_bert(seed=seed, layers=module.encoder.num_layers),
+        module.task,
+    )
     module.teacher = TeacherOutputs(FrozenReference(teacher, path=None))
 
 
 @pytest.mark.parametrize("weight", [0.3, 1.0])
 def test_distillation_replaces_that_share_of_the_task_loss_and_the_teacher_stays_frozen(weight):
-    module = make_method("method.teacher_checkpoint=in-memory", f"method.distill_weight={weight}",
-                         "method.temperature=2.0").train()
+    module = make_method(
+        "method.teacher_checkpoint=in-memory", f"method.distill_weight={weight}", "method.temperature=2.0"
+    ).train()
     attach_teacher(module)
     teacher = module.teacher.teacher.module
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -492,8 +532,16 @@ def test_without_a_teacher_checkpoint_there_is_no_distillation():
 
 
 def test_regression_distils_the_teachers_prediction():
-    cfg = compose(["method=transkimmer", "model=tiny", "task=stsb", "protocol=paper", "method.teacher_checkpoint=x",
-                   "method.distill_weight=0.5"])
+    cfg = compose(
+        [
+            "method=transkimmer",
+            "model=tiny",
+            "task=stsb",
+            "protocol=paper",
+            "method.teacher_checkpoint=x",
+            "method.distill_weight=0.5",
+        ]
+    )
     module = build_method(cfg, tiny_bert(), get_task("stsb"))
     attach_teacher(module)
     batch = labelled_batch()
@@ -510,8 +558,13 @@ def tokprune_checkpoint(tmp_path, method: str = "none", seed: int = 3) -> str:
     cfg = compose([f"method={method}", "model=tiny"])
     model = build_method(cfg, tiny_bert(seed=seed, layers=LAYERS), get_task("sst2"))
     path = tmp_path / f"{method}.ckpt"
-    torch.save({"state_dict": model.state_dict(),
-                "tokprune": describe(cfg, model.encoder.config, load_tokenizer(cfg.model), None)}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "tokprune": describe(cfg, model.encoder.config, load_tokenizer(cfg.model), None),
+        },
+        path,
+    )
     return str(path)
 
 
@@ -519,10 +572,18 @@ def test_a_fit_with_every_option_loads_a_frozen_teacher_and_moves_the_multiplier
     with pytest.raises(UsageError, match="must be unpruned"):
         make_method(f"method.teacher_checkpoint={tokprune_checkpoint(tmp_path, 'transkimmer')}").prepare_fit()
     path = tokprune_checkpoint(tmp_path)
-    module = make_method(f"method.teacher_checkpoint={path}", f"method.init_checkpoint={path}",
-                         "method.skim_target=0.5", "method.skim_warmup=0.5", "method.skim_loss_on=own",
-                         "method.skim_layer_weights=[0,1,1]", "method.skim_norm=padded", "method.predictor_lr=1e-3",
-                         "method.target_lr=0.05", "train.lr=1e-3")
+    module = make_method(
+        f"method.teacher_checkpoint={path}",
+        f"method.init_checkpoint={path}",
+        "method.skim_target=0.5",
+        "method.skim_warmup=0.5",
+        "method.skim_loss_on=own",
+        "method.skim_layer_weights=[0,1,1]",
+        "method.skim_norm=padded",
+        "method.predictor_lr=1e-3",
+        "method.target_lr=0.05",
+        "train.lr=1e-3",
+    )
     module.prepare_fit()
     teacher = module.teacher.teacher.module
     for name, value in teacher.state_dict().items():  # init_checkpoint: the same file, so the same weights
@@ -530,8 +591,16 @@ def test_a_fit_with_every_option_loads_a_frozen_teacher_and_moves_the_multiplier
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     before = {k: v.clone() for k, v in module.state_dict().items()}
     loader = DataLoader([labelled_batch(seed=i) for i in range(4)], batch_size=None)
-    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", gradient_clip_val=1.0)
+    trainer = L.Trainer(
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        gradient_clip_val=1.0,
+    )
     trainer.fit(module, train_dataloaders=loader)
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
     after = module.state_dict()
@@ -539,17 +608,20 @@ def test_a_fit_with_every_option_loads_a_frozen_teacher_and_moves_the_multiplier
     assert not torch.equal(after["pruner.predictors.2.net.4.bias"], before["pruner.predictors.2.net.4.bias"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("method.skim_target=0", "method.skim_target: 0"),
-    ("method.skim_target=1.5", "method.skim_target: 1.5"),
-    ("method.skim_target_mode=pid", "method.skim_target_mode: 'pid'"),
-    ("method.skim_loss_on=layer", "method.skim_loss_on: 'layer'"),
-    ("method.skim_norm=max", "method.skim_norm: 'max'"),
-    ("method.train_decisions=noisy", "method.train_decisions: 'noisy'"),
-    ("method.skim_warmup=2", "method.skim_warmup: 2"),
-    ("method.distill_weight=1.5", "method.distill_weight: 1.5"),
-    ("method.target_lr=0", "method.target_lr: 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.skim_target=0", "method.skim_target: 0"),
+        ("method.skim_target=1.5", "method.skim_target: 1.5"),
+        ("method.skim_target_mode=pid", "method.skim_target_mode: 'pid'"),
+        ("method.skim_loss_on=layer", "method.skim_loss_on: 'layer'"),
+        ("method.skim_norm=max", "method.skim_norm: 'max'"),
+        ("method.train_decisions=noisy", "method.train_decisions: 'noisy'"),
+        ("method.skim_warmup=2", "method.skim_warmup: 2"),
+        ("method.distill_weight=1.5", "method.distill_weight: 1.5"),
+        ("method.target_lr=0", "method.target_lr: 0"),
+    ],
+)
 def test_bad_option_values_are_refused_when_the_config_is_composed(override, message):
     with pytest.raises(UsageError, match=f"bad value for {message}"):
         compose(["method=transkimmer", "model=tiny", override])

@@ -22,26 +22,36 @@ from tokprune.errors import Stopped, UsageError
 
 COMMANDS = {
     "train": "fine-tune one method on one task and log it to MLflow",
-    "bench": "measure callback overhead, hard-mode CPU speedup and torch vs ONNX Runtime latency; writes reports/bench/",
+    "bench": "measure callback overhead, hard-mode CPU speedup, training steps and torch vs ONNX Runtime latency; "
+    "writes reports/bench/",
     "sweep": "trace the accuracy-vs-FLOPs Pareto front of a method with Optuna, logged to MLflow",
     "repeat": "train a finished sweep trial's settings again with more seeds (its mean and spread in the report)",
     "report": "Pareto plots and a comparison table of a task's sweeps: reports/<task>/ and MLflow",
-    "eval": "dev metrics, FLOPs, kept tokens per layer and CPU latency of a trained checkpoint (hard mode, or eval.computation=soft|training)",
+    "eval": "dev metrics, FLOPs, kept tokens per layer and CPU latency of a trained checkpoint "
+    "(hard mode, or eval.computation=soft|training)",
     "predict": "label the sentences or pairs of a file with a trained checkpoint (hard mode)",
     "export": "export a trained checkpoint to ONNX with its pruning decisions and real token removal in the graph",
 }
 #: Commands with name=value arguments of their own (not config keys), and what they take.
 ARGUMENTS_HELP = {
     "eval": "checkpoint=PATH [engine=torch|onnx], then data.glue_dir= data.eval_subset= data.num_workers= "
-            "train.eval_batch_size= mlflow.tracking_uri= eval.latency_examples= eval.computation=hard|soft|training",
+    "train.eval_batch_size= mlflow.tracking_uri= eval.latency_examples= eval.computation=hard|soft|training",
     "predict": "checkpoint=PATH input=FILE output=FILE [batch_size=N] [engine=torch|onnx]",
     "export": "checkpoint=PATH [output=FILE.onnx] (default: <checkpoint>.onnx, which engine=onnx reuses)",
     "repeat": "trial=N seeds=K, then the sweep's own arguments (method= task= budget= protocol= ...)",
     "bench": "[only=speedup,layers,callback,engines,steps] (the other sections are kept from bench.json), then "
-             "group choices (model= seed=) and dotted keys (data.glue_dir=)",
+    "group choices (model= seed=) and dotted keys (data.glue_dir=)",
 }
-PLACEHOLDERS = {"checkpoint": "PATH", "input": "FILE", "output": "FILE", "batch_size": "N", "engine": "torch|onnx",
-                "only": "SECTIONS", "trial": "N", "seeds": "K"}
+PLACEHOLDERS = {
+    "checkpoint": "PATH",
+    "input": "FILE",
+    "output": "FILE",
+    "batch_size": "N",
+    "engine": "torch|onnx",
+    "only": "SECTIONS",
+    "trial": "N",
+    "seeds": "K",
+}
 ERROR_LOG = "tokprune-error.log"
 
 
@@ -54,8 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, text in COMMANDS.items():
         cmd = sub.add_parser(name, help=text, description=text)
-        cmd.add_argument("overrides", nargs="*", metavar="key=value", help=ARGUMENTS_HELP.get(
-            name, "group choices (method= task= model= budget=) and dotted keys (train.lr=3e-5)"))
+        cmd.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help=ARGUMENTS_HELP.get(
+                name, "group choices (method= task= model= budget=) and dotted keys (train.lr=3e-5)"
+            ),
+        )
     return parser
 
 
@@ -93,8 +109,8 @@ def cmd_bench(words: list[str]) -> int:
     from pathlib import Path
 
     found, overrides = _arguments("bench", words, (), ("only",))
-    from tokprune.reporting.bench import run_bench, summary
     from tokprune.config import compose
+    from tokprune.reporting.bench import run_bench, summary
 
     cfg = compose(overrides)
     out_dir = Path("reports") / "bench"
@@ -169,8 +185,11 @@ def cmd_predict(words: list[str]) -> int:
         raise UsageError(f"bad value for batch_size: '{batch_size}' (expected an integer >= 1)")
     from tokprune.serving.predict import run_predict
 
-    print(run_predict(found["checkpoint"], found["input"], found["output"], int(batch_size),
-                      engine=found.get("engine", "torch")))
+    print(
+        run_predict(
+            found["checkpoint"], found["input"], found["output"], int(batch_size), engine=found.get("engine", "torch")
+        )
+    )
     return 0
 
 
@@ -186,8 +205,10 @@ def cmd_export(words: list[str]) -> int:
 
 def _save_traceback(argv: list[str]) -> Path | None:
     """Append the exception being handled to the error log; where it went, or None."""
-    text = (f"--- {datetime.now().isoformat(timespec='seconds')} pid {os.getpid()}: tokprune {' '.join(argv)}\n"
-            f"{traceback.format_exc()}")
+    text = (
+        f"--- {datetime.now().isoformat(timespec='seconds')} pid {os.getpid()}: tokprune {' '.join(argv)}\n"
+        f"{traceback.format_exc()}"
+    )
     for folder in (Path.cwd(), Path(tempfile.gettempdir())):
         try:
             with (folder / ERROR_LOG).open("a", encoding="utf-8") as log:
@@ -218,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as stop:
         for s in STOP_SIGNALS:  # a second signal must not interrupt the message
             signal.signal(s, signal.SIG_IGN)
-        print(f"tokprune: stopped by {stop}: exit code {stop.exit_code} (an open MLflow run was marked FAILED)",
-              file=sys.stderr)
+        print(
+            f"tokprune: stopped by {stop}: exit code {stop.exit_code} (an open MLflow run was marked FAILED)",
+            file=sys.stderr,
+        )
         return stop.exit_code
     except UsageError as exc:
         print(f"tokprune: error: {exc}", file=sys.stderr)

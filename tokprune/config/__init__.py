@@ -9,8 +9,8 @@ file, so a typo is an error rather than a silently ignored setting.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -93,8 +93,16 @@ def _check_override(base: DictConfig, key: str, raw: str):
 
 
 # Keys that change where things go or how they are shown, never a run's numbers.
-NEUTRAL = ("mlflow.", "report.", "data.glue_dir", "data.hub_dataset", "data.num_workers", "train.checkpoint_dir",
-           "train.progress_bar", "train.log_every_n_steps")
+NEUTRAL = (
+    "mlflow.",
+    "report.",
+    "data.glue_dir",
+    "data.hub_dataset",
+    "data.num_workers",
+    "train.checkpoint_dir",
+    "train.progress_bar",
+    "train.log_every_n_steps",
+)
 
 
 def override(key: str, value) -> str:

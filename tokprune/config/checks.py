@@ -10,8 +10,8 @@ fails when a config key has no rule.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -99,8 +99,21 @@ FLOAT = "float"
 STR = Rule("str")
 PATH = Rule("str", empty=True)
 FRACTION_OR_COUNT = (Rule(FLOAT, low=0, high=1, low_open=True), Rule(INT, low=1))  # Lightning: share or batches
-PRECISIONS = ("32-true", "32", 32, "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true", "64", 64,
-              "16", 16, "bf16")
+PRECISIONS = (
+    "32-true",
+    "32",
+    32,
+    "16-mixed",
+    "bf16-mixed",
+    "bf16-true",
+    "16-true",
+    "64-true",
+    "64",
+    64,
+    "16",
+    16,
+    "bf16",
+)
 
 # Shared keys, dotted. A tuple of rules: the value must pass one of them.
 RULES: dict[str, Rule | tuple[Rule, ...]] = {
@@ -111,8 +124,10 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "model.name": STR,
     "model.package": Rule("str", nullable=True),
     "model.name_or_path": STR,
-    **{f"model.random_init.{k}": Rule(INT, low=1)
-       for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")},
+    **{
+        f"model.random_init.{k}": Rule(INT, low=1)
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    },
     "budget.name": STR,
     "protocol.name": STR,
     "protocol.baseline_checkpoint": Rule("str", nullable=True),  # existence and fit: checked when it loads
@@ -173,16 +188,25 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "report.metric_tolerance": Rule("float", low=0.0, high=1.0),
 }
 
+
 # A method's own keys, relative to `method.`; applied only when `method.name` is that method.
 def _layer_list(value) -> str | None:
-    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
         return None
     return "expected a non-empty list of 0-based layer indices, e.g. [2,3,4,5]"
 
 
 def _weight_list(value) -> str | None:
-    if (isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                  and math.isfinite(v) and v >= 0 for v in value) and sum(value) > 0):
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in value)
+        and sum(value) > 0
+    ):
         return None
     return "expected a non-empty list of non-negative numbers, not all 0, one per layer, e.g. [0,0,1,1,1,1]"
 
@@ -195,7 +219,7 @@ METHOD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "first_skim_layer": Rule(INT, low=0),
         "keep_bias": Rule(FLOAT),
         "init_checkpoint": Rule("str", nullable=True),  # existence: checked when it loads (sweeps plan with a
-                                                       # placeholder path, and their baseline's does not exist yet)
+        # placeholder path, and their baseline's does not exist yet)
         "predictor_lr": Rule(FLOAT, nullable=True, low=0, low_open=True),
         "train_attention": Rule("str", choices=("reference", "renormalised")),
         "skim_norm": Rule("str", choices=("real", "padded")),
@@ -252,7 +276,7 @@ METHOD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
 def rule_for(key: str, method: str | None) -> Rule | tuple[Rule, ...] | None:
     """The rule of a dotted key, or None when it has none."""
     if key.startswith("method.") and key != "method.name":
-        return METHOD_RULES.get(method, {}).get(key[len("method."):])
+        return METHOD_RULES.get(method, {}).get(key[len("method.") :])
     return RULES.get(key)
 
 
@@ -267,8 +291,7 @@ def _coerce(rules: tuple[Rule, ...], value):
             return float(value)
         except ValueError:
             return value
-    if (isinstance(value, float) and value.is_integer() and INT in kinds
-            and not any(r.accepts(value) for r in rules)):
+    if isinstance(value, float) and value.is_integer() and INT in kinds and not any(r.accepts(value) for r in rules):
         return int(value)
     return value
 

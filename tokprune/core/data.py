@@ -66,21 +66,42 @@ TASKS: dict[str, GlueTask] = {
         GlueTask("sst2", "SST-2", ("sentence",), "label", ("0", "1"), ("sentence",), ("accuracy",)),
         GlueTask("cola", "CoLA", (3,), 1, ("0", "1"), ("sentence",), ("mcc",), header=False),
         GlueTask(
-            "mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"),
-            ("sentence1", "sentence2"), ("f1", "accuracy"),
+            "mrpc",
+            "MRPC",
+            ("#1 String", "#2 String"),
+            "Quality",
+            ("0", "1"),
+            ("sentence1", "sentence2"),
+            ("f1", "accuracy"),
         ),
         GlueTask(
-            "qqp", "QQP", ("question1", "question2"), "is_duplicate", ("0", "1"),
-            ("question1", "question2"), ("accuracy", "f1"),
+            "qqp",
+            "QQP",
+            ("question1", "question2"),
+            "is_duplicate",
+            ("0", "1"),
+            ("question1", "question2"),
+            ("accuracy", "f1"),
         ),
         GlueTask(
-            "stsb", "STS-B", ("sentence1", "sentence2"), "score", None,
-            ("sentence1", "sentence2"), ("pearson", "spearman"),
+            "stsb",
+            "STS-B",
+            ("sentence1", "sentence2"),
+            "score",
+            None,
+            ("sentence1", "sentence2"),
+            ("pearson", "spearman"),
         ),
         GlueTask(
-            "mnli", "MNLI", ("sentence1", "sentence2"), "gold_label",
-            ("entailment", "neutral", "contradiction"), ("premise", "hypothesis"), ("accuracy",),
-            dev_file="dev_matched.tsv", hub_eval_split="validation_matched",
+            "mnli",
+            "MNLI",
+            ("sentence1", "sentence2"),
+            "gold_label",
+            ("entailment", "neutral", "contradiction"),
+            ("premise", "hypothesis"),
+            ("accuracy",),
+            dev_file="dev_matched.tsv",
+            hub_eval_split="validation_matched",
         ),
         GlueTask("qnli", "QNLI", ("question", "sentence"), "label", _NLI2, ("question", "sentence"), ("accuracy",)),
         GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", _NLI2, ("sentence1", "sentence2"), ("accuracy",)),
@@ -122,8 +143,10 @@ def read_text_lines(path: Path) -> list[str]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise UsageError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                         "expected a UTF-8 text file") from None
+        raise UsageError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "expected a UTF-8 text file"
+        ) from None
     return text.split("\n")
 
 
@@ -199,22 +222,26 @@ def find_task_dir(glue_dir: str, task: GlueTask, splits: tuple[str, ...] = SPLIT
     if partial is not None:  # the task's folder is there, some of its files are not: say which
         missing = [f for f in files if not (partial / f).is_file()]
         present = sorted(p.name for p in partial.glob("*.tsv"))
-        raise UsageError(f"task {task.name}: {partial} has no {' and no '.join(missing)} (it has "
-                         f"{', '.join(present) or 'no .tsv file'}; data.glue_dir / GLUE_DIR)")
+        raise UsageError(
+            f"task {task.name}: {partial} has no {' and no '.join(missing)} (it has "
+            f"{', '.join(present) or 'no .tsv file'}; data.glue_dir / GLUE_DIR)"
+        )
     raise UsageError(
         f"task {task.name}: no {task.folder}/{' and '.join(files)} under {', '.join(map(str, dirs))} "
         "(data.glue_dir / GLUE_DIR)"
     )
 
 
-def load_splits(task: GlueTask, glue_dir: str, hub_dataset: str,
-                splits: tuple[str, ...] = SPLITS) -> dict[str, datasets.Dataset]:
+def load_splits(
+    task: GlueTask, glue_dir: str, hub_dataset: str, splits: tuple[str, ...] = SPLITS
+) -> dict[str, datasets.Dataset]:
     """The ``splits`` (train, dev) as ``datasets.Dataset`` with text_a[, text_b], label; only those
     are read, so evaluating needs no train file."""
     if glue_dir:
         folder = find_task_dir(glue_dir, task, splits)
-        return {split: datasets.Dataset.from_dict(read_glue_tsv(folder / split_file(task, split), task))
-                for split in splits}
+        return {
+            split: datasets.Dataset.from_dict(read_glue_tsv(folder / split_file(task, split), task)) for split in splits
+        }
     try:
         hub = datasets.load_dataset(hub_dataset, task.name)
     except Exception as exc:  # offline, unknown repo, ...: say what to do instead
@@ -310,4 +337,3 @@ class GlueDataModule(L.LightningDataModule):
 
     def size(self, split: str) -> int:
         return len(self.splits[split])
-

@@ -56,7 +56,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import BertModel
 
-
 #: How soft (training) mode applies a mask value m in [0, 1] to attention keys.
 SOFT_RULES = {
     "renormalised": "probabilities x mask, renormalised over keys: equals hard removal for binary masks",
@@ -88,8 +87,15 @@ class PruneContext:
     ``live_hidden()``, which need no full-size tensor.
     """
 
-    def __init__(self, layer: int, hidden: Tensor | None, keep: Tensor, attn_probs: Tensor | None,
-                 padding: Tensor, packed: "PackedTokens | None" = None):
+    def __init__(
+        self,
+        layer: int,
+        hidden: Tensor | None,
+        keep: Tensor,
+        attn_probs: Tensor | None,
+        padding: Tensor,
+        packed: PackedTokens | None = None,
+    ):
         self.layer = layer
         self.keep = keep  # B x N cumulative mask so far (padding mask before layer 0)
         self.padding = padding  # B x N, 1 = real token
@@ -230,7 +236,6 @@ class EncoderOutput:
         return (self.kept_counts() / self.lengths.clamp(min=1)).mean(1)
 
 
-
 def received_attention(attn_probs: Tensor, keep: Tensor) -> Tensor:
     """Importance of each token: attention it receives, averaged over heads and kept queries.
 
@@ -254,19 +259,27 @@ class PackedTokens:
     can be scattered back on demand, and only then.
     """
 
-    def __init__(self, hidden: Tensor, positions: Tensor, valid: Tensor, length: int, base: Tensor,
-                 history: list[tuple[Tensor, Tensor]], probs: Tensor | None = None):
+    def __init__(
+        self,
+        hidden: Tensor,
+        positions: Tensor,
+        valid: Tensor,
+        length: int,
+        base: Tensor,
+        history: list[tuple[Tensor, Tensor]],
+        probs: Tensor | None = None,
+    ):
         self.hidden, self.positions, self.valid, self.length = hidden, positions, valid, length
         self.base, self.history, self.probs = base, history, probs
 
     @classmethod
-    def start(cls, hidden: Tensor, real: Tensor) -> "PackedTokens":
+    def start(cls, hidden: Tensor, real: Tensor) -> PackedTokens:
         """Every token of ``hidden`` (B x N x d) in place; ``real`` (B x N bool) marks the valid ones."""
         length = hidden.shape[1]
         positions = torch.arange(length, device=hidden.device).expand_as(real).masked_fill(~real, length)
         return cls(hidden, positions, real, length, base=hidden, history=[])
 
-    def select(self, keep: Tensor) -> "PackedTokens":
+    def select(self, keep: Tensor) -> PackedTokens:
         """Keep the tokens where ``keep`` (B x N, full coordinates, a subset of the live ones) is
         > 0, packed to the largest count. The count stays a tensor (traceable for ONNX)."""
         wide = torch.cat([keep, keep.new_zeros(keep.shape[0], 1)], dim=1)
@@ -283,7 +296,7 @@ class PackedTokens:
         history = self.history if self.hidden is self.base else [*self.history, (self.positions, self.hidden)]
         return PackedTokens(hidden, positions, valid, self.length, self.base, history)
 
-    def ran(self, hidden: Tensor, probs: Tensor | None) -> "PackedTokens":
+    def ran(self, hidden: Tensor, probs: Tensor | None) -> PackedTokens:
         """The same tokens after a layer."""
         return PackedTokens(hidden, self.positions, self.valid, self.length, self.base, self.history, probs)
 
@@ -387,8 +400,9 @@ class PrunableEncoder(nn.Module):
         history = (keep > 0).to(keep.dtype) if pruner.binary_history else keep
         return torch.cat([padding[:, :1], (proposed * history)[:, 1:]], dim=1)
 
-    def _hard_forward(self, hidden: Tensor, padding: Tensor, pruner: Pruner, output_attentions: bool,
-                      output: str) -> EncoderOutput:
+    def _hard_forward(
+        self, hidden: Tensor, padding: Tensor, pruner: Pruner, output_attentions: bool, output: str
+    ) -> EncoderOutput:
         """Hard mode on packed tokens: repack only before layers whose pruner decides, scatter
         nothing back unless asked. Traceable: see the module docstring."""
         keep = padding
@@ -431,8 +445,15 @@ class PrunableEncoder(nn.Module):
         return weighted / weighted.sum(-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny)
 
     @classmethod
-    def run_layer(cls, layer: nn.Module, hidden: Tensor, key_bias: Tensor, key_weight: Tensor | None = None,
-                  renormalise: bool = True, fused: bool = False):
+    def run_layer(
+        cls,
+        layer: nn.Module,
+        hidden: Tensor,
+        key_bias: Tensor,
+        key_weight: Tensor | None = None,
+        renormalise: bool = True,
+        fused: bool = False,
+    ):
         """One BERT layer from its own modules, returning the attention probabilities too.
 
         ``key_weight`` (B x N, optional) scales each key's attention probability, then
@@ -450,8 +471,12 @@ class PrunableEncoder(nn.Module):
             if key_weight is not None:
                 raise ValueError("fused attention takes no key_weight")
             dropout = attn.dropout.p if attn.training else 0.0
-            context, probs = F.scaled_dot_product_attention(query, key, value, attn_mask=key_bias, dropout_p=dropout,
-                                                            scale=attn.scaling), None
+            context, probs = (
+                F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=key_bias, dropout_p=dropout, scale=attn.scaling
+                ),
+                None,
+            )
         else:
             scores = torch.matmul(query, key.transpose(2, 3)) * attn.scaling + key_bias
             if key_weight is None:
@@ -472,8 +497,9 @@ class PrunableEncoder(nn.Module):
         gradient, or the post-softmax rule, keeps the eager path (its gradient at m = 0 is finite).
         Under a trace (fvcore) it stays eager, as in hard mode."""
         if fused and not keep.requires_grad and soft_rule == "renormalised" and not torch.jit.is_tracing():
-            weight = torch.where(keep > 0, keep.clamp(min=torch.finfo(keep.dtype).tiny).log(),
-                                 torch.finfo(hidden.dtype).min)
+            weight = torch.where(
+                keep > 0, keep.clamp(min=torch.finfo(keep.dtype).tiny).log(), torch.finfo(hidden.dtype).min
+            )
             out, probs = self.run_layer(layer, hidden, weight[:, None, None, :].to(hidden.dtype), fused=True)
             k = keep.unsqueeze(-1)
             return k * out + (1 - k) * hidden, probs

@@ -34,12 +34,12 @@ from torch.nn import functional as F
 from transformers import BertModel
 from transformers.models.bert.modeling_bert import BertPooler
 
-from tokprune.methods.checkpoint import load_weights
 from tokprune.core.data import GlueTask, build_metrics, metric_inputs
 from tokprune.core.encoder import EncoderOutput, KeepAll, PrunableEncoder, Pruner
-from tokprune.errors import UsageError
 from tokprune.core.flops import FlopsCounter
+from tokprune.errors import UsageError
 from tokprune.methods import constraints
+from tokprune.methods.checkpoint import load_weights
 from tokprune.methods.distill import load_teacher, prediction_distillation
 from tokprune.methods.protocol import FlopsTarget, TeacherBatch, TeacherOutputs, is_shared
 from tokprune.methods.selection import Selected, Validation, select
@@ -157,16 +157,21 @@ class PruningModule(L.LightningModule):
         if self.init_key:
             path = OmegaConf.select(self.cfg, self.init_key)
             if not path and self.shared:
-                raise UsageError(f"protocol=shared starts method={self.cfg.method.name} from the fine-tuned baseline: "
-                                 f"set {BASELINE_KEY}=<best.ckpt of a method=none run> of the same task and model "
-                                 "(train and sweep fill it with the baseline run's, found in the MLflow store or trained once)")
+                raise UsageError(
+                    f"protocol=shared starts method={self.cfg.method.name} from the fine-tuned baseline: "
+                    f"set {BASELINE_KEY}=<best.ckpt of a method=none run> of the same task and model "
+                    "(train and sweep fill it with the baseline run's, found in the MLflow store or trained once)"
+                )
             if path:
                 load_weights(self, path, self.init_key, skip=("pruner.", "multipliers"))
         if self.teacher_key:
-            teacher = TeacherOutputs(load_teacher(OmegaConf.select(self.cfg, self.teacher_key), self.cfg, self.teacher_key))
+            teacher = TeacherOutputs(
+                load_teacher(OmegaConf.select(self.cfg, self.teacher_key), self.cfg, self.teacher_key)
+            )
             if datamodule is not None and self.cfg.get("protocol", {}).get("teacher_cache", True):
-                teacher.build_cache(datamodule.splits["train"], datamodule.collate, datamodule.eval_batch_size,
-                                    datamodule.max_length)
+                teacher.build_cache(
+                    datamodule.splits["train"], datamodule.collate, datamodule.eval_batch_size, datamodule.max_length
+                )
             self.teacher = teacher
 
     def on_fit_start(self) -> None:
@@ -175,8 +180,10 @@ class PruningModule(L.LightningModule):
 
     def teacher_outputs(self, batch: dict) -> TeacherBatch:
         if self.teacher is None:
-            raise RuntimeError(f"method={self.cfg.method.name} distils from a teacher but none is loaded: "
-                               "call prepare_fit() before training")
+            raise RuntimeError(
+                f"method={self.cfg.method.name} distils from a teacher but none is loaded: "
+                "call prepare_fit() before training"
+            )
         return self.teacher(batch)
 
     def flops_model(self) -> FlopsCounter:
@@ -232,7 +239,9 @@ class PruningModule(L.LightningModule):
         meets = self.meets_constraint if self.selection_rule == "best_meeting_constraint" else None
         return select(self.selection_rule, validations, f"val/{self.task.main_metric}", meets)
 
-    def forward(self, batch: dict, hard: bool | None = None, attentions: tuple[int, ...] = ()) -> tuple[Tensor, EncoderOutput]:
+    def forward(
+        self, batch: dict, hard: bool | None = None, attentions: tuple[int, ...] = ()
+    ) -> tuple[Tensor, EncoderOutput]:
         """Logits and the encoder's output; ``attentions``: layers whose probabilities the caller reads
         (besides the pruner's and, in training, the losses': ``loss_attention_layers``)."""
         wanted = (*attentions, *(self.loss_attention_layers() if self.training else ()))
@@ -312,8 +321,10 @@ class PruningModule(L.LightningModule):
     def decay_groups(params, weight_decay: float, **extra) -> list[dict]:
         """Weight decay on matrices only (not on biases and LayerNorm weights)."""
         params = [p for p in params if p.requires_grad]
-        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **extra},
-                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]
+        return [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **extra},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra},
+        ]
 
     def unclipped_parameters(self) -> list[Tensor]:
         """Parameters left out of gradient clipping: the multipliers (their gradient is the

@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
-from tokprune.version import __version__
 from tokprune.errors import UsageError
+from tokprune.version import __version__
 
 KEY = "tokprune"
 FORMAT = 1
@@ -57,8 +57,10 @@ def read(path: str | Path, what: str = "checkpoint") -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not a torch file, or one holding more than tensors and plain data
         detail = (str(exc).strip().splitlines() or [""])[0][:120]
-        raise UsageError(f"{what} '{path}' is not a tokprune checkpoint: torch.load cannot read it "
-                         f"({type(exc).__name__}{': ' + detail if detail else ''})") from None
+        raise UsageError(
+            f"{what} '{path}' is not a tokprune checkpoint: torch.load cannot read it "
+            f"({type(exc).__name__}{': ' + detail if detail else ''})"
+        ) from None
 
 
 def state_dict(contents: dict) -> dict:
@@ -93,12 +95,21 @@ def read_described(path: str | Path, what: str = "checkpoint") -> Described:
     contents = read(path, what)
     entry = contents.get(KEY) if isinstance(contents, dict) else None
     if not isinstance(entry, dict) or "config" not in entry:
-        raise UsageError(f"{what} '{path}' holds weights only (no tokprune description): "
-                         "it was written by another tool or an older tokprune; retrain it")
+        raise UsageError(
+            f"{what} '{path}' holds weights only (no tokprune description): "
+            "it was written by another tool or an older tokprune; retrain it"
+        )
     if entry.get("format", 0) > FORMAT:
         raise UsageError(f"{what} '{path}' was written by a newer tokprune ({entry.get('version')}); upgrade")
-    return Described(Path(path), OmegaConf.create(entry["config"]), entry["backbone"],
-                     entry.get("tokenizer_files", {}), entry.get("run_id"), entry.get("version", "?"), contents)
+    return Described(
+        Path(path),
+        OmegaConf.create(entry["config"]),
+        entry["backbone"],
+        entry.get("tokenizer_files", {}),
+        entry.get("run_id"),
+        entry.get("version", "?"),
+        contents,
+    )
 
 
 def rebuild(path: str | Path, what: str = "checkpoint"):
@@ -111,8 +122,10 @@ def rebuild(path: str | Path, what: str = "checkpoint"):
     try:
         module.load_state_dict(state_dict(described.contents), strict=True)
     except RuntimeError as exc:
-        raise UsageError(f"{what} '{path}' does not fit its own config: "
-                         f"{str(exc).splitlines()[-1].strip() or str(exc).splitlines()[0]}") from None
+        raise UsageError(
+            f"{what} '{path}' does not fit its own config: "
+            f"{str(exc).splitlines()[-1].strip() or str(exc).splitlines()[0]}"
+        ) from None
     return described, module.eval()
 
 
@@ -140,7 +153,7 @@ class FrozenReference:
     def __init__(self, module: nn.Module, path: Path):
         self.module, self.path = module.eval().requires_grad_(False), path
 
-    def to(self, device) -> "FrozenReference":
+    def to(self, device) -> FrozenReference:
         self.module.to(device)
         return self
 

@@ -13,7 +13,7 @@ AdamW group has its own constant lr and no weight decay (``constant_group``).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +36,9 @@ def constant_group(params: Iterable[Tensor], lr: float) -> dict:
     return {"params": list(params), "lr": float(lr), "weight_decay": 0.0, "constant_lr": True}
 
 
-def clip_gradients_except(optimizer, excluded: Iterable[Tensor], value: float | None,
-                          algorithm: str | None = None) -> None:
+def clip_gradients_except(
+    optimizer, excluded: Iterable[Tensor], value: float | None, algorithm: str | None = None
+) -> None:
     """Lightning's gradient clipping on every parameter but ``excluded`` (the multipliers, and ToP's
     masks): a multiplier's gradient is the constraint's gap, not part of the model's gradient norm."""
     if not value:
@@ -59,7 +60,7 @@ def linear_ramp(progress: float, warmup: float) -> float:
 def log_train(module, values: dict, size: int) -> None:
     """Log ``train/<name>`` for each value (the constraint's state); nothing outside a Trainer."""
     try:
-        module.trainer
+        module.trainer  # noqa: B018 (raises when detached)
     except RuntimeError:  # not attached to a Trainer (unit tests)
         return
     module.log_dict({f"train/{k}": float(torch.as_tensor(v).detach()) for k, v in values.items()}, batch_size=size)

@@ -71,13 +71,25 @@ def keep_expected_count(soft: Tensor, live: Tensor) -> Tensor:
 class GatePruner(Pruner):
     """One gate vector per gated layer, indexed by importance rank (or rank bin)."""
 
-    def __init__(self, num_layers: int, slots: int, first_gated_layer: int, ranks: str, parametrisation: str,
-                 sigmoid_init: float, threshold: float, inference: str, straight_through: bool = False):
+    def __init__(
+        self,
+        num_layers: int,
+        slots: int,
+        first_gated_layer: int,
+        ranks: str,
+        parametrisation: str,
+        sigmoid_init: float,
+        threshold: float,
+        inference: str,
+        straight_through: bool = False,
+    ):
         super().__init__()
         self.straight_through = straight_through
         if not 1 <= first_gated_layer < num_layers:
-            raise UsageError(f"method.first_gated_layer must be in 1..{num_layers - 1} (layer 0 has no "
-                             f"previous attention to rank by), not {first_gated_layer}")
+            raise UsageError(
+                f"method.first_gated_layer must be in 1..{num_layers - 1} (layer 0 has no "
+                f"previous attention to rank by), not {first_gated_layer}"
+            )
         self.first, self.ranks, self.parametrisation = first_gated_layer, ranks, parametrisation
         self.threshold, self.inference = threshold, inference
         init = sigmoid_init if parametrisation == "sigmoid" else 1.0
@@ -117,8 +129,11 @@ class GatePruner(Pruner):
             self.soft_proposals[ctx.layer] = soft  # the gate values, for the expected kept count
             if not self.straight_through:
                 return soft
-            binary = (keep_expected_count(soft, ctx.live) if self.inference == "expected"
-                      else (soft > self.threshold).to(soft.dtype))
+            binary = (
+                keep_expected_count(soft, ctx.live)
+                if self.inference == "expected"
+                else (soft > self.threshold).to(soft.dtype)
+            )
             return binary + (soft - soft.detach())  # exactly binary forward, the gate values' gradient
         if self.inference == "threshold":
             return (gates[self.slots_of(ranks, live_count)] > self.threshold).to(ctx.keep.dtype)
@@ -140,8 +155,17 @@ class Method(PruningModule):
     def build_pruner(self) -> Pruner:
         m = self.cfg.method
         slots = self.cfg.task.max_length if m.ranks == "absolute" else m.bins
-        return GatePruner(self.encoder.num_layers, int(slots), m.first_gated_layer, m.ranks, m.parametrisation,
-                          m.sigmoid_init, m.threshold, m.inference, m.straight_through)
+        return GatePruner(
+            self.encoder.num_layers,
+            int(slots),
+            m.first_gated_layer,
+            m.ranks,
+            m.parametrisation,
+            m.sigmoid_init,
+            m.threshold,
+            m.inference,
+            m.straight_through,
+        )
 
     def layer_weights(self) -> Tensor:
         """``w_l = (l+1)/L`` of each gated layer: later layers cost more to keep."""
@@ -199,7 +223,7 @@ class Method(PruningModule):
         """The gate values per layer (rows) and rank or bin (columns), as a TSV artifact."""
         gates = self.pruner.gates().detach().cpu()
         header = "layer\t" + "\t".join(str(i) for i in range(gates.shape[1]))
-        rows = [f"{self.pruner.first + i}\t" + "\t".join(f"{g:.3f}" for g in row.tolist())
-                for i, row in enumerate(gates)]
+        rows = [
+            f"{self.pruner.first + i}\t" + "\t".join(f"{g:.3f}" for g in row.tolist()) for i, row in enumerate(gates)
+        ]
         return {"gates.tsv": "\n".join([header, *rows]) + "\n"}
-

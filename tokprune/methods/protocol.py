@@ -36,9 +36,9 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from tokprune.methods.checkpoint import FrozenReference
 from tokprune.core.data import ROW
 from tokprune.core.encoder import received_attention
+from tokprune.methods.checkpoint import FrozenReference
 
 SHARED, PAPER = "shared", "paper"
 
@@ -60,10 +60,16 @@ class FlopsTarget:
     epsilon: float  # selection: a validation meets the target at measured ratio <= ratio + epsilon
 
     @classmethod
-    def of_protocol(cls, cfg: DictConfig) -> "FlopsTarget":
+    def of_protocol(cls, cfg: DictConfig) -> FlopsTarget:
         p = cfg.protocol
-        return cls(float(p.target_flops), float(p.target_warmup), str(p.constraint), float(p.constraint_weight),
-                   float(p.target_lr), float(p.selection_epsilon))
+        return cls(
+            float(p.target_flops),
+            float(p.target_warmup),
+            str(p.constraint),
+            float(p.constraint_weight),
+            float(p.target_lr),
+            float(p.selection_epsilon),
+        )
 
     def at(self, ramp: float) -> float:
         """The target at ``ramp`` (0 at the start, 1 once warmed up): 1 -> ``ratio``."""
@@ -97,7 +103,7 @@ class TeacherOutputs:
         width = batch["input_ids"].shape[1]
         return TeacherBatch(self.cache["logits"][rows], self.cache["importance"][rows, :width])
 
-    def to(self, device) -> "TeacherOutputs":
+    def to(self, device) -> TeacherOutputs:
         self.teacher.to(device)
         if self.cache is not None:
             self.cache = {k: v.to(device) for k, v in self.cache.items()}

@@ -12,8 +12,8 @@ saves a checkpoint whenever the newest one is picked always holds the selected o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 Validation = dict[str, float]
 
@@ -21,7 +21,7 @@ RULES = {
     "best_metric": "the validation with the best main metric (the unpruned baseline)",
     "last": "the last validation (pruning methods: what training converged to)",
     "best_meeting_constraint": "the best main metric among validations that meet the method's constraint; "
-                               "the last validation when none does",
+    "the last validation when none does",
 }
 
 
@@ -38,8 +38,9 @@ class Selected:
         return ""
 
 
-def select(rule: str, validations: list[Validation], main_key: str,
-           meets: Callable[[Validation], bool] | None = None) -> Selected:
+def select(
+    rule: str, validations: list[Validation], main_key: str, meets: Callable[[Validation], bool] | None = None
+) -> Selected:
     """The selected validation under ``rule`` (a key of ``RULES``)."""
     if not validations:
         raise ValueError("no validation to select from")

@@ -42,13 +42,19 @@ class TopKSchedule(Pruner):
         self.fractions = fractions
 
     @classmethod
-    def geometric(cls, num_layers: int, first_pruned_layer: int, keep_last: float) -> "TopKSchedule":
+    def geometric(cls, num_layers: int, first_pruned_layer: int, keep_last: float) -> TopKSchedule:
         if not 1 <= first_pruned_layer < num_layers:
-            raise UsageError(f"method.first_pruned_layer must be in 1..{num_layers - 1} (layer 0 has no previous "
-                             f"attention to rank by), not {first_pruned_layer}")
+            raise UsageError(
+                f"method.first_pruned_layer must be in 1..{num_layers - 1} (layer 0 has no previous "
+                f"attention to rank by), not {first_pruned_layer}"
+            )
         span = num_layers - first_pruned_layer
-        return cls({layer: keep_last ** ((layer - first_pruned_layer + 1) / span)
-                    for layer in range(first_pruned_layer, num_layers)})
+        return cls(
+            {
+                layer: keep_last ** ((layer - first_pruned_layer + 1) / span)
+                for layer in range(first_pruned_layer, num_layers)
+            }
+        )
 
     def wants_attention(self, layer: int) -> bool:
         return layer in self.fractions
@@ -90,9 +96,14 @@ class Method(PruningModule):
     def flops_ratio(self, keep_last: float, lengths: Tensor) -> float:
         """The schedule's FLOPs ratio at real length on examples of these lengths."""
         schedule = TopKSchedule.geometric(self.encoder.num_layers, self.cfg.method.first_pruned_layer, keep_last)
-        counts = torch.stack([torch.ceil(lengths * schedule.fractions[layer]).clamp(min=1)
-                              if layer in schedule.fractions else lengths.double()
-                              for layer in range(self.encoder.num_layers)]).double()
+        counts = torch.stack(
+            [
+                torch.ceil(lengths * schedule.fractions[layer]).clamp(min=1)
+                if layer in schedule.fractions
+                else lengths.double()
+                for layer in range(self.encoder.num_layers)
+            ]
+        ).double()
         return float(self.flops_model().expected_ratio(counts, lengths))
 
     def keep_last_for(self, target: float, lengths: Tensor, tolerance: float = 1e-4) -> float:
@@ -109,4 +120,3 @@ class Method(PruningModule):
     def state_tables(self) -> dict[str, str]:
         rows = [f"{layer}\t{fraction:.4f}" for layer, fraction in sorted(self.pruner.fractions.items())]
         return {"schedule.tsv": "layer\tkept_fraction_of_real_tokens\n" + "\n".join(rows) + "\n"}
-

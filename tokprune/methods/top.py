@@ -203,8 +203,10 @@ class TopPruner(Pruner):
             raise UsageError("method.prunable_layers is empty: ToP needs at least one prunable layer")
         bad = [layer for layer in layers if not 1 <= layer < num_layers]
         if bad or len(set(layers)) != len(layers):
-            raise UsageError(f"method.prunable_layers must be distinct layers in 1..{num_layers - 1} (layer 0 "
-                             f"has no previous attention to rank by), not {list(layers)}")
+            raise UsageError(
+                f"method.prunable_layers must be distinct layers in 1..{num_layers - 1} (layer 0 "
+                f"has no previous attention to rank by), not {list(layers)}"
+            )
         if bins < 1:
             raise UsageError(f"method.bins must be >= 1, not {bins}")
         self.layers, self.bins, self.num_layers, self.eval_rule = sorted(layers), bins, num_layers, eval_masks
@@ -236,8 +238,12 @@ class TopPruner(Pruner):
         """``deterministic()``, cached while the log_alphas are unchanged (in place updates and
         loads bump their versions) and computed outside any trace, so inference computes it once,
         not per layer and call, and an ONNX export folds it into constants."""
-        key = (self.token_log_alpha._version, self.layer_log_alpha._version, self.token_log_alpha.data_ptr(),
-               self.layer_log_alpha.data_ptr())
+        key = (
+            self.token_log_alpha._version,
+            self.layer_log_alpha._version,
+            self.token_log_alpha.data_ptr(),
+            self.layer_log_alpha.data_ptr(),
+        )
         if getattr(self, "_eval_key", None) != key:
             with untraced():
                 self._eval_masks = self.deterministic()
@@ -340,8 +346,9 @@ class Method(PruningModule):
         layers = m.distill_layers
         self.distill_layers = list(range(1, max(2, num_layers // 3))) if layers is None else list(layers)
         if not self.distill_layers or any(not 0 <= layer < num_layers for layer in self.distill_layers):
-            raise UsageError(f"method.distill_layers must be at least one layer in 0..{num_layers - 1}, "
-                             f"not {self.distill_layers}")
+            raise UsageError(
+                f"method.distill_layers must be at least one layer in 0..{num_layers - 1}, not {self.distill_layers}"
+            )
         if m.regression_target not in ("labels", "teacher"):
             raise UsageError(f"method.regression_target must be labels or teacher, not {m.regression_target!r}")
 
@@ -360,17 +367,25 @@ class Method(PruningModule):
         """protocol=paper: FLOPs ratio ``1 - target_sparsity``, ramped in over ``target_warmup``, held by
         the Lagrangian with multipliers at ``reg_lr``; selection within ``selection_epsilon``."""
         m = self.cfg.method
-        return FlopsTarget(1 - float(m.target_sparsity), float(m.target_warmup), "lagrangian", 0.0,
-                           float(m.reg_lr), float(m.get("selection_epsilon", 0.01)))
+        return FlopsTarget(
+            1 - float(m.target_sparsity),
+            float(m.target_warmup),
+            "lagrangian",
+            0.0,
+            float(m.reg_lr),
+            float(m.get("selection_epsilon", 0.01)),
+        )
 
     # -- fitting ---------------------------------------------------------------------------
 
     def prepare_fit(self, datamodule=None) -> None:
         """Load the teacher (frozen) and start the student from its weights; freeze the embeddings."""
         if not self.shared and not self.cfg.method.teacher_checkpoint:
-            raise UsageError("method=top distils from the fine-tuned unpruned model: set "
-                             "method.teacher_checkpoint=<best.ckpt of a method=none run> of the same task and "
-                             "model (train and sweep fill it with the baseline run's, found in the MLflow store or trained once)")
+            raise UsageError(
+                "method=top distils from the fine-tuned unpruned model: set "
+                "method.teacher_checkpoint=<best.ckpt of a method=none run> of the same task and "
+                "model (train and sweep fill it with the baseline run's, found in the MLflow store or trained once)"
+            )
         super().prepare_fit(datamodule)
         for name, param in self.named_parameters():
             if "embeddings" in name:
@@ -378,8 +393,11 @@ class Method(PruningModule):
 
     def own_parameter_groups(self) -> list[dict]:
         """Masks: AdamW at a constant ``reg_lr``, no weight decay (the multipliers: ``methods.base``)."""
-        return [constraints.constant_group([self.pruner.token_log_alpha, self.pruner.layer_log_alpha],
-                                           self.cfg.method.reg_lr)]
+        return [
+            constraints.constant_group(
+                [self.pruner.token_log_alpha, self.pruner.layer_log_alpha], self.cfg.method.reg_lr
+            )
+        ]
 
     def unclipped_parameters(self) -> list:
         """The masks and multipliers are not clipped with the model's gradients (as the reference)."""
@@ -393,8 +411,9 @@ class Method(PruningModule):
     def expected_kept(self, out: EncoderOutput) -> Tensor:
         """L x B: example b computes ``(n_b - 1) * ratio_l + 1`` tokens in layer l (``layer_keep_ratios``
         of P(z>0), never samples; [CLS] always), the reference's expected length."""
-        ratios = layer_keep_ratios(self.pruner.token_prob(), self.pruner.layer_prob(), self.pruner.layers,
-                                   self.encoder.num_layers)
+        ratios = layer_keep_ratios(
+            self.pruner.token_prob(), self.pruner.layer_prob(), self.pruner.layers, self.encoder.num_layers
+        )
         n = out.lengths.to(ratios.dtype)
         return (n[None, :] - 1) * ratios[:, None] + 1
 
@@ -415,9 +434,15 @@ class Method(PruningModule):
             terms = {"distill_loss": F.mse_loss(logits.squeeze(-1), teacher.logits.squeeze(-1))}
         else:  # the reference: STS-B trains on its labels
             terms = {"task_loss": self.task_loss(logits, batch["labels"])}
-        rank = sum(rank_distillation_loss(received_attention(out.attentions[layer], out.keep[layer]),
-                                          teacher.importance, out.padding, int(m.distill_topk))
-                   for layer in self.distill_layers)
+        rank = sum(
+            rank_distillation_loss(
+                received_attention(out.attentions[layer], out.keep[layer]),
+                teacher.importance,
+                out.padding,
+                int(m.distill_topk),
+            )
+            for layer in self.distill_layers
+        )
         constraints.log_train(self, {"rank_loss_unweighted": rank}, len(logits))
         return {**terms, "rank_loss": self.rank_weight() * rank}
 
@@ -429,6 +454,9 @@ class Method(PruningModule):
         tokens, gates = self.pruner.deterministic()
         token_p, layer_p = self.pruner.token_prob().detach().cpu(), self.pruner.layer_prob().detach().cpu()
         header = "layer\tgate_prob\tgate_on\tbins_kept\t" + "\t".join(f"p_bin_{b}" for b in range(self.pruner.bins))
-        rows = [f"{layer}\t{layer_p[i]:.3f}\t{int(gates[i])}\t{int(tokens[i].sum())}\t"
-                + "\t".join(f"{p:.3f}" for p in token_p[i].tolist()) for i, layer in enumerate(self.pruner.layers)]
+        rows = [
+            f"{layer}\t{layer_p[i]:.3f}\t{int(gates[i])}\t{int(tokens[i].sum())}\t"
+            + "\t".join(f"{p:.3f}" for p in token_p[i].tolist())
+            for i, layer in enumerate(self.pruner.layers)
+        ]
         return {"top_masks.tsv": "\n".join([header, *rows]) + "\n"}

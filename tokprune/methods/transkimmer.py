@@ -53,12 +53,26 @@ from tokprune.methods.base import PruningModule
 
 SKIM, KEEP = 0, 1  # indices of the predictor's two logits
 DECISION_INIT_STD = 0.02  # std of the last Linear's weights and biases at init (the reference's)
-CHOICES = {"skim_target_mode": ("lagrangian", "quadratic"), "skim_loss_on": ("cumulative", "own"),
-           "skim_norm": ("real", "padded"), "train_decisions": ("sampled", "argmax")}
+CHOICES = {
+    "skim_target_mode": ("lagrangian", "quadratic"),
+    "skim_loss_on": ("cumulative", "own"),
+    "skim_norm": ("real", "padded"),
+    "train_decisions": ("sampled", "argmax"),
+}
 #: the options' defaults (conf/method/transkimmer.yaml), for checkpoints written before the keys existed
-DEFAULTS = {"skim_target": None, "skim_target_mode": "lagrangian", "target_lr": 0.02, "skim_warmup": 0.0,
-            "skim_layer_weights": None, "skim_loss_on": "cumulative", "skim_norm": "real",
-            "teacher_checkpoint": None, "distill_weight": 0.5, "temperature": 2.0, "train_decisions": "sampled"}
+DEFAULTS = {
+    "skim_target": None,
+    "skim_target_mode": "lagrangian",
+    "target_lr": 0.02,
+    "skim_warmup": 0.0,
+    "skim_layer_weights": None,
+    "skim_loss_on": "cumulative",
+    "skim_norm": "real",
+    "teacher_checkpoint": None,
+    "distill_weight": 0.5,
+    "temperature": 2.0,
+    "train_decisions": "sampled",
+}
 
 
 def gumbel_noise(logits: Tensor) -> Tensor:
@@ -108,8 +122,16 @@ class SkimPruner(Pruner):
     #: loss on it reaches only that layer's predictor (not earlier ones through its input)
     record_own: bool = False
 
-    def __init__(self, width: int, num_layers: int, first_skim_layer: int, tau: float,
-                 keep_bias: float, hidden_init_std: float, sampled: bool = True):
+    def __init__(
+        self,
+        width: int,
+        num_layers: int,
+        first_skim_layer: int,
+        tau: float,
+        keep_bias: float,
+        hidden_init_std: float,
+        sampled: bool = True,
+    ):
         super().__init__()
         if not 0 <= first_skim_layer < num_layers:
             raise UsageError(f"method.first_skim_layer must be in 0..{num_layers - 1}, not {first_skim_layer}")
@@ -157,10 +179,16 @@ class Method(PruningModule):
         weights = self.option("skim_layer_weights")
         weights = [1.0] * num_layers if weights is None else [float(w) for w in weights]
         if len(weights) != num_layers or min(weights) < 0 or sum(weights) <= 0:
-            raise UsageError(f"method.skim_layer_weights must be {num_layers} non-negative weights (one per layer), "
-                             f"not all 0, or null; not {list(weights)}")
+            raise UsageError(
+                f"method.skim_layer_weights must be {num_layers} non-negative weights (one per layer), "
+                f"not all 0, or null; not {list(weights)}"
+            )
         self.layer_weights = [w / sum(weights) for w in weights]  # uniform: the reference's 1/L
-        if not self.shared and self.option("skim_target") is not None and self.option("skim_target_mode") == "lagrangian":
+        if (
+            not self.shared
+            and self.option("skim_target") is not None
+            and self.option("skim_target_mode") == "lagrangian"
+        ):
             self.multipliers = constraints.multipliers()  # lambda1, lambda2; only then (no unused parameters)
         self.pruner.record_own = not self.shared and self.option("skim_loss_on") == "own"
 
@@ -170,9 +198,15 @@ class Method(PruningModule):
 
     def build_pruner(self) -> Pruner:
         m, config = self.cfg.method, self.encoder.config
-        return SkimPruner(config.hidden_size, self.encoder.num_layers, m.first_skim_layer, m.tau,
-                          keep_bias=m.keep_bias, hidden_init_std=config.initializer_range,
-                          sampled=self.option("train_decisions") == "sampled")
+        return SkimPruner(
+            config.hidden_size,
+            self.encoder.num_layers,
+            m.first_skim_layer,
+            m.tau,
+            keep_bias=m.keep_bias,
+            hidden_init_std=config.initializer_range,
+            sampled=self.option("train_decisions") == "sampled",
+        )
 
     # -- fitting (the start and the teacher: methods.base, by protocol) --------------------
 

@@ -49,7 +49,9 @@ from tokprune.training.callbacks import TokenPruningCallback
 from tokprune.training.train import build_datamodule
 
 
-def speedup(cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_sizes=(1, 32), examples=256) -> list[dict]:
+def speedup(
+    cfg: DictConfig, task_name: str, schedule: dict[int, float], batch_sizes=(1, 32), examples=256
+) -> list[dict]:
     """Hard-mode latency of ``schedule`` vs the unpruned encoder on real dev rows."""
     task = get_task(task_name)
     tokenizer = load_tokenizer(cfg.model)
@@ -137,8 +139,13 @@ def callback_overhead(cfg: DictConfig, steps_per_block: int = 10, rounds: int = 
             timer = _StepTimer()
             callbacks = [callback, timer] if mode == "on" else [timer]
             trainer = L.Trainer(
-                max_steps=steps_per_block, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                max_steps=steps_per_block,
+                limit_val_batches=0,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=callbacks,
             )
             trainer.fit(module, datamodule=datamodule)
             timings[mode].extend(timer.times[1:])  # the first step of a block pays loader start-up
@@ -158,31 +165,52 @@ def callback_overhead(cfg: DictConfig, steps_per_block: int = 10, rounds: int = 
 STEP_METHODS = ("none", "gate", "transkimmer", "top", "static")
 
 
-def training_steps(cfg: DictConfig, methods=STEP_METHODS, steps_per_block: int = 8, rounds: int = 3,
-                   rows: int = 1024, target_flops: float = 0.45) -> dict:
+def training_steps(
+    cfg: DictConfig,
+    methods=STEP_METHODS,
+    steps_per_block: int = 8,
+    rounds: int = 3,
+    rows: int = 1024,
+    target_flops: float = 0.45,
+) -> dict:
     """Median training-step time of each method (protocol=shared at ``target_flops``, its cpu sweep's
     settings) against the unpruned baseline's step, on SST-2 at the config's batch size, methods
     taking turns in blocks of steps in one run. The teacher is the pretrained encoder with a fresh
     head saved as a baseline checkpoint (step time does not depend on its weights); its outputs per
     training row are cached first (that one-time cost is reported on its own)."""
-    from tokprune.methods.checkpoint import describe
     from tokprune.config import compose
+    from tokprune.methods.checkpoint import describe
 
-    settings = {"gate": ["method.gate_lr=1e-2", "method.straight_through=true"],
-                "transkimmer": ["method.predictor_lr=1e-3"], "top": ["method.reg_lr=0.1"]}
+    settings = {
+        "gate": ["method.gate_lr=1e-2", "method.straight_through=true"],
+        "transkimmer": ["method.predictor_lr=1e-3"],
+        "top": ["method.reg_lr=0.1"],
+    }
     tokenizer = load_tokenizer(cfg.model)
-    common = [f"model={cfg.model.name}", "task=sst2", "budget=cpu", f"seed={cfg.seed}", f"data.train_subset={rows}",
-              f"protocol.target_flops={target_flops}"]
+    common = [
+        f"model={cfg.model.name}",
+        "task=sst2",
+        "budget=cpu",
+        f"seed={cfg.seed}",
+        f"data.train_subset={rows}",
+        f"protocol.target_flops={target_flops}",
+    ]
     modules, cache_seconds = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         base_cfg = compose(["method=none", *common])
         baseline = build_method(base_cfg, load_bert(cfg.model), get_task("sst2"))
         path = Path(folder) / "baseline.ckpt"
-        torch.save({"state_dict": baseline.state_dict(),
-                    "tokprune": describe(base_cfg, baseline.encoder.config, tokenizer, None)}, path)
+        torch.save(
+            {
+                "state_dict": baseline.state_dict(),
+                "tokprune": describe(base_cfg, baseline.encoder.config, tokenizer, None),
+            },
+            path,
+        )
         for method in methods:
-            run_cfg = compose([f"method={method}", *common, f"protocol.baseline_checkpoint={path}",
-                               *settings.get(method, [])])
+            run_cfg = compose(
+                [f"method={method}", *common, f"protocol.baseline_checkpoint={path}", *settings.get(method, [])]
+            )
             datamodule = build_datamodule(run_cfg, tokenizer)
             datamodule.setup("fit")
             L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -196,19 +224,34 @@ def training_steps(cfg: DictConfig, methods=STEP_METHODS, steps_per_block: int =
         for _ in range(rounds):
             for method, (module, datamodule, counting) in modules.items():
                 timer = _StepTimer()
-                trainer = L.Trainer(max_steps=steps_per_block, limit_val_batches=0, logger=False,
-                                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                    callbacks=[counting, timer],
-                                    gradient_clip_val=cfg.train.gradient_clip_val)
+                trainer = L.Trainer(
+                    max_steps=steps_per_block,
+                    limit_val_batches=0,
+                    logger=False,
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    callbacks=[counting, timer],
+                    gradient_clip_val=cfg.train.gradient_clip_val,
+                )
                 trainer.fit(module, datamodule=datamodule)
                 timings[method].extend(timer.times[1:])  # the first step of a block pays loader start-up
     base = statistics.median(timings["none"])
     return {
-        "task": "sst2", "batch_size": cfg.train.batch_size, "protocol": "shared", "target_flops": target_flops,
+        "task": "sst2",
+        "batch_size": cfg.train.batch_size,
+        "protocol": "shared",
+        "target_flops": target_flops,
         "steps_timed_per_method": len(timings["none"]),
-        "rows": [{"method": method, "median_step_ms": 1e3 * statistics.median(times),
-                  "ratio_to_baseline": statistics.median(times) / base,
-                  "one_time_prepare_seconds": cache_seconds[method]} for method, times in timings.items()],
+        "rows": [
+            {
+                "method": method,
+                "median_step_ms": 1e3 * statistics.median(times),
+                "ratio_to_baseline": statistics.median(times) / base,
+                "one_time_prepare_seconds": cache_seconds[method],
+            }
+            for method, times in timings.items()
+        ],
     }
 
 
@@ -231,7 +274,9 @@ def plot(results: dict, path: Path) -> None:
     middle.set_ylabel(f"fraction of the {lat[-1]['length']}-token layer")
     middle.set_title("one layer: time vs FLOPs as tokens drop", fontsize=9)
     middle.legend(fontsize=8)
-    left.bar([i - 0.2 for i in x], [r["flops_reduction"] for r in rows], 0.4, label="FLOPs reduction (fvcore, real length)")
+    left.bar(
+        [i - 0.2 for i in x], [r["flops_reduction"] for r in rows], 0.4, label="FLOPs reduction (fvcore, real length)"
+    )
     left.bar([i + 0.2 for i in x], [r["wall_speedup"] for r in rows], 0.4, label="wall-time speedup (hard mode, CPU)")
     left.axhline(1.0, color="grey", lw=0.8)
     left.set_xticks(list(x), labels)
@@ -239,7 +284,11 @@ def plot(results: dict, path: Path) -> None:
     left.set_title(f"Keep schedule {results['schedule']} (fraction of real tokens from layer)", fontsize=9)
     left.legend(fontsize=8)
     over = results["callback_overhead"]
-    right.bar(["off", "on"], [over["median_step_ms_callback_off"], over["median_step_ms_callback_on"]], color=["grey", "tab:blue"])
+    right.bar(
+        ["off", "on"],
+        [over["median_step_ms_callback_off"], over["median_step_ms_callback_on"]],
+        color=["grey", "tab:blue"],
+    )
     right.set_title(f"train step, callback on/off: x{over['ratio_on_over_off']:.3f}", fontsize=9)
     right.set_ylabel("median ms per step")
     fig.tight_layout()
@@ -301,18 +350,22 @@ def summary(results: dict) -> str:
     lines = []
     for r in results.get("speedup", []):
         lines.append(
-            f"{r['task']:5s} batch {r['batch_size']:2d}: FLOPs x{r['flops_reduction']:.2f} fewer, wall x{r['wall_speedup']:.2f} "
+            f"{r['task']:5s} batch {r['batch_size']:2d}: FLOPs x{r['flops_reduction']:.2f} fewer, "
+            f"wall x{r['wall_speedup']:.2f} "
             f"faster ({r['ms_per_batch_unpruned']:.1f} -> {r['ms_per_batch_pruned']:.1f} ms/batch), "
             f"speedup/FLOPs-reduction {r['speedup_over_flops_reduction']:.2f}"
         )
     if "layer_latency_batch1" in results:
-        lat = " ".join(f"{r['length']}:{r['ms']:.2f}ms/{r['flops_fraction_of_longest']:.3f}F"
-                       for r in results["layer_latency_batch1"])
+        lat = " ".join(
+            f"{r['length']}:{r['ms']:.2f}ms/{r['flops_fraction_of_longest']:.3f}F"
+            for r in results["layer_latency_batch1"]
+        )
         lines.append(f"one layer at batch 1, tokens:latency/FLOPs-fraction: {lat}")
     if "callback_overhead" in results:
         o = results["callback_overhead"]
         lines.append(
-            f"callback overhead: {o['median_step_ms_callback_on']:.0f} vs {o['median_step_ms_callback_off']:.0f} ms/step "
+            f"callback overhead: {o['median_step_ms_callback_on']:.0f} vs "
+            f"{o['median_step_ms_callback_off']:.0f} ms/step "
             f"= x{o['ratio_on_over_off']:.3f}; one-time tracing of {o['lengths_traced']} lengths "
             f"{o['one_time_trace_seconds_all_lengths']:.1f} s"
         )
@@ -320,7 +373,9 @@ def summary(results: dict) -> str:
         lines += engines_summary(results["engines"])
     if "training_steps" in results:
         t = results["training_steps"]
-        lines.append(f"training step, {t['task']} batch {t['batch_size']}, protocol={t['protocol']} target "
-                     f"{t['target_flops']} (ms, x the baseline's): " + ", ".join(
-                         f"{r['method']} {r['median_step_ms']:.0f} (x{r['ratio_to_baseline']:.2f})" for r in t["rows"]))
+        lines.append(
+            f"training step, {t['task']} batch {t['batch_size']}, protocol={t['protocol']} target "
+            f"{t['target_flops']} (ms, x the baseline's): "
+            + ", ".join(f"{r['method']} {r['median_step_ms']:.0f} (x{r['ratio_to_baseline']:.2f})" for r in t["rows"])
+        )
     return "\n".join(lines)

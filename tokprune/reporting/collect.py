@@ -17,7 +17,6 @@ from tokprune.search.plan import storage_label, study_storage
 from tokprune.search.results import MethodResult, Point, higher_metric, portable, recorded_studies
 from tokprune.training.tracking import resolve_tracking_uri, store_dir
 
-
 #: The operating points read off each method's front, and how the tables name them.
 ROLES = ("best", "within_flops", "near_baseline")
 
@@ -33,9 +32,11 @@ def operating_points(result: MethodResult, flops_budget: float, tolerance: float
     base = result.baseline["metric"] if result.baseline else math.nan
     within = [p for p in front if p.flops_real <= flops_budget]
     near = [p for p in front if math.isfinite(base) and p.metric >= base - tolerance - 1e-12]
-    chosen = {"best": result.best,
-              "within_flops": max(within, key=higher_metric, default=None),
-              "near_baseline": min(near, key=lambda p: (p.flops_real, -p.metric), default=None)}
+    chosen = {
+        "best": result.best,
+        "within_flops": max(within, key=higher_metric, default=None),
+        "near_baseline": min(near, key=lambda p: (p.flops_real, -p.metric), default=None),
+    }
     return {role: (p.trial if p else None) for role, p in chosen.items()}
 
 
@@ -67,24 +68,35 @@ def find_studies(cfg: DictConfig, storage: str, allow_none: bool = False) -> lis
         except Exception as exc:
             raise UsageError(f"storage {storage_label(storage)}: cannot read it ({type(exc).__name__})") from None
     sweeps = [s for s in summaries if s.user_attrs.get("task") == task and "method" in s.user_attrs]
-    mine = [s for s in sweeps if (s.user_attrs.get("model"), s.user_attrs.get("budget"), s.user_attrs.get("seed"))
-            == (model, budget, seed)]
+    mine = [
+        s
+        for s in sweeps
+        if (s.user_attrs.get("model"), s.user_attrs.get("budget"), s.user_attrs.get("seed")) == (model, budget, seed)
+    ]
     if not mine and not allow_none:
-        others = sorted({f"model={s.user_attrs.get('model')} budget={s.user_attrs.get('budget')} "
-                         f"seed={s.user_attrs.get('seed')}" for s in sweeps})
+        others = sorted(
+            {
+                f"model={s.user_attrs.get('model')} budget={s.user_attrs.get('budget')} seed={s.user_attrs.get('seed')}"
+                for s in sweeps
+            }
+        )
         hint = f" (it has studies of {task} for {'; '.join(others)})" if others else ""
-        raise UsageError(f"no sweep study of task {task} for model={model} budget={budget} seed={seed} in "
-                         f"{storage_label(storage)}{hint}: run `make sweep METHOD=<method> TASK={task} "
-                         f"MODEL={model} BUDGET={budget} SEED={seed}` first")
+        raise UsageError(
+            f"no sweep study of task {task} for model={model} budget={budget} seed={seed} in "
+            f"{storage_label(storage)}{hint}: run `make sweep METHOD=<method> TASK={task} "
+            f"MODEL={model} BUDGET={budget} SEED={seed}` first"
+        )
     if not mine:
         return []
     opened = _open(storage)
-    return [optuna.load_study(study_name=s.study_name, storage=opened)
-            for s in sorted(mine, key=lambda s: (s.user_attrs["method"], s.study_name))]
+    return [
+        optuna.load_study(study_name=s.study_name, storage=opened)
+        for s in sorted(mine, key=lambda s: (s.user_attrs["method"], s.study_name))
+    ]
 
 
 def _kept(values: dict, prefix: str) -> list[float]:
-    layers = sorted(int(k[len(prefix):]) for k in values if k.startswith(prefix) and k[len(prefix):].isdigit())
+    layers = sorted(int(k[len(prefix) :]) for k in values if k.startswith(prefix) and k[len(prefix) :].isdigit())
     return [float(values[f"{prefix}{layer}"]) for layer in layers]
 
 
@@ -97,10 +109,14 @@ def _baseline(client: MlflowClient, parent, main_metric: str) -> dict | None:
     except Exception:
         metrics = {}
     metric = metrics.get(f"best/{main_metric}", parent.data.metrics.get(f"baseline/{main_metric}", math.nan))
-    return {"run_id": run_id, "metric": metric, "flops_real": metrics.get("best/flops_ratio_real", 1.0),
-            "flops_padded": metrics.get("best/flops_ratio_padded"),
-            "kept": _kept(metrics, "best/kept_fraction/layer_"),
-            "checkpoint": portable(parent.data.tags.get("baseline_checkpoint", ""))}
+    return {
+        "run_id": run_id,
+        "metric": metric,
+        "flops_real": metrics.get("best/flops_ratio_real", 1.0),
+        "flops_padded": metrics.get("best/flops_ratio_padded"),
+        "kept": _kept(metrics, "best/kept_fraction/layer_"),
+        "checkpoint": portable(parent.data.tags.get("baseline_checkpoint", "")),
+    }
 
 
 def collect(studies: list[optuna.Study], client: MlflowClient, main_metric: str) -> list[MethodResult]:
@@ -111,24 +127,40 @@ def collect(studies: list[optuna.Study], client: MlflowClient, main_metric: str)
         complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
         front = {t.number for t in study.best_trials} if complete else set()
         repeats = study.user_attrs.get("repeats", {})  # tokprune.search.repeat's records
-        points = [Point(trial=t.number, params=dict(t.params), metric=t.values[0], flops_real=t.values[1],
-                        flops_padded=t.user_attrs.get("best/flops_ratio_padded"),
-                        kept=_kept(t.user_attrs, "best/kept_fraction/layer_"),
-                        run_id=t.user_attrs.get("mlflow_run_id"), pareto=t.number in front,
-                        repeats=list(repeats.get(str(t.number), []))) for t in complete]
+        points = [
+            Point(
+                trial=t.number,
+                params=dict(t.params),
+                metric=t.values[0],
+                flops_real=t.values[1],
+                flops_padded=t.user_attrs.get("best/flops_ratio_padded"),
+                kept=_kept(t.user_attrs, "best/kept_fraction/layer_"),
+                run_id=t.user_attrs.get("mlflow_run_id"),
+                pareto=t.number in front,
+                repeats=list(repeats.get(str(t.number), [])),
+            )
+            for t in complete
+        ]
         parent_id = study.user_attrs.get("mlflow_parent_run_id")
         try:
             parent = client.get_run(parent_id) if parent_id else None
         except Exception:  # the study names a run this store does not hold
             parent, parent_id = None, None
         resumed = [t for t in complete if t.user_attrs.get("resumed_from")]
-        results.append(MethodResult(method=method, label=method, study=study.study_name, parent_run_id=parent_id,
-                                    overrides=list(study.user_attrs.get("overrides", [])), points=points,
-                                    baseline=_baseline(client, parent, main_metric),
-                                    speedup={t.number: t.user_attrs["speedup"] for t in resumed
-                                             if t.user_attrs.get("speedup")},
-                                    resumed_from=", ".join(sorted({t.user_attrs["resumed_from"] for t in resumed})),
-                                    resumed_trials=[t.number for t in resumed]))
+        results.append(
+            MethodResult(
+                method=method,
+                label=method,
+                study=study.study_name,
+                parent_run_id=parent_id,
+                overrides=list(study.user_attrs.get("overrides", [])),
+                points=points,
+                baseline=_baseline(client, parent, main_metric),
+                speedup={t.number: t.user_attrs["speedup"] for t in resumed if t.user_attrs.get("speedup")},
+                resumed_from=", ".join(sorted({t.user_attrs["resumed_from"] for t in resumed})),
+                resumed_trials=[t.number for t in resumed],
+            )
+        )
     return results
 
 
@@ -163,7 +195,7 @@ def _checkpoint(client: MlflowClient, run_id: str, uri: str) -> Path | None:
         return None
     path = Path(folder) / run_id / "best.ckpt"
     if not path.is_absolute() and not path.is_file() and uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):]).parent / path  # relative to the project that ran it
+        path = Path(uri[len("sqlite:///") :]).parent / path  # relative to the project that ran it
     return path
 
 

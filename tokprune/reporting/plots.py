@@ -21,8 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tokprune.search.results import distinct_baselines  # noqa: E402
 from tokprune.search.plan import param_strings  # noqa: E402
+from tokprune.search.results import distinct_baselines  # noqa: E402
 
 SVG_NS = "http://www.w3.org/2000/svg"
 ET.register_namespace("", SVG_NS)
@@ -69,10 +69,21 @@ def _save(fig, png: Path, tips: dict[str, str]) -> str:
 def _baseline(ax, base: dict, metric: str, tips: dict, gid: str, label: str = "unpruned baseline (method=none)"):
     if not base or not math.isfinite(base.get("metric", math.nan)):
         return
-    ax.plot([1.0], [base["metric"]], marker="*", markersize=14, color=BASELINE_COLOR, linestyle="none",
-            label=label, gid=gid, zorder=5)
-    tips[gid] = (f"unpruned baseline (method=none), run {base['run_id']}\n{metric}={base['metric']:.4f}\n"
-                 f"FLOPs ratio real=1.000, padded={base.get('flops_padded', math.nan):.3f}")
+    ax.plot(
+        [1.0],
+        [base["metric"]],
+        marker="*",
+        markersize=14,
+        color=BASELINE_COLOR,
+        linestyle="none",
+        label=label,
+        gid=gid,
+        zorder=5,
+    )
+    tips[gid] = (
+        f"unpruned baseline (method=none), run {base['run_id']}\n{metric}={base['metric']:.4f}\n"
+        f"FLOPs ratio real=1.000, padded={base.get('flops_padded', math.nan):.3f}"
+    )
 
 
 def _front_line(ax, front, col, label=None):
@@ -86,8 +97,17 @@ def _front_line(ax, front, col, label=None):
 def _seed_spread(ax, p, col) -> None:
     """A repeated trial (``make repeat``): its mean over seeds +- the standard deviation, beside the point."""
     if p.repeats:
-        ax.errorbar([p.flops_real], [p.metric_mean], yerr=[p.metric_std], color=col, capsize=4, elinewidth=1.2,
-                    marker="_", markersize=10, zorder=5)
+        ax.errorbar(
+            [p.flops_real],
+            [p.metric_mean],
+            yerr=[p.metric_std],
+            color=col,
+            capsize=4,
+            elinewidth=1.2,
+            marker="_",
+            markersize=10,
+            zorder=5,
+        )
 
 
 def method_front(result, task: str, metric: str, max_length: int, index: int, png: Path) -> str:
@@ -110,8 +130,11 @@ def method_front(result, task: str, metric: str, max_length: int, index: int, pn
     _baseline(ax, result.baseline, metric, tips, f"base-{result.slug}")
     ax.set_xlabel(X_REAL, fontsize=8)
     ax.set_ylabel(f"dev {metric} (best epoch)")
-    ax.set_title(f"{task} · {result.label}: dev {metric} vs FLOPs ratio at real length\n"
-                 f"{len(result.points)} complete trials, {len(front)} Pareto-optimal; {CONVENTION}", fontsize=9)
+    ax.set_title(
+        f"{task} · {result.label}: dev {metric} vs FLOPs ratio at real length\n"
+        f"{len(result.points)} complete trials, {len(front)} Pareto-optimal; {CONVENTION}",
+        fontsize=9,
+    )
     _finish(ax)
     fig.tight_layout()
     return _save(fig, png, tips)
@@ -126,11 +149,19 @@ def overlay(results, task: str, metric: str, max_length: int, png: Path) -> str:
         _front_line(ax, result.front, col, f"{result.label} front")
         for n, p in enumerate(result.points):
             gid = f"all-{result.slug}-{n}"
-            ax.plot([p.flops_real], [p.metric], marker="o", color=col, linestyle="none", gid=gid, zorder=4,
-                    **(dict(markersize=7) if p.pareto else dict(markersize=4, alpha=0.2)))
+            ax.plot(
+                [p.flops_real],
+                [p.metric],
+                marker="o",
+                color=col,
+                linestyle="none",
+                gid=gid,
+                zorder=4,
+                **(dict(markersize=7) if p.pareto else dict(markersize=4, alpha=0.2)),
+            )
             _seed_spread(ax, p, col)
             tips[gid] = tooltip(result.method, p, metric, max_length)
-    for n, (base, runs) in enumerate(distinct_baselines(results)):
+    for n, (base, _runs) in enumerate(distinct_baselines(results)):
         label = "unpruned baseline (method=none)" + (f" [{n + 1}]" if n else "")
         _baseline(ax, base, metric, tips, f"base-all-{n + 1}", label)
     ax.set_xlabel(X_REAL, fontsize=8)
@@ -151,8 +182,9 @@ def kept_profile(result, task: str, metric: str, max_length: int, index: int, pn
         col = cmap(n / max(1, len(front) - 1) * 0.85)
         gid = f"kept-{result.slug}-{n}"
         ax.plot(range(len(p.kept)), p.kept, marker="o", color=col, label=short_label(p), gid=gid)
-        tips[gid] = tooltip(result.method, p, metric, max_length) + "\nkept per layer: " + \
-            " ".join(f"{k:.2f}" for k in p.kept)
+        tips[gid] = (
+            tooltip(result.method, p, metric, max_length) + "\nkept per layer: " + " ".join(f"{k:.2f}" for k in p.kept)
+        )
     if front:
         layers = max(len(p.kept) for p in front)
         ax.plot(range(layers), [1.0] * layers, linestyle="--", color=BASELINE_COLOR, label="unpruned (all kept)")
@@ -162,8 +194,7 @@ def kept_profile(result, task: str, metric: str, max_length: int, index: int, pn
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction of real tokens computed\n(mean over dev examples)")
-    ax.set_title(f"{task} · {result.label}: tokens kept per layer, Pareto-optimal trials (dev, best epoch)",
-                 fontsize=9)
+    ax.set_title(f"{task} · {result.label}: tokens kept per layer, Pareto-optimal trials (dev, best epoch)", fontsize=9)
     _finish(ax)
     fig.tight_layout()
     return _save(fig, png, tips)
@@ -227,7 +258,15 @@ def page(title: str, meta: str, note: str, tables, overlay_svg: str, sections: l
         cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
         parts.append(f"<h2>{html.escape(heading)}</h2><table><tr>{cells}</tr>{body}</table>")
-    figures = "".join(f"<h2>{html.escape(label)}</h2><figure>{front}</figure><figure>{kept}</figure>"
-                      for label, front, kept in sections)
-    return PAGE.format(title=html.escape(title), meta=html.escape(meta), note=html.escape(note),
-                       overlay=overlay_svg, tables="".join(parts), sections=figures)
+    figures = "".join(
+        f"<h2>{html.escape(label)}</h2><figure>{front}</figure><figure>{kept}</figure>"
+        for label, front, kept in sections
+    )
+    return PAGE.format(
+        title=html.escape(title),
+        meta=html.escape(meta),
+        note=html.escape(note),
+        overlay=overlay_svg,
+        tables="".join(parts),
+        sections=figures,
+    )

@@ -17,7 +17,6 @@ from tokprune.reporting.collect import REFERENCE_METHOD, ROLES, batch_sizes
 from tokprune.search.plan import param_strings, storage_label
 from tokprune.search.results import MethodResult, Point, _fmt, distinct_baselines, portable
 
-
 ARTIFACT_DIR = "report"
 
 
@@ -26,8 +25,11 @@ OWNED = ("pareto_*.png", "kept_*.png", "pareto.md", "report.html", "report.json"
 
 def role_names(cfg: DictConfig, metric: str) -> dict[str, str]:
     points = 100 * float(cfg.report.metric_tolerance)
-    return {"best": f"highest dev {metric}", "within_flops": f"best at FLOPs ratio <= {cfg.report.flops_budget:g}",
-            "near_baseline": f"fewest FLOPs within {points:g} point{'s' * (points != 1)} of the baseline"}
+    return {
+        "best": f"highest dev {metric}",
+        "within_flops": f"best at FLOPs ratio <= {cfg.report.flops_budget:g}",
+        "near_baseline": f"fewest FLOPs within {points:g} point{'s' * (points != 1)} of the baseline",
+    }
 
 
 def _speedups(result: MethodResult, trial: int) -> list[str]:
@@ -54,13 +56,24 @@ def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[l
         for role in ROLES:
             p = r.point(r.operating.get(role))
             if p is None:
-                rows.append([r.label, names[role], "—", "no Pareto point qualifies", "", "", "",
-                             *[""] * len(batch_sizes())])
+                rows.append(
+                    [r.label, names[role], "—", "no Pareto point qualifies", "", "", "", *[""] * len(batch_sizes())]
+                )
                 continue
             static = reference.point_reached_at(p.flops_real) if reference is not None and reference is not r else None
-            rows.append([r.label, names[role], str(p.trial), p.metric_cell(), _fmt(p.metric_mean - base, 4),
-                         _fmt(p.flops_real), static.metric_cell() if static is not None else "—",
-                         gap_against(p, static), *_speedups(r, p.trial)])
+            rows.append(
+                [
+                    r.label,
+                    names[role],
+                    str(p.trial),
+                    p.metric_cell(),
+                    _fmt(p.metric_mean - base, 4),
+                    _fmt(p.flops_real),
+                    static.metric_cell() if static is not None else "—",
+                    gap_against(p, static),
+                    *_speedups(r, p.trial),
+                ]
+            )
     return rows
 
 
@@ -80,44 +93,77 @@ def gap_against(point: Point, other: Point | None) -> str:
 
 def operating_header(metric: str, examples: int) -> list[str]:
     first, *rest = batch_sizes()
-    return ["method", "operating point", "trial", f"dev {metric} (mean +- std over seeds)", "vs baseline",
-            "FLOPs ratio (real length)", f"{REFERENCE_METHOD} at <= these FLOPs",
-            f"vs {REFERENCE_METHOD} (> spread: the gap exceeds twice its standard error)",
-            f"CPU speedup, batch {first} ({examples} dev rows)",
-            *[f"CPU speedup, batch {size}" for size in rest]]
+    return [
+        "method",
+        "operating point",
+        "trial",
+        f"dev {metric} (mean +- std over seeds)",
+        "vs baseline",
+        "FLOPs ratio (real length)",
+        f"{REFERENCE_METHOD} at <= these FLOPs",
+        f"vs {REFERENCE_METHOD} (> spread: the gap exceeds twice its standard error)",
+        f"CPU speedup, batch {first} ({examples} dev rows)",
+        *[f"CPU speedup, batch {size}" for size in rest],
+    ]
 
 
 def table_rows(results: list[MethodResult]) -> list[list[str]]:
     """Baseline(s) first, then each method's Pareto points by FLOPs; the best point marked."""
     rows = []
     for b, runs in distinct_baselines(results):
-        rows.append(["none (baseline)", "—", f"run{'s' * (len(runs) > 1)} {', '.join(r[:8] for r in runs)}",
-                     _fmt(b["metric"]), _fmt(b["flops_real"]), _fmt(b["flops_padded"]), "—"])
+        rows.append(
+            [
+                "none (baseline)",
+                "—",
+                f"run{'s' * (len(runs) > 1)} {', '.join(r[:8] for r in runs)}",
+                _fmt(b["metric"]),
+                _fmt(b["flops_real"]),
+                _fmt(b["flops_padded"]),
+                "—",
+            ]
+        )
     for r in results:
         for p in r.front:
             trial = f"{p.trial} (best)" if p is r.best else str(p.trial)
             measured = " / ".join(c for c in _speedups(r, p.trial) if c)
-            rows.append([r.label, trial, " ".join(param_strings(p.params)), p.metric_cell(), _fmt(p.flops_real),
-                         _fmt(p.flops_padded), measured])
+            rows.append(
+                [
+                    r.label,
+                    trial,
+                    " ".join(param_strings(p.params)),
+                    p.metric_cell(),
+                    _fmt(p.flops_real),
+                    _fmt(p.flops_padded),
+                    measured,
+                ]
+            )
     return rows
 
 
 def header(metric: str, max_length: int) -> list[str]:
-    return ["method", "trial", "parameters", f"dev {metric}", "FLOPs ratio (real length)",
-            f"FLOPs ratio (padded to {max_length})",
-            f"CPU speedup, batch {' / '.join(map(str, batch_sizes()))} (operating points)"]
+    return [
+        "method",
+        "trial",
+        "parameters",
+        f"dev {metric}",
+        "FLOPs ratio (real length)",
+        f"FLOPs ratio (padded to {max_length})",
+        f"CPU speedup, batch {' / '.join(map(str, batch_sizes()))} (operating points)",
+    ]
 
 
 def conventions(metric: str, max_length: int) -> str:
-    return (f"FLOPs are counted by fvcore (1 multiply-add = 1 FLOP), relative to the unpruned encoder on the same "
-            f"dev examples at their real length (\"real\") and padded to task.max_length={max_length} (\"padded\"). "
-            f"Dev {metric} and FLOPs are those of each trial's selected validation. Operating points are read off "
-            f"each method's Pareto front (of each trial's first seed); where a trial was repeated with more seeds "
-            f"(make repeat) its metric is the mean +- standard deviation over seeds and the plots draw that as an "
-            f"error bar; \"{REFERENCE_METHOD} at <= these FLOPs\" is the best dev {metric} of "
-            f"the {REFERENCE_METHOD} front at or below the point's FLOPs ratio. Speedup: wall time of the unpruned "
-            f"encoder (KeepAll) / the method's own pruner on the same weights, hard mode (tokens removed), CPU, "
-            f"on seeded real dev rows, timed in turns.")
+    return (
+        f"FLOPs are counted by fvcore (1 multiply-add = 1 FLOP), relative to the unpruned encoder on the same "
+        f'dev examples at their real length ("real") and padded to task.max_length={max_length} ("padded"). '
+        f"Dev {metric} and FLOPs are those of each trial's selected validation. Operating points are read off "
+        f"each method's Pareto front (of each trial's first seed); where a trial was repeated with more seeds "
+        f"(make repeat) its metric is the mean +- standard deviation over seeds and the plots draw that as an "
+        f'error bar; "{REFERENCE_METHOD} at <= these FLOPs" is the best dev {metric} of '
+        f"the {REFERENCE_METHOD} front at or below the point's FLOPs ratio. Speedup: wall time of the unpruned "
+        f"encoder (KeepAll) / the method's own pruner on the same weights, hard mode (tokens removed), CPU, "
+        f"on seeded real dev rows, timed in turns."
+    )
 
 
 def write(cfg: DictConfig, results: list[MethodResult], out: Path, storage: str, uri: str) -> list[Path]:
@@ -136,30 +182,51 @@ def write(cfg: DictConfig, results: list[MethodResult], out: Path, storage: str,
         sections.append((f"{r.label} (study {r.study})", front, kept))
     overlay_svg = plots.overlay(results, task, metric, max_length, out / "pareto_all.png")
     title = f"tokprune report: {task} (model={cfg.model.name}, budget={cfg.budget.name}, seed={cfg.seed})"
-    tables = [("Operating points", operating_header(metric, int(cfg.report.speedup_examples)),
-               operating_rows(results, role_names(cfg, metric))),
-              ("Pareto points", header(metric, max_length), table_rows(results))]
+    tables = [
+        (
+            "Operating points",
+            operating_header(metric, int(cfg.report.speedup_examples)),
+            operating_rows(results, role_names(cfg, metric)),
+        ),
+        ("Pareto points", header(metric, max_length), table_rows(results)),
+    ]
     note = conventions(metric, max_length)
     carried_from = {}
     for r in results:
         if r.carried_from:
             carried_from.setdefault(r.carried_from, []).append(r.label)
     for origin, labels in carried_from.items():
-        note += (f" Carried from {origin} (report.carry), as recorded there, points, baseline and speedups: "
-                 f"{', '.join(labels)}.")
+        note += (
+            f" Carried from {origin} (report.carry), as recorded there, points, baseline and speedups: "
+            f"{', '.join(labels)}."
+        )
     for r in results:
         if r.resumed_trials:
-            note += (f" Resumed from {r.resumed_from} (sweep.resume_from), as recorded there, points and speedups: "
-                     f"{r.label} trial{'s' * (len(r.resumed_trials) > 1)} {', '.join(map(str, r.resumed_trials))}.")
+            note += (
+                f" Resumed from {r.resumed_from} (sweep.resume_from), as recorded there, points and speedups: "
+                f"{r.label} trial{'s' * (len(r.resumed_trials) > 1)} {', '.join(map(str, r.resumed_trials))}."
+            )
     fresh = [r.study for r in results if not r.carried_from]
     generated = time.strftime("%Y-%m-%d %H:%M:%S")
     (out / "pareto.md").write_text(plots.markdown(title, note, tables))
-    meta = (f"Studies: {', '.join(fresh) or 'none'} in {portable(storage_label(storage))}; "
-            f"MLflow store {portable(uri)}. Generated {generated}.")
+    meta = (
+        f"Studies: {', '.join(fresh) or 'none'} in {portable(storage_label(storage))}; "
+        f"MLflow store {portable(uri)}. Generated {generated}."
+    )
     (out / "report.html").write_text(plots.page(title, meta, note, tables, overlay_svg, sections))
-    data = {"task": task, "model": cfg.model.name, "budget": cfg.budget.name, "seed": cfg.seed, "metric": metric,
-            "max_length": max_length, "flops_convention": plots.CONVENTION, "storage": portable(storage_label(storage)),
-            "tracking_uri": portable(uri), "generated": generated, "methods": [asdict(r) for r in results]}
+    data = {
+        "task": task,
+        "model": cfg.model.name,
+        "budget": cfg.budget.name,
+        "seed": cfg.seed,
+        "metric": metric,
+        "max_length": max_length,
+        "flops_convention": plots.CONVENTION,
+        "storage": portable(storage_label(storage)),
+        "tracking_uri": portable(uri),
+        "generated": generated,
+        "methods": [asdict(r) for r in results],
+    }
     (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     return sorted(p for pattern in OWNED for p in out.glob(pattern))
 

@@ -35,8 +35,15 @@ from omegaconf import DictConfig
 from tokprune.config import compose
 from tokprune.core.data import get_task
 from tokprune.errors import UsageError
-from tokprune.reporting.collect import (carried, collect, find_studies, locate, measure_speedup, operating_points,
-                                        _relabel)
+from tokprune.reporting.collect import (
+    _relabel,
+    carried,
+    collect,
+    find_studies,
+    locate,
+    measure_speedup,
+    operating_points,
+)
 from tokprune.reporting.render import ARTIFACT_DIR, log_to_mlflow, write
 from tokprune.search.plan import storage_label
 from tokprune.search.results import MethodResult
@@ -49,8 +56,10 @@ def build_report(cfg: DictConfig) -> tuple[list[Path], list[MethodResult], list[
     studies = find_studies(cfg, storage, allow_none=bool(cfg.report.carry))
     earlier = carried(cfg, {s.study_name for s in studies})  # checked before a store is opened
     if not studies and not earlier:
-        raise UsageError(f"report.carry={cfg.report.carry} records no study and {storage_label(storage)} holds none "
-                         f"of task {cfg.task.name}: run `make sweep METHOD=<method> TASK={cfg.task.name}` first")
+        raise UsageError(
+            f"report.carry={cfg.report.carry} records no study and {storage_label(storage)} holds none "
+            f"of task {cfg.task.name}: run `make sweep METHOD=<method> TASK={cfg.task.name}` first"
+        )
     client = MlflowClient(uri)
     results = _relabel(collect(studies, client, get_task(cfg.task.name).main_metric) + earlier)
     for r in results:
@@ -58,8 +67,11 @@ def build_report(cfg: DictConfig) -> tuple[list[Path], list[MethodResult], list[
         for trial in dict.fromkeys(t for t in r.operating.values() if t is not None):
             if trial in r.speedup:  # measured where it was carried or resumed from
                 continue
-            r.speedup[trial] = (measure_speedup(cfg, r.point(trial), client, uri) if not r.carried_from
-                                else {"skipped": "not measured where it was carried from"})
+            r.speedup[trial] = (
+                measure_speedup(cfg, r.point(trial), client, uri)
+                if not r.carried_from
+                else {"skipped": "not measured where it was carried from"}
+            )
     files = write(cfg, results, out, storage, uri)
     return files, results, log_to_mlflow(client, results, files)
 
@@ -70,8 +82,10 @@ def run_report(args: list[str]) -> int:
     files, results, logged = build_report(cfg)
     out = files[0].parent
     print((out / "pareto.md").read_text().split("\n", 4)[-1].strip())
-    print(f"wrote {out}/report.html (+ {len(files) - 1} files); logged them to the {ARTIFACT_DIR}/ artifacts of "
-          f"{len(logged)} parent run(s) in {resolve_tracking_uri(cfg.mlflow.tracking_uri)}")
+    print(
+        f"wrote {out}/report.html (+ {len(files) - 1} files); logged them to the {ARTIFACT_DIR}/ artifacts of "
+        f"{len(logged)} parent run(s) in {resolve_tracking_uri(cfg.mlflow.tracking_uri)}"
+    )
     return 0
 
 

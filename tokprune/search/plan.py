@@ -97,9 +97,9 @@ class SearchSpace:
     trials: dict[str, int]  # budget name (or "default") -> total trials
     baseline_checkpoint: str | None = None  # a config key that gets the baseline's checkpoint path
     per_budget: dict[str, tuple[Param, ...]] = field(default_factory=dict)  # budget -> params replacing or adding
-    per_protocol: dict[str, "SearchSpace"] = field(default_factory=dict)  # protocol -> its own space
+    per_protocol: dict[str, SearchSpace] = field(default_factory=dict)  # protocol -> its own space
 
-    def for_run(self, protocol: str, budget: str) -> "SearchSpace":
+    def for_run(self, protocol: str, budget: str) -> SearchSpace:
         """The space a sweep under ``protocol`` at ``budget`` samples: the protocol's own space if the
         file has one (else the top-level one), with that budget's entries merged in."""
         space = self.per_protocol.get(protocol, self)
@@ -172,8 +172,9 @@ def _param(path: Path, key: str, spec) -> Param:
     return Param(key, dist, low=low, high=high, log=log, step=step)
 
 
-def load_space(path: Path, method: str, conf_dir: Path = CONF_DIR, data: dict | None = None,
-               where: str = "") -> SearchSpace:
+def load_space(
+    path: Path, method: str, conf_dir: Path = CONF_DIR, data: dict | None = None, where: str = ""
+) -> SearchSpace:
     """Read and check the file's structure (not yet whether its keys exist: see ``check_keys``);
     ``data``/``where``: a ``per_protocol`` section of it, read the same way."""
     top = data is None
@@ -181,8 +182,9 @@ def load_space(path: Path, method: str, conf_dir: Path = CONF_DIR, data: dict | 
     allowed = {"params", "trials", "baseline_checkpoint", "per_budget", *(("per_protocol",) if top else ())}
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise UsageError(f"{path}: unknown {where or 'top-level '}key(s) {', '.join(unknown)}: "
-                         f"expected {', '.join(sorted(allowed))}")
+        raise UsageError(
+            f"{path}: unknown {where or 'top-level '}key(s) {', '.join(unknown)}: expected {', '.join(sorted(allowed))}"
+        )
     teacher = data.get("baseline_checkpoint")
     if teacher is not None and (not isinstance(teacher, str) or "." not in teacher):
         raise UsageError(f"{path}: baseline_checkpoint must be a dotted config key such as method.teacher_checkpoint")
@@ -212,14 +214,23 @@ def load_space(path: Path, method: str, conf_dir: Path = CONF_DIR, data: dict | 
         raise UsageError(f"{path}: per_protocol must map protocol names to {{params: ...}}")
     for protocol, section in sections.items():
         if protocol not in choices("protocol", conf_dir):
-            raise UsageError(f"{path}: per_protocol: unknown protocol '{protocol}': choose from "
-                             f"{', '.join(choices('protocol', conf_dir))}")
+            raise UsageError(
+                f"{path}: per_protocol: unknown protocol '{protocol}': choose from "
+                f"{', '.join(choices('protocol', conf_dir))}"
+            )
         if not isinstance(section, dict):
             raise UsageError(f"{path}: per_protocol.{protocol} must be a mapping with params")
         section = {"trials": data.get("trials"), **section}
         protocols[protocol] = load_space(path, method, conf_dir, section, f"per_protocol.{protocol}.")
-    return SearchSpace(method=method, path=path, params=tuple(parsed), trials=dict(trials),
-                       baseline_checkpoint=teacher, per_budget=own, per_protocol=protocols)
+    return SearchSpace(
+        method=method,
+        path=path,
+        params=tuple(parsed),
+        trials=dict(trials),
+        baseline_checkpoint=teacher,
+        per_budget=own,
+        per_protocol=protocols,
+    )
 
 
 def _params(path: Path, params, where: str) -> list[Param]:
@@ -287,8 +298,9 @@ class Plan:
         """The overrides that can change a result (not paths, logging or the MLflow store, and
         not the seed, which the study's name and the baseline's key hold already): they tell
         apart baselines, and a resumed study warns when they differ."""
-        return sorted(a for a in self.passthrough
-                      if not a.partition("=")[0].startswith(NEUTRAL) and a.partition("=")[0] != "seed")
+        return sorted(
+            a for a in self.passthrough if not a.partition("=")[0].startswith(NEUTRAL) and a.partition("=")[0] != "seed"
+        )
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -311,9 +323,11 @@ def storage_label(url: str) -> str:
         return url
     from sqlalchemy.engine import make_url
 
-    accepted = ("a journal file path (default: optuna.journal beside mlflow.db) or an SQLAlchemy database URL "
-                "that Optuna's RDB storage takes, e.g. postgresql://user@host/db, mysql://user@host/db, "
-                "sqlite:////path/optuna.db")
+    accepted = (
+        "a journal file path (default: optuna.journal beside mlflow.db) or an SQLAlchemy database URL "
+        "that Optuna's RDB storage takes, e.g. postgresql://user@host/db, mysql://user@host/db, "
+        "sqlite:////path/optuna.db"
+    )
     try:
         parsed = make_url(url)
     except Exception:
@@ -321,8 +335,10 @@ def storage_label(url: str) -> str:
     try:
         parsed.get_dialect()
     except Exception:  # SQLAlchemy knows no such database (e.g. mongodb://)
-        raise UsageError(f"storage '{parsed.render_as_string(hide_password=True)}': SQLAlchemy has no dialect "
-                         f"'{parsed.drivername}'; give {accepted}") from None
+        raise UsageError(
+            f"storage '{parsed.render_as_string(hide_password=True)}': SQLAlchemy has no dialect "
+            f"'{parsed.drivername}'; give {accepted}"
+        ) from None
     return parsed.render_as_string(hide_password=True)
 
 
@@ -365,6 +381,16 @@ def plan_sweep(args: list[str]) -> Plan:
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     storage = study_storage(str(s.storage or ""), tracking_uri)
     name = s.study_name or study_name(method, cfg)
-    return Plan(args=list(args), cfg=cfg, space=space, target=target, workers=_positive_int("workers", s.workers),
-                study_name=str(name), storage=storage, storage_label=storage_label(storage), tracking_uri=tracking_uri,
-                main_metric=get_task(cfg.task.name).main_metric, startup_trials=startup)
+    return Plan(
+        args=list(args),
+        cfg=cfg,
+        space=space,
+        target=target,
+        workers=_positive_int("workers", s.workers),
+        study_name=str(name),
+        storage=storage,
+        storage_label=storage_label(storage),
+        tracking_uri=tracking_uri,
+        main_metric=get_task(cfg.task.name).main_metric,
+        startup_trials=startup,
+    )

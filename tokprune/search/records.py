@@ -18,7 +18,6 @@ import io
 import optuna
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-
 from optuna.trial import TrialState
 
 from tokprune.search.plan import FLOPS, Plan, param_strings
@@ -45,8 +44,9 @@ def child_runs(client: MlflowClient, exp_id: str, parent_id: str, **tags: str) -
     return search(client, exp_id, where({PARENT: parent_id, **tags}))
 
 
-def close_trial_runs(client: MlflowClient, exp_id: str, parent_id: str, number: int, status: str,
-                     replace: tuple[str, ...] = ("RUNNING",)) -> list[str]:
+def close_trial_runs(
+    client: MlflowClient, exp_id: str, parent_id: str, number: int, status: str, replace: tuple[str, ...] = ("RUNNING",)
+) -> list[str]:
     """Set the status of one trial's child runs that are in one of the ``replace`` states: open
     runs of a failed trial; for a stale trial its finished run too (the trial was never told)."""
     closed = []
@@ -83,32 +83,64 @@ def tag_pareto(client: MlflowClient, exp_id: str, parent_id: str, front: dict[in
 def front_table(study: optuna.Study, plan: Plan, baseline: dict) -> str:
     """The Pareto-optimal trials so far, fewest FLOPs first, and the unpruned baseline."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    lines = [f"Pareto front, {len(complete)}/{plan.target} trials complete "
-             f"({plan.main_metric} up, {FLOPS} down; study {plan.study_name}):",
-             f"  {'trial':>8}  {plan.main_metric:>10}  {FLOPS:>16}  params"]
+    lines = [
+        f"Pareto front, {len(complete)}/{plan.target} trials complete "
+        f"({plan.main_metric} up, {FLOPS} down; study {plan.study_name}):",
+        f"  {'trial':>8}  {plan.main_metric:>10}  {FLOPS:>16}  params",
+    ]
     for t in sorted(study.best_trials if complete else [], key=lambda t: t.values[1]):
-        lines.append(f"  {t.number:>8}  {t.values[0]:>10.4f}  {t.values[1]:>16.3f}  {' '.join(param_strings(t.params))}")
+        lines.append(
+            f"  {t.number:>8}  {t.values[0]:>10.4f}  {t.values[1]:>16.3f}  {' '.join(param_strings(t.params))}"
+        )
     if baseline:
-        lines.append(f"  {'baseline':>8}  {baseline['metric']:>10.4f}  {baseline['flops']:>16.3f}  "
-                     f"method=none (run {baseline['run_id']})")
+        lines.append(
+            f"  {'baseline':>8}  {baseline['metric']:>10.4f}  {baseline['flops']:>16.3f}  "
+            f"method=none (run {baseline['run_id']})"
+        )
     return "\n".join(lines)
 
 
-def log_summary(client: MlflowClient, parent_id: str, study: optuna.Study, plan: Plan, baseline: dict,
-                front: dict[int, str]) -> None:
+def log_summary(
+    client: MlflowClient, parent_id: str, study: optuna.Study, plan: Plan, baseline: dict, front: dict[int, str]
+) -> None:
     """The parent's summary, rewritten each time: ``sweep/trials.csv`` (every trial and the
     baseline), ``sweep/summary.md`` (the front), counts as metrics, the front as a tag."""
     trials = study.get_trials(deepcopy=False)
-    columns = ["trial", "state", "pareto", plan.main_metric, FLOPS, "flops_ratio_padded",
-               *(p.key for p in plan.space.params), "mlflow_run_id", "error"]
-    rows = [{"trial": "baseline", "state": "COMPLETE", "pareto": "", plan.main_metric: baseline["metric"],
-             FLOPS: baseline["flops"], "mlflow_run_id": baseline["run_id"]}]
+    columns = [
+        "trial",
+        "state",
+        "pareto",
+        plan.main_metric,
+        FLOPS,
+        "flops_ratio_padded",
+        *(p.key for p in plan.space.params),
+        "mlflow_run_id",
+        "error",
+    ]
+    rows = [
+        {
+            "trial": "baseline",
+            "state": "COMPLETE",
+            "pareto": "",
+            plan.main_metric: baseline["metric"],
+            FLOPS: baseline["flops"],
+            "mlflow_run_id": baseline["run_id"],
+        }
+    ]
     for t in trials:
-        rows.append({"trial": t.number, "state": t.state.name, "pareto": t.number in front,
-                     plan.main_metric: t.values[0] if t.values else "", FLOPS: t.values[1] if t.values else "",
-                     "flops_ratio_padded": t.user_attrs.get("best/flops_ratio_padded", ""), **t.params,
-                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id") or "",
-                     "error": t.user_attrs.get("error") or ""})
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "pareto": t.number in front,
+                plan.main_metric: t.values[0] if t.values else "",
+                FLOPS: t.values[1] if t.values else "",
+                "flops_ratio_padded": t.user_attrs.get("best/flops_ratio_padded", ""),
+                **t.params,
+                "mlflow_run_id": t.user_attrs.get("mlflow_run_id") or "",
+                "error": t.user_attrs.get("error") or "",
+            }
+        )
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -116,9 +148,12 @@ def log_summary(client: MlflowClient, parent_id: str, study: optuna.Study, plan:
     client.log_text(parent_id, buffer.getvalue(), "sweep/trials.csv")
     complete = sum(t.state == TrialState.COMPLETE for t in trials)
     failed = sum(t.state == TrialState.FAIL for t in trials)
-    client.log_text(parent_id, f"# Sweep {plan.study_name}\n\n{complete}/{plan.target} trials complete, {failed} "
-                    f"failed. Storage: {plan.storage_label}\n\n```\n{front_table(study, plan, baseline)}\n```\n",
-                    "sweep/summary.md")
+    client.log_text(
+        parent_id,
+        f"# Sweep {plan.study_name}\n\n{complete}/{plan.target} trials complete, {failed} "
+        f"failed. Storage: {plan.storage_label}\n\n```\n{front_table(study, plan, baseline)}\n```\n",
+        "sweep/summary.md",
+    )
     client.set_tag(parent_id, "pareto_trials", ",".join(map(str, sorted(front))))
     client.set_tag(parent_id, "trials", str(plan.target))
     for key, value in {"sweep/complete": complete, "sweep/failed": failed, "sweep/pareto": len(front)}.items():

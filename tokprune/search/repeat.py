@@ -20,8 +20,8 @@ from optuna.trial import TrialState
 
 from tokprune.config import compose
 from tokprune.errors import UsageError
-from tokprune.search.sweep import Sweep
 from tokprune.search.plan import FLOPS, plan_sweep
+from tokprune.search.sweep import Sweep
 from tokprune.training.tracking import PARENT, ROLE
 from tokprune.training.train import train
 
@@ -38,8 +38,10 @@ def repeat_trial(args: list[str], trial_number: int, seeds: int) -> int:
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == trial_number), None)
     if trial is None or trial.state != TrialState.COMPLETE:
         complete = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        raise UsageError(f"study {plan.study_name} has no complete trial {trial_number}: complete trials are "
-                         f"{', '.join(map(str, complete)) or 'none'} (run the sweep first)")
+        raise UsageError(
+            f"study {plan.study_name} has no complete trial {trial_number}: complete trials are "
+            f"{', '.join(map(str, complete)) or 'none'} (run the sweep first)"
+        )
     main = plan.main_metric
     for seed in [plan.cfg.seed + i for i in range(1, seeds + 1)]:
         recorded = study.user_attrs.get(REPEATS, {}).get(str(trial_number), [])
@@ -47,25 +49,44 @@ def repeat_trial(args: list[str], trial_number: int, seeds: int) -> int:
             sweep.say(f"trial {trial_number}, seed {seed}: repeated already")
             continue
         sweep.say(f"trial {trial_number} again with seed {seed}")
-        cfg = compose([*sweep.trial_arguments(dict(trial.params)), f"seed={seed}",
-                       f"mlflow.run_name={plan.study_name}-trial{trial_number}-seed{seed}"])
+        cfg = compose(
+            [
+                *sweep.trial_arguments(dict(trial.params)),
+                f"seed={seed}",
+                f"mlflow.run_name={plan.study_name}-trial{trial_number}-seed{seed}",
+            ]
+        )
         cfg.sweep.storage = plan.storage_label
-        tags = {PARENT: sweep.parent_id, ROLE: "repeat", "repeat_of": str(trial_number),
-                "study": plan.study_name, "seed": str(seed)}
+        tags = {
+            PARENT: sweep.parent_id,
+            ROLE: "repeat",
+            "repeat_of": str(trial_number),
+            "study": plan.study_name,
+            "seed": str(seed),
+        }
         result = train(cfg, tags=tags)
-        record = {"seed": seed, "metric": result.best.get(f"val/{main}"), "flops_real": result.best.get(f"val/{FLOPS}"),
-                  "flops_padded": result.best.get("val/flops_ratio_padded"), "run_id": result.run_id,
-                  "checkpoint": result.checkpoint}
+        record = {
+            "seed": seed,
+            "metric": result.best.get(f"val/{main}"),
+            "flops_real": result.best.get(f"val/{FLOPS}"),
+            "flops_padded": result.best.get("val/flops_ratio_padded"),
+            "run_id": result.run_id,
+            "checkpoint": result.checkpoint,
+        }
         with sweep.gate:  # other processes may record their repeats of this study meanwhile
             study = sweep.load()
             repeats = dict(study.user_attrs.get(REPEATS, {}))
             repeats[str(trial_number)] = [*repeats.get(str(trial_number), []), record]
             study.set_user_attr(REPEATS, repeats)
-        sweep.say(f"trial {trial_number}, seed {seed}: {main}={record['metric']:.4f} {FLOPS}={record['flops_real']:.3f}")
+        sweep.say(
+            f"trial {trial_number}, seed {seed}: {main}={record['metric']:.4f} {FLOPS}={record['flops_real']:.3f}"
+        )
     records = study.user_attrs.get(REPEATS, {}).get(str(trial_number), [])
     metrics = [trial.values[0], *(r["metric"] for r in records)]
     flops = [trial.values[1], *(r["flops_real"] for r in records)]
     spread = statistics.stdev(metrics) if len(metrics) > 1 else 0.0
-    sweep.say(f"trial {trial_number} over {len(metrics)} seeds: {main} {statistics.mean(metrics):.4f} +- {spread:.4f} "
-              f"(std), {FLOPS} {statistics.mean(flops):.3f} +- {statistics.stdev(flops) if len(flops) > 1 else 0.0:.3f}")
+    sweep.say(
+        f"trial {trial_number} over {len(metrics)} seeds: {main} {statistics.mean(metrics):.4f} +- {spread:.4f} "
+        f"(std), {FLOPS} {statistics.mean(flops):.3f} +- {statistics.stdev(flops) if len(flops) > 1 else 0.0:.3f}"
+    )
     return 0

@@ -107,7 +107,7 @@ def portable(where: str) -> str:
     absolute path): its last two components; server URLs as they are."""
     prefix = "sqlite:///"
     if where.startswith(prefix):
-        return prefix + portable(where[len(prefix):])
+        return prefix + portable(where[len(prefix) :])
     path = Path(where)
     return str(Path(*path.parts[-2:])) if "://" not in where and path.is_absolute() else where
 
@@ -133,12 +133,22 @@ def recorded_studies(path: str, cfg: DictConfig, option: str) -> list[MethodResu
         say = lambda d: " ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
         raise UsageError(f"{option}={path}: it reports {say(found)}, not {say(wanted)}")
     origin = portable(path) + (f" of {data['generated']}" if data.get("generated") else "")
-    return [MethodResult(
-        method=m["method"], label=m["label"], study=m["study"], parent_run_id=m.get("parent_run_id"),
-        overrides=list(m.get("overrides", [])), points=[Point(**p) for p in m["points"]],
-        baseline=m.get("baseline"), speedup=_per_trial(m.get("speedup", {})),
-        carried_from=m.get("carried_from") or origin, resumed_from=m.get("resumed_from", ""),
-        resumed_trials=list(m.get("resumed_trials", []))) for m in recorded]
+    return [
+        MethodResult(
+            method=m["method"],
+            label=m["label"],
+            study=m["study"],
+            parent_run_id=m.get("parent_run_id"),
+            overrides=list(m.get("overrides", [])),
+            points=[Point(**p) for p in m["points"]],
+            baseline=m.get("baseline"),
+            speedup=_per_trial(m.get("speedup", {})),
+            carried_from=m.get("carried_from") or origin,
+            resumed_from=m.get("resumed_from", ""),
+            resumed_trials=list(m.get("resumed_trials", [])),
+        )
+        for m in recorded
+    ]
 
 
 def _fmt(value, digits: int = 4) -> str:

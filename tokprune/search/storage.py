@@ -50,11 +50,15 @@ def open_storage(plan: Plan, on_stale) -> optuna.storages.BaseStorage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-            return RDBStorage(plan.storage, heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period,
-                              heartbeat_stale_trial_callback=on_stale, engine_kwargs={"pool_pre_ping": True})
+            return RDBStorage(
+                plan.storage,
+                heartbeat_interval=s.heartbeat_interval,
+                grace_period=s.grace_period,
+                heartbeat_stale_trial_callback=on_stale,
+                engine_kwargs={"pool_pre_ping": True},
+            )
     except ModuleNotFoundError as exc:
-        raise UsageError(f"storage {plan.storage_label}: {exc} (install its driver, e.g. psycopg2-binary)") \
-            from None
+        raise UsageError(f"storage {plan.storage_label}: {exc} (install its driver, e.g. psycopg2-binary)") from None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"storage {plan.storage_label}: cannot open it ({first})") from None
@@ -71,33 +75,55 @@ def resumed_trials(plan: Plan) -> tuple[str, list[FrozenTrial]]:
     if not path:
         return "", []
     option = f"sweep.resume_from={path}"
-    recorded = next((r for r in recorded_studies(path, plan.cfg, "sweep.resume_from")
-                     if r.study == plan.study_name), None)
+    recorded = next(
+        (r for r in recorded_studies(path, plan.cfg, "sweep.resume_from") if r.study == plan.study_name), None
+    )
     if recorded is None:
         raise UsageError(f"{option}: it records no study {plan.study_name}")
     if recorded.overrides != plan.result_overrides:
-        print(f"[sweep] warning: the trials in {path} ran with overrides {recorded.overrides}, now "
-              f"{plan.result_overrides}: the study's trials are not all alike", flush=True)
+        print(
+            f"[sweep] warning: the trials in {path} ran with overrides {recorded.overrides}, now "
+            f"{plan.result_overrides}: the study's trials are not all alike",
+            flush=True,
+        )
     points = {p.trial: p for p in recorded.points}
     distributions = {param.key: param.optuna_distribution() for param in plan.space.params}
     trials = []
     for number in range(max(points, default=-1) + 1):
         point = points.get(number)
         if point is None:
-            trials.append(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={
-                "resumed_from": recorded.carried_from, "error": "not complete where it was resumed from"}))
+            trials.append(
+                optuna.trial.create_trial(
+                    state=TrialState.FAIL,
+                    user_attrs={
+                        "resumed_from": recorded.carried_from,
+                        "error": "not complete where it was resumed from",
+                    },
+                )
+            )
             continue
         if set(point.params) != set(distributions):
-            raise UsageError(f"{option}: trial {number} has parameters {sorted(point.params)}, this sweep's "
-                             f"space {sorted(distributions)}")
-        attrs = {"mlflow_run_id": point.run_id, "resumed_from": recorded.carried_from,
-                 "best/flops_ratio_padded": point.flops_padded,
-                 **{f"best/kept_fraction/layer_{i}": kept for i, kept in enumerate(point.kept)}}
+            raise UsageError(
+                f"{option}: trial {number} has parameters {sorted(point.params)}, this sweep's "
+                f"space {sorted(distributions)}"
+            )
+        attrs = {
+            "mlflow_run_id": point.run_id,
+            "resumed_from": recorded.carried_from,
+            "best/flops_ratio_padded": point.flops_padded,
+            **{f"best/kept_fraction/layer_{i}": kept for i, kept in enumerate(point.kept)},
+        }
         if number in recorded.speedup:
             attrs["speedup"] = recorded.speedup[number]
         try:
-            trials.append(optuna.trial.create_trial(params=point.params, distributions=distributions,
-                                                    values=[point.metric, point.flops_real], user_attrs=attrs))
+            trials.append(
+                optuna.trial.create_trial(
+                    params=point.params,
+                    distributions=distributions,
+                    values=[point.metric, point.flops_real],
+                    user_attrs=attrs,
+                )
+            )
         except ValueError as exc:
             raise UsageError(f"{option}: trial {number} does not fit this sweep's space ({exc})") from None
     return recorded.carried_from, trials

@@ -37,14 +37,13 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from tokprune.search import records as track
-from tokprune.training.baseline import find_or_train
-from tokprune.config import compose
-from tokprune.errors import Stopped, UsageError
+from tokprune.config import compose, override
 from tokprune.core.liveness import HOST, alive, owner, proc_start
-from tokprune.search.storage import Gate, open_storage, resumed_trials
-from tokprune.config import override
+from tokprune.errors import Stopped, UsageError
+from tokprune.search import records as track
 from tokprune.search.plan import FLOPS, Plan, param_strings, plan_sweep
+from tokprune.search.storage import Gate, open_storage, resumed_trials
+from tokprune.training.baseline import find_or_train
 from tokprune.training.tracking import PARENT, ROLE, experiment_id
 from tokprune.training.train import train
 
@@ -89,8 +88,9 @@ class Sweep:
         self.say(f"trial {trial.number} was left running by a dead worker: failed, re-queued with the same values")
         self.retry(study, trial)
         if self.parent_id:
-            track.close_trial_runs(self.client, self.exp_id, self.parent_id, trial.number, "KILLED",
-                                   replace=("RUNNING", "FINISHED"))
+            track.close_trial_runs(
+                self.client, self.exp_id, self.parent_id, trial.number, "KILLED", replace=("RUNNING", "FINISHED")
+            )
 
     def reap(self, study: optuna.Study) -> None:
         if self.plan.is_rdb:
@@ -111,8 +111,9 @@ class Sweep:
         worker, and parallel workers do not draw the same values."""
         study = optuna.load_study(study_name=self.plan.study_name, storage=self.storage)
         n = len(study.get_trials(deepcopy=False))
-        study.sampler = optuna.samplers.TPESampler(seed=(self.plan.cfg.seed * 1_000_003 + n) % 2**32,
-                                                   n_startup_trials=self.plan.startup_trials)
+        study.sampler = optuna.samplers.TPESampler(
+            seed=(self.plan.cfg.seed * 1_000_003 + n) % 2**32, n_startup_trials=self.plan.startup_trials
+        )
         return study
 
     # -- setup ------------------------------------------------------------------------
@@ -124,10 +125,19 @@ class Sweep:
             study = self._study()
             self.add_resumed(study)
             self.exp_id = experiment_id(self.client, cfg.mlflow.experiment, plan.tracking_uri)
-            tags = {"sweep_id": study.user_attrs["sweep_id"], "method": plan.space.method, "task": cfg.task.name,
-                    "model": cfg.model.name, "budget": cfg.budget.name, "seed": str(cfg.seed),
-                    "study": plan.study_name, "storage": plan.storage_label, "trials": str(plan.target), **owner(),
-                    **{f"space.{k}": v for k, v in plan.space.describe().items()}}
+            tags = {
+                "sweep_id": study.user_attrs["sweep_id"],
+                "method": plan.space.method,
+                "task": cfg.task.name,
+                "model": cfg.model.name,
+                "budget": cfg.budget.name,
+                "seed": str(cfg.seed),
+                "study": plan.study_name,
+                "storage": plan.storage_label,
+                "trials": str(plan.target),
+                **owner(),
+                **{f"space.{k}": v for k, v in plan.space.describe().items()},
+            }
             self.parent_id = track.parent_run(self.client, self.exp_id, tags, f"sweep-{plan.study_name}")
             for key, value in tags.items():
                 self.client.set_tag(self.parent_id, key, value)
@@ -135,26 +145,38 @@ class Sweep:
                 study.set_user_attr("mlflow_parent_run_id", self.parent_id)
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
             self.say(f"study {plan.study_name}: {done}/{plan.target} trials complete; storage {plan.storage_label}")
-            self.say(f"MLflow store {plan.tracking_uri}, experiment {cfg.mlflow.experiment}, parent run "
-                     f"{self.parent_id} (make ui; filter tags.pareto = 'true')")
+            self.say(
+                f"MLflow store {plan.tracking_uri}, experiment {cfg.mlflow.experiment}, parent run "
+                f"{self.parent_id} (make ui; filter tags.pareto = 'true')"
+            )
             self.baseline = self._baseline()
             self.reap(study)
         return study
 
     def _study(self) -> optuna.Study:
         plan, cfg = self.plan, self.plan.cfg
-        study = optuna.create_study(study_name=plan.study_name, storage=self.storage, load_if_exists=True,
-                                    directions=["maximize", "minimize"])
+        study = optuna.create_study(
+            study_name=plan.study_name, storage=self.storage, load_if_exists=True, directions=["maximize", "minimize"]
+        )
         if study.directions != [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]:
             raise UsageError(f"study {plan.study_name} in {plan.storage_label} is not a sweep study of this kind")
         if study.user_attrs.get("overrides", plan.result_overrides) != plan.result_overrides:
-            self.say(f"warning: this study was started with overrides {study.user_attrs['overrides']}, "
-                     f"now {plan.result_overrides}: its trials are not all alike")
+            self.say(
+                f"warning: this study was started with overrides {study.user_attrs['overrides']}, "
+                f"now {plan.result_overrides}: its trials are not all alike"
+            )
         study.set_metric_names([plan.main_metric, FLOPS])
-        attrs = {"method": plan.space.method, "task": cfg.task.name, "model": cfg.model.name,
-                 "budget": cfg.budget.name, "seed": cfg.seed, "space": plan.space.describe(),
-                 "overrides": plan.result_overrides, "mlflow_tracking_uri": plan.tracking_uri,
-                 "sweep_id": uuid.uuid4().hex}  # tells this study from an earlier one of the same name
+        attrs = {
+            "method": plan.space.method,
+            "task": cfg.task.name,
+            "model": cfg.model.name,
+            "budget": cfg.budget.name,
+            "seed": cfg.seed,
+            "space": plan.space.describe(),
+            "overrides": plan.result_overrides,
+            "mlflow_tracking_uri": plan.tracking_uri,
+            "sweep_id": uuid.uuid4().hex,
+        }  # tells this study from an earlier one of the same name
         for key, value in attrs.items():
             if key not in study.user_attrs:
                 study.set_user_attr(key, value)
@@ -172,7 +194,9 @@ class Sweep:
             return
         study.add_trials(trials)
         complete = sum(t.state == TrialState.COMPLETE for t in trials)
-        self.say(f"study {name}: resumed {complete} complete trial(s) of {len(trials)} from {origin} (sweep.resume_from)")
+        self.say(
+            f"study {name}: resumed {complete} complete trial(s) of {len(trials)} from {origin} (sweep.resume_from)"
+        )
 
     def _baseline(self) -> dict:
         """The unpruned run (method=none) for this task, model, budget and seed: the FLOPs-ratio-1.0
@@ -186,8 +210,12 @@ class Sweep:
             self.client.set_tag(self.parent_id, "baseline_checkpoint", run.data.tags.get("checkpoint", ""))
             self.client.log_metric(self.parent_id, f"baseline/{self.plan.main_metric}", metric)
             self.client.log_metric(self.parent_id, f"baseline/{FLOPS}", flops)
-        return {"run_id": run.info.run_id, "metric": metric, "flops": flops,
-                "checkpoint": run.data.tags.get("checkpoint", "")}
+        return {
+            "run_id": run.info.run_id,
+            "metric": metric,
+            "flops": flops,
+            "checkpoint": run.data.tags.get("checkpoint", ""),
+        }
 
     # -- trials -----------------------------------------------------------------------
 
@@ -208,10 +236,14 @@ class Sweep:
                     study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=[self.after_trial])
             if busy:
                 if not waiting:
-                    dead = (f" (a dead worker's trial fails after {plan.cfg.sweep.grace_period} s without a heartbeat)"
-                            if plan.is_rdb else "")
-                    self.say(f"{done}/{plan.target} done; waiting for {running} trial(s) running in other workers"
-                             + dead)
+                    dead = (
+                        f" (a dead worker's trial fails after {plan.cfg.sweep.grace_period} s without a heartbeat)"
+                        if plan.is_rdb
+                        else ""
+                    )
+                    self.say(
+                        f"{done}/{plan.target} done; waiting for {running} trial(s) running in other workers" + dead
+                    )
                 waiting = True
                 time.sleep(plan.cfg.sweep.poll_seconds)
                 continue
@@ -222,13 +254,21 @@ class Sweep:
 
     def claim(self, trial: optuna.Trial) -> None:
         """Mark the trial as this process's; then, with RDB storage, drop it if it is one too many."""
-        for key, value in {"host": HOST, "pid": os.getpid(), "pid_start": proc_start(os.getpid()),
-                           "mlflow_run_id": None, "error": None}.items():
+        for key, value in {
+            "host": HOST,
+            "pid": os.getpid(),
+            "pid_start": proc_start(os.getpid()),
+            "mlflow_run_id": None,
+            "error": None,
+        }.items():
             trial.set_user_attr(key, value)
         self.gate.release()
         if self.plan.is_rdb:
-            taken = [t.number for t in trial.study.get_trials(deepcopy=False)
-                     if t.state in (TrialState.COMPLETE, TrialState.RUNNING)]
+            taken = [
+                t.number
+                for t in trial.study.get_trials(deepcopy=False)
+                if t.state in (TrialState.COMPLETE, TrialState.RUNNING)
+            ]
             if trial.number not in sorted(taken)[: self.plan.target]:
                 trial.set_user_attr("surplus", True)
                 self.outcome = "surplus"
@@ -252,20 +292,33 @@ class Sweep:
         self.say(f"trial {trial.number} started ({taken} of {plan.target}): {shown}")
         cfg = compose([*self.trial_arguments(values), f"mlflow.run_name={plan.study_name}-trial{trial.number}"])
         cfg.sweep.storage = plan.storage_label  # no password in the run's params
-        tags = {PARENT: self.parent_id, ROLE: "trial", "trial": str(trial.number),
-                "study": plan.study_name, "seed": str(cfg.seed)}
+        tags = {
+            PARENT: self.parent_id,
+            ROLE: "trial",
+            "trial": str(trial.number),
+            "study": plan.study_name,
+            "seed": str(cfg.seed),
+        }
         start = time.perf_counter()
         try:
             result = train(cfg, callbacks=[TrialLink(trial, values), FiniteLoss()], tags=tags)
         except BaseException as exc:
             stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
             self.outcome = "interrupted" if stopped else "fail"
-            error = f"interrupted ({signal.Signals(_received[0]).name})" if stopped and _received else \
-                f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            error = (
+                f"interrupted ({signal.Signals(_received[0]).name})"
+                if stopped and _received
+                else f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            )
             trial.set_user_attr("error", error)
-            track.close_trial_runs(self.client, self.exp_id, self.parent_id, trial.number,
-                                   "KILLED" if stopped else "FAILED",
-                                   replace=("RUNNING", "FAILED") if stopped else ("RUNNING",))
+            track.close_trial_runs(
+                self.client,
+                self.exp_id,
+                self.parent_id,
+                trial.number,
+                "KILLED" if stopped else "FAILED",
+                replace=("RUNNING", "FAILED") if stopped else ("RUNNING",),
+            )
             if stopped and not isinstance(exc, Interrupted):
                 raise Interrupted(str(exc)) from exc
             raise
@@ -287,8 +340,10 @@ class Sweep:
             return
         if trial.state == TrialState.COMPLETE:
             metric, flops = trial.values
-            self.say(f"trial {trial.number} done: {self.plan.main_metric}={metric:.4f} {FLOPS}={flops:.3f} "
-                     f"({trial.user_attrs.get('seconds', 0):.0f} s)")
+            self.say(
+                f"trial {trial.number} done: {self.plan.main_metric}={metric:.4f} {FLOPS}={flops:.3f} "
+                f"({trial.user_attrs.get('seconds', 0):.0f} s)"
+            )
         else:
             self.say(f"trial {trial.number} failed: {trial.user_attrs.get('error') or 'see above'}")
         self.show_front(study)
@@ -326,7 +381,10 @@ class Sweep:
             if trial.user_attrs.get("mlflow_run_id"):
                 self.client.set_tag(trial.user_attrs["mlflow_run_id"], "checkpoint_deleted", "dominated trial")
         if freed:
-            self.say(f"deleted the checkpoints of dominated trials ({freed / 2**20:.0f} MiB; sweep.keep_checkpoints=all keeps them)")
+            self.say(
+                f"deleted the checkpoints of dominated trials ({freed / 2**20:.0f} MiB; "
+                "sweep.keep_checkpoints=all keeps them)"
+            )
 
 
 class TrialLink(L.Callback):
@@ -428,7 +486,12 @@ def run_sweep(args: list[str]) -> SweepOutcome:
         complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         sweep.finalize(study, status="FINISHED" if complete >= plan.target else ("KILLED" if code > 128 else None))
         sweep.show_front(study)  # unless the last trial's report above was this same table
-        sweep.say(f"MLflow store {plan.tracking_uri}, parent run {sweep.parent_id}; Optuna study {plan.study_name} "
-                  f"in {plan.storage_label}")
-        return SweepOutcome(code if code else (0 if complete >= plan.target else 1),
-                            [*plan.args, f"sweep.storage={plan.storage}"], sweep.say)
+        sweep.say(
+            f"MLflow store {plan.tracking_uri}, parent run {sweep.parent_id}; Optuna study {plan.study_name} "
+            f"in {plan.storage_label}"
+        )
+        return SweepOutcome(
+            code if code else (0 if complete >= plan.target else 1),
+            [*plan.args, f"sweep.storage={plan.storage}"],
+            sweep.say,
+        )

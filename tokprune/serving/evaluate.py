@@ -43,15 +43,15 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from tokprune.serving.latency import LATENCY_BATCH_SIZES, onnx_trained_speedup, trained_speedup
-from tokprune.training.callbacks import TokenPruningCallback
-from tokprune.methods.checkpoint import rebuild
 from tokprune.config.checks import Rule, check_config
 from tokprune.core.data import get_task
 from tokprune.core.encoder import EncoderOutput, KeepAll
-from tokprune.errors import UsageError
-from tokprune.serving.predict import check_engine
 from tokprune.core.liveness import owner
+from tokprune.errors import UsageError
+from tokprune.methods.checkpoint import rebuild
+from tokprune.serving.latency import LATENCY_BATCH_SIZES, onnx_trained_speedup, trained_speedup
+from tokprune.serving.predict import check_engine
+from tokprune.training.callbacks import TokenPruningCallback
 from tokprune.training.tracking import artifact_root, reap_dead_runs, resolve_tracking_uri, run_name, store_dir
 from tokprune.training.train import build_datamodule
 
@@ -62,10 +62,15 @@ TEXT = ("data.glue_dir", "mlflow.tracking_uri")
 #: Where the environment overrides the stored value, as it does for a new run (conf/defaults.yaml).
 ENVIRONMENT = {"data.glue_dir": "GLUE_DIR", "mlflow.tracking_uri": "MLFLOW_TRACKING_URI"}
 #: The evaluation's own settings: default and rule.
-OWN = {"eval.latency_examples": (256, Rule("int", low=0)),
-       "eval.computation": ("hard", Rule("str", choices=("hard", "soft", "training")))}
-COMPUTATIONS = {"hard": "hard mode", "soft": "soft computation with the evaluation's decisions",
-                "training": "training computation and decisions"}
+OWN = {
+    "eval.latency_examples": (256, Rule("int", low=0)),
+    "eval.computation": ("hard", Rule("str", choices=("hard", "soft", "training"))),
+}
+COMPUTATIONS = {
+    "hard": "hard mode",
+    "soft": "soft computation with the evaluation's decisions",
+    "training": "training computation and decisions",
+}
 
 
 @dataclass
@@ -97,8 +102,9 @@ def parse_settings(words: list[str]) -> tuple[dict[str, object], dict[str, objec
         if not sep or not key:
             raise UsageError(f"bad argument '{word}': expected key=value, e.g. data.eval_subset=500")
         if key not in CHANGEABLE and key not in OWN:
-            raise UsageError(f"eval cannot set '{key}' (the checkpoint fixes it): "
-                             f"it takes {', '.join([*CHANGEABLE, *OWN])}")
+            raise UsageError(
+                f"eval cannot set '{key}' (the checkpoint fixes it): it takes {', '.join([*CHANGEABLE, *OWN])}"
+            )
         value = raw if key in TEXT else _yaml(raw)
         if key in OWN:
             rule = OWN[key][1]
@@ -183,9 +189,15 @@ def evaluate(checkpoint: str | Path, words: list[str] = (), engine: str = "torch
     elif computation != "hard":
         validated_module = copy.copy(module)
         validated_module.forward = computed_forward(module, computation)
-    trainer = L.Trainer(accelerator="cpu" if engine == "onnx" else "auto", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[TokenPruningCallback(cfg.task.max_length)])
+    trainer = L.Trainer(
+        accelerator="cpu" if engine == "onnx" else "auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TokenPruningCallback(cfg.task.max_length)],
+    )
     L.seed_everything(int(cfg.seed), verbose=False)  # the training computation samples its decisions
     [validated] = trainer.validate(validated_module, datamodule=datamodule, verbose=False)
     examples = own["eval.latency_examples"]
@@ -219,7 +231,7 @@ def _unreachable(uri: str) -> str | None:
     """Why ``uri`` cannot take the run, checked first so that a missing SQLite store is not
     created empty and a dead server is not retried for minutes; None when it may."""
     if store_dir(uri) is not None:
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         return None if path.is_file() else f"no MLflow store at {path}; give one with mlflow.tracking_uri="
     if uri.startswith(("http://", "https://")):
         try:
@@ -233,9 +245,11 @@ def _mlflow_metrics(result: Evaluation) -> dict[str, float]:
     metrics = dict(result.metrics) | {"eval/rows": float(result.rows)}
     for row in result.latency:
         prefix = f"eval/cpu_batch_{row['batch_size']}"
-        metrics |= {f"{prefix}/ms_per_batch_pruned": row["ms_per_batch_pruned"],
-                    f"{prefix}/ms_per_batch_unpruned": row["ms_per_batch_unpruned"],
-                    f"{prefix}/wall_speedup": row["wall_speedup"]}
+        metrics |= {
+            f"{prefix}/ms_per_batch_pruned": row["ms_per_batch_pruned"],
+            f"{prefix}/ms_per_batch_unpruned": row["ms_per_batch_unpruned"],
+            f"{prefix}/wall_speedup": row["wall_speedup"],
+        }
     return metrics
 
 
@@ -249,21 +263,39 @@ def log_evaluation(result: Evaluation) -> str:
     try:
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-        experiment_id = (experiment.experiment_id if experiment else
-                         client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_root(uri)))
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_root(uri))
+        )
         reap_dead_runs(client, experiment_id, float(cfg.mlflow.get("stale_hours", 48)))
-        tags = {"role": "eval", "training_run_id": result.training_run_id or "", "checkpoint": str(result.checkpoint),
-                "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name,
-                "engine": result.engine, "computation": result.computation, **owner()}
+        tags = {
+            "role": "eval",
+            "training_run_id": result.training_run_id or "",
+            "checkpoint": str(result.checkpoint),
+            "method": cfg.method.name,
+            "task": cfg.task.name,
+            "model": cfg.model.name,
+            "budget": cfg.budget.name,
+            "engine": result.engine,
+            "computation": result.computation,
+            **owner(),
+        }
         suffix = "" if result.computation == "hard" else f"-{result.computation}"
         run_id = client.create_run(experiment_id, run_name=f"eval-{run_name(cfg)}{suffix}", tags=tags).info.run_id
         try:
             now = int(time.time() * 1000)
             settings = {key: OmegaConf.select(cfg, key) for key in CHANGEABLE if key != "mlflow.tracking_uri"}
-            params = settings | {"eval.latency_examples": result.latency_examples, "engine": result.engine,
-                                 "eval.computation": result.computation}
-            client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in _mlflow_metrics(result).items()],
-                             params=[Param(k, str(v)) for k, v in params.items()])
+            params = settings | {
+                "eval.latency_examples": result.latency_examples,
+                "engine": result.engine,
+                "eval.computation": result.computation,
+            }
+            client.log_batch(
+                run_id,
+                metrics=[Metric(k, v, now, 0) for k, v in _mlflow_metrics(result).items()],
+                params=[Param(k, str(v)) for k, v in params.items()],
+            )
             client.set_terminated(run_id, "FINISHED")
         except BaseException:
             client.set_terminated(run_id, "FAILED")
@@ -291,11 +323,16 @@ def summary(result: Evaluation) -> str:
     if result.computation != "hard":
         lines.append("  (soft computation: every token computed; FLOPs and kept fractions count masks > 0.5)")
     if result.latency:
-        timed = "; ".join(f"batch {r['batch_size']}: {r['ms_per_batch_pruned']:.1f} vs "
-                          f"{r['ms_per_batch_unpruned']:.1f} ms = x{r['wall_speedup']:.2f}" for r in result.latency)
+        timed = "; ".join(
+            f"batch {r['batch_size']}: {r['ms_per_batch_pruned']:.1f} vs "
+            f"{r['ms_per_batch_unpruned']:.1f} ms = x{r['wall_speedup']:.2f}"
+            for r in result.latency
+        )
         what = "ONNX Runtime, pruned vs unpruned graph" if result.engine == "onnx" else "pruned vs unpruned encoder"
-        lines.append(f"CPU latency, {what}, same weights ({result.latency[0]['examples']} dev rows, "
-                     f"{result.latency[0]['threads']} threads): {timed}")
+        lines.append(
+            f"CPU latency, {what}, same weights ({result.latency[0]['examples']} dev rows, "
+            f"{result.latency[0]['threads']} threads): {timed}"
+        )
     else:
         lines.append("CPU latency: skipped (eval.latency_examples=0)")
     lines.append(result.mlflow)

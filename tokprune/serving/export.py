@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tokprune.version import __version__
 from tokprune.core.encoder import PrunableEncoder, Pruner
 from tokprune.errors import UsageError
+from tokprune.version import __version__
 
 OPSET = 17
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -59,8 +59,10 @@ def require(module: str):
     try:
         return __import__(module)
     except ImportError:
-        raise UsageError(f"ONNX needs the '{module}' package, which is not installed: "
-                         "pip install 'tokprune[onnx]' (make install does it)") from None
+        raise UsageError(
+            f"ONNX needs the '{module}' package, which is not installed: "
+            "pip install 'tokprune[onnx]' (make install does it)"
+        ) from None
 
 
 class ClassifierGraph(nn.Module):
@@ -99,8 +101,9 @@ class BertGraph(nn.Module):
         self.bert = bert
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor):
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                           token_type_ids=token_type_ids).last_hidden_state
+        hidden = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
         layers = self.bert.config.num_hidden_layers
         return hidden[:, 0], attention_mask.sum(1, keepdim=True).expand(-1, layers)
 
@@ -132,8 +135,9 @@ def _argsort(g, self, *args):
 SYMBOLICS = {"aten::argsort": _argsort, "aten::sort": _stable_sort}
 
 
-def export_graph(graph: nn.Module, inputs: tuple[Tensor, Tensor, Tensor], path: str | Path,
-                 metadata: dict[str, str] | None = None) -> Path:
+def export_graph(
+    graph: nn.Module, inputs: tuple[Tensor, Tensor, Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
     """Trace ``graph`` (eval mode, no grad) into an ONNX file at ``path``.
 
     A trace that freezes a tensor into a Python number in the shared machinery (``SHARED``)
@@ -151,18 +155,33 @@ def export_graph(graph: nn.Module, inputs: tuple[Tensor, Tensor, Tensor], path: 
     try:
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            torch.onnx.export(graph, tuple(inputs), str(path), dynamo=False, opset_version=OPSET,
-                              input_names=list(INPUTS), output_names=list(OUTPUTS), dynamic_axes=axes)
+            torch.onnx.export(
+                graph,
+                tuple(inputs),
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=list(INPUTS),
+                output_names=list(OUTPUTS),
+                dynamic_axes=axes,
+            )
     finally:
         for name in SYMBOLICS:
             torch.onnx.unregister_custom_op_symbolic(name, OPSET)
-    frozen = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
-              and Path(w.filename).name in SHARED and Path(w.filename).parent.name == "tokprune"]
+    frozen = [
+        w
+        for w in caught
+        if issubclass(w.category, torch.jit.TracerWarning)
+        and Path(w.filename).name in SHARED
+        and Path(w.filename).parent.name == "tokprune"
+    ]
     if frozen:
         path.unlink(missing_ok=True)
         w = frozen[0]
-        raise RuntimeError(f"export would freeze a data-dependent value ({Path(w.filename).name}:{w.lineno}: "
-                           f"{str(w.message).splitlines()[0]})")
+        raise RuntimeError(
+            f"export would freeze a data-dependent value ({Path(w.filename).name}:{w.lineno}: "
+            f"{str(w.message).splitlines()[0]})"
+        )
     if metadata:
         model = onnx.load(str(path))
         for key, value in metadata.items():
@@ -174,9 +193,16 @@ def export_graph(graph: nn.Module, inputs: tuple[Tensor, Tensor, Tensor], path: 
 
 def checkpoint_metadata(described, num_layers: int) -> dict[str, str]:
     cfg = described.cfg
-    return {"version": __version__, "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name,
-            "layers": str(num_layers), "checkpoint": str(Path(described.path).resolve()),
-            "run_id": described.run_id or "", "outputs": "logits: B x labels; kept: B x layers"}
+    return {
+        "version": __version__,
+        "method": cfg.method.name,
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "layers": str(num_layers),
+        "checkpoint": str(Path(described.path).resolve()),
+        "run_id": described.run_id or "",
+        "outputs": "logits: B x labels; kept: B x layers",
+    }
 
 
 def export_module(described, module, path: str | Path) -> Path:
@@ -186,8 +212,9 @@ def export_module(described, module, path: str | Path) -> Path:
     module = module.cpu().eval()
     pairs = len(get_task(described.cfg.task.name).tsv_text) == 2
     inputs = example_inputs(described.tokenizer(), pairs)
-    return export_graph(ClassifierGraph(module), inputs, path,
-                        checkpoint_metadata(described, module.encoder.num_layers))
+    return export_graph(
+        ClassifierGraph(module), inputs, path, checkpoint_metadata(described, module.encoder.num_layers)
+    )
 
 
 def default_output(checkpoint: str | Path) -> Path:
@@ -208,9 +235,11 @@ def run_export(checkpoint: str, output: str | None = None) -> str:
     described, module = rebuild(checkpoint)
     export_module(described, module, target)
     size = target.stat().st_size / 2**20
-    return (f"wrote {target} ({size:.1f} MiB, ONNX opset {OPSET}): {described.cfg.method.name} "
-            f"{described.cfg.task.name}, hard mode with real token removal; inputs {', '.join(INPUTS)}; "
-            f"outputs logits, kept (tokens per layer)")
+    return (
+        f"wrote {target} ({size:.1f} MiB, ONNX opset {OPSET}): {described.cfg.method.name} "
+        f"{described.cfg.task.name}, hard mode with real token removal; inputs {', '.join(INPUTS)}; "
+        f"outputs logits, kept (tokens per layer)"
+    )
 
 
 # -- running a graph ---------------------------------------------------------------------------
@@ -219,8 +248,9 @@ def run_export(checkpoint: str, output: str | None = None) -> str:
 class OnnxModel:
     """An exported graph in an ONNX Runtime session: ``(logits, kept)`` for a tokenised batch."""
 
-    def __init__(self, path_or_bytes: str | Path | bytes, threads: int | None = None, source: str = "",
-                 spinning: bool = True):
+    def __init__(
+        self, path_or_bytes: str | Path | bytes, threads: int | None = None, source: str = "", spinning: bool = True
+    ):
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -230,16 +260,24 @@ class OnnxModel:
         options.log_severity_level = 3
         model = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        self.metadata = {k.removeprefix("tokprune."): v for k, v in
-                         self.session.get_modelmeta().custom_metadata_map.items() if k.startswith("tokprune.")}
+        self.metadata = {
+            k.removeprefix("tokprune."): v
+            for k, v in self.session.get_modelmeta().custom_metadata_map.items()
+            if k.startswith("tokprune.")
+        }
         self.source = source  # how it was obtained: "reused <file>" or "exported on the fly"
 
     def run(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
         ids = batch["input_ids"]
         types = batch.get("token_type_ids")
-        feeds = {"input_ids": ids, "attention_mask": batch["attention_mask"],
-                 "token_type_ids": types if types is not None else torch.zeros_like(ids)}
-        feeds = {name: np.ascontiguousarray(value.detach().cpu().numpy(), dtype=np.int64) for name, value in feeds.items()}
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": batch["attention_mask"],
+            "token_type_ids": types if types is not None else torch.zeros_like(ids),
+        }
+        feeds = {
+            name: np.ascontiguousarray(value.detach().cpu().numpy(), dtype=np.int64) for name, value in feeds.items()
+        }
         logits, kept = self.session.run(list(OUTPUTS), feeds)
         return logits, kept
 

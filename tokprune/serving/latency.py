@@ -19,7 +19,6 @@ from tokprune.core.encoder import KeepAll, PrunableEncoder, Pruner
 from tokprune.methods.base import PruningModule
 from tokprune.methods.checkpoint import Described, rebuild
 
-
 #: Batch sizes every trained model's latency is reported at (``eval``, ``report``): one request, and a
 #: batch that fills the CPU's vector units.
 LATENCY_BATCH_SIZES = (1, 32)
@@ -51,8 +50,9 @@ def alternate(encoder: PrunableEncoder, pruner: Pruner, batches: list[dict], oth
     t_pruned, t_unpruned, t_other, outputs = [], [], [], []
     with torch.inference_mode():
         for batch in batches[:2]:  # warm-up
-            encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pruner=pruner,
-                    output="cls")
+            encoder(
+                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pruner=pruner, output="cls"
+            )
         for batch in batches:
             args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             # output="cls": what a classifier needs, so nothing is scattered back to full length
@@ -70,15 +70,17 @@ def dev_examples(cfg: DictConfig, task: GlueTask, examples: int, glue_dir: str |
     return seeded_subset(rows["dev"], examples, cfg.seed)
 
 
-def checkpoint_speedup(checkpoint: str, glue_dir: str | None = None, examples: int = 256,
-                       batch_sizes=LATENCY_BATCH_SIZES) -> list[dict]:
+def checkpoint_speedup(
+    checkpoint: str, glue_dir: str | None = None, examples: int = 256, batch_sizes=LATENCY_BATCH_SIZES
+) -> list[dict]:
     """``trained_speedup`` of the model in a checkpoint file."""
     described, module = rebuild(checkpoint)
     return trained_speedup(described, module, glue_dir, examples, batch_sizes)
 
 
-def trained_speedup(described: Described, module: PruningModule, glue_dir: str | None = None, examples: int = 64,
-                    batch_sizes=(1,)) -> list[dict]:
+def trained_speedup(
+    described: Described, module: PruningModule, glue_dir: str | None = None, examples: int = 64, batch_sizes=(1,)
+) -> list[dict]:
     """Hard-mode latency of a trained model's own pruner vs KeepAll on the same weights, on
     ``examples`` seeded real dev rows of its task, at each batch size: what its savings buy
     on a CPU. The task, max length and (unless ``glue_dir`` is given) data come from the
@@ -87,8 +89,11 @@ def trained_speedup(described: Described, module: PruningModule, glue_dir: str |
     task = get_task(cfg.task.name)
     dev = dev_examples(cfg, task, examples, glue_dir)
     tokenizer = described.tokenizer()
-    return [latency(module.encoder, module.pruner, tokenized_batches(dev, tokenizer, size, cfg.task.max_length))
-            | {"examples": len(dev), "batch_size": size} for size in batch_sizes]
+    return [
+        latency(module.encoder, module.pruner, tokenized_batches(dev, tokenizer, size, cfg.task.max_length))
+        | {"examples": len(dev), "batch_size": size}
+        for size in batch_sizes
+    ]
 
 
 def latency(encoder: PrunableEncoder, pruner: Pruner, batches: list[dict]) -> dict:
@@ -125,8 +130,14 @@ def interleaved(engines: dict, batches: list[dict], warmup: int = 2) -> tuple[di
     return times, outputs
 
 
-def onnx_trained_speedup(described: Described, session, unpruned: PruningModule, glue_dir: str | None = None,
-                         examples: int = 64, batch_sizes=(1,)) -> list[dict]:
+def onnx_trained_speedup(
+    described: Described,
+    session,
+    unpruned: PruningModule,
+    glue_dir: str | None = None,
+    examples: int = 64,
+    batch_sizes=(1,),
+) -> list[dict]:
     """``trained_speedup`` in ONNX Runtime: the checkpoint's graph (``session``, an
     ``export.OnnxModel``) against ``unpruned`` (the same weights with ``KeepAll``) exported now."""
     from tokprune.serving.export import OnnxModel, export_module
@@ -135,22 +146,25 @@ def onnx_trained_speedup(described: Described, session, unpruned: PruningModule,
     dev = dev_examples(cfg, get_task(cfg.task.name), examples, glue_dir)
     tokenizer = described.tokenizer()
     with tempfile.TemporaryDirectory() as folder:
-        reference = OnnxModel(export_module(described, unpruned, Path(folder) / "unpruned.onnx").read_bytes(),
-                              spinning=False)
+        reference = OnnxModel(
+            export_module(described, unpruned, Path(folder) / "unpruned.onnx").read_bytes(), spinning=False
+        )
     results = []
     for size in batch_sizes:
         batches = tokenized_batches(dev, tokenizer, size, cfg.task.max_length)
         times, outputs = interleaved({"pruned": session, "unpruned": reference}, batches)
         kept = torch.cat([k for _, k in outputs["pruned"]]).double()  # examples x L
         lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).double()
-        results.append({
-            "ms_per_batch_pruned": 1e3 * statistics.median(times["pruned"]),
-            "ms_per_batch_unpruned": 1e3 * statistics.median(times["unpruned"]),
-            "wall_speedup": sum(times["unpruned"]) / sum(times["pruned"]),
-            "kept_fraction_mean": float((kept / lengths[:, None]).mean()),
-            "threads": torch.get_num_threads(),
-            "engine": "onnxruntime",
-            "examples": len(dev),
-            "batch_size": size,
-        })
+        results.append(
+            {
+                "ms_per_batch_pruned": 1e3 * statistics.median(times["pruned"]),
+                "ms_per_batch_unpruned": 1e3 * statistics.median(times["unpruned"]),
+                "wall_speedup": sum(times["unpruned"]) / sum(times["pruned"]),
+                "kept_fraction_mean": float((kept / lengths[:, None]).mean()),
+                "threads": torch.get_num_threads(),
+                "engine": "onnxruntime",
+                "examples": len(dev),
+                "batch_size": size,
+            }
+        )
     return results

@@ -18,16 +18,16 @@ and, when the input had them, the ``label`` column.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from tokprune.methods.checkpoint import Described, rebuild
 from tokprune.core.data import GlueTask, get_task, read_text_lines
 from tokprune.errors import UsageError
 from tokprune.methods.base import PruningModule
+from tokprune.methods.checkpoint import Described, rebuild
 
 ENGINES = ("torch", "onnx")
 Input = str | tuple[str, str]
@@ -59,7 +59,7 @@ class PrunedModel:
             self.onnx = session_for(described, self.module)
 
     @classmethod
-    def load(cls, path: str | Path, engine: str = "torch", batch_size: int = 32) -> "PrunedModel":
+    def load(cls, path: str | Path, engine: str = "torch", batch_size: int = 32) -> PrunedModel:
         check_engine(engine)
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, not {batch_size}")
@@ -78,8 +78,9 @@ class PrunedModel:
         with torch.inference_mode():
             for start in range(0, len(inputs), size):
                 texts = [column[start : start + size] for column in columns]
-                batch = self.tokenizer(*texts, padding=True, truncation=True, max_length=self.max_length,
-                                       return_tensors="pt")
+                batch = self.tokenizer(
+                    *texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                )
                 logits, kept = self.run(dict(batch))
                 for scores, counts in zip(logits, kept.tolist()):
                     predictions.append(Prediction(self._label(scores), tuple(counts)))
@@ -97,8 +98,11 @@ class PrunedModel:
             raise UsageError("predict takes a list of inputs: wrap a single one in a list")
         want = "a pair of strings (s1, s2)" if self.pairs else "a string"
         for i, item in enumerate(inputs):
-            ok = (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)
-                  if self.pairs else isinstance(item, str))
+            ok = (
+                isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)
+                if self.pairs
+                else isinstance(item, str)
+            )
             if not ok:
                 raise UsageError(f"input {i}: {self.task.name} takes {want}, not {item!r}")
         return [list(column) for column in zip(*inputs)] if self.pairs else [list(inputs)]
@@ -136,7 +140,9 @@ def read_inputs(path: Path, task: GlueTask) -> tuple[list[Input], list[str] | No
     for lineno, line in enumerate(lines[start:], start=start + 1):
         fields = line.rstrip("\r").split("\t")
         if len(fields) != width:
-            raise UsageError(f"{path}:{lineno}: expected {width} tab-separated field(s) ({layout}), found {len(fields)}")
+            raise UsageError(
+                f"{path}:{lineno}: expected {width} tab-separated field(s) ({layout}), found {len(fields)}"
+            )
         texts = [fields[i] for i in text]
         inputs.append(texts[0] if len(texts) == 1 else tuple(texts))
         if label is not None:
@@ -184,5 +190,7 @@ def run_predict(checkpoint: str, source: str, target: str, batch_size: int = 32,
     write_predictions(target, predictions, labels)
     mean_kept = [sum(layer) / len(predictions) for layer in zip(*(p.kept_per_layer for p in predictions))]
     where = "hard mode" if engine == "torch" else f"hard mode, ONNX Runtime: {model.onnx.source}"
-    return (f"wrote {len(predictions)} predictions ({model.task.name}, {where}) to {target}; "
-            f"mean tokens kept per layer: {' '.join(f'{k:.1f}' for k in mean_kept)}")
+    return (
+        f"wrote {len(predictions)} predictions ({model.task.name}, {where}) to {target}; "
+        f"mean tokens kept per layer: {' '.join(f'{k:.1f}' for k in mean_kept)}"
+    )

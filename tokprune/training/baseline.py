@@ -9,7 +9,7 @@ plain ``train method=none`` is tagged so too, and is that run when it comes firs
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -27,15 +27,23 @@ def result_overrides(cfg: DictConfig) -> list[str]:
     result (not paths, logging or the store, nor the protocol, which the unpruned baseline does
     not follow): what tells two baselines of a task apart."""
     reference = flat_params(compose([*(f"{g}={cfg[g].name}" for g in GROUPS), f"seed={cfg.seed}"]))
-    return sorted(override(key, value) for key, value in flat_params(cfg).items()
-                  if not key.startswith(("method.", "protocol.", "sweep.", "seed", *NEUTRAL)) and reference.get(key) != value)
+    return sorted(
+        override(key, value)
+        for key, value in flat_params(cfg).items()
+        if not key.startswith(("method.", "protocol.", "sweep.", "seed", *NEUTRAL)) and reference.get(key) != value
+    )
 
 
 def baseline_key(cfg: DictConfig) -> dict[str, str]:
     """The tags a baseline run of ``cfg`` carries (besides its role)."""
     extra = result_overrides(cfg)
-    return {"task": cfg.task.name, "model": cfg.model.name, "budget": cfg.budget.name, "seed": str(cfg.seed),
-            "overrides": " ".join(extra) or "none"}
+    return {
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "budget": cfg.budget.name,
+        "seed": str(cfg.seed),
+        "overrides": " ".join(extra) or "none",
+    }
 
 
 def baseline_tags(cfg: DictConfig) -> dict[str, str]:
@@ -44,8 +52,13 @@ def baseline_tags(cfg: DictConfig) -> dict[str, str]:
     return {track.ROLE: "baseline", "seed": key["seed"], "overrides": key["overrides"]}
 
 
-def find_or_train(cfg: DictConfig, train: Callable, say: Callable[[str], None] = print,
-                  client: MlflowClient | None = None, experiment_id: str | None = None) -> Run:
+def find_or_train(
+    cfg: DictConfig,
+    train: Callable,
+    say: Callable[[str], None] = print,
+    client: MlflowClient | None = None,
+    experiment_id: str | None = None,
+) -> Run:
     """The finished baseline run of ``cfg`` (whatever its method), training it first with ``train``
     (``training.train.train``, passed in: it calls this module) if the store has none. Its
     ``checkpoint`` tag is the best.ckpt path."""
@@ -58,8 +71,11 @@ def find_or_train(cfg: DictConfig, train: Callable, say: Callable[[str], None] =
     if run is not None and run.data.tags.get("checkpoint"):
         return run
     say("training the unpruned baseline (method=none) once for " + " ".join(f"{k}={v}" for k, v in key.items()))
-    paths = [override(k, v) for k, v in flat_params(cfg).items()
-             if k.startswith(NEUTRAL) and not k.startswith("mlflow.run_name")]
+    paths = [
+        override(k, v)
+        for k, v in flat_params(cfg).items()
+        if k.startswith(NEUTRAL) and not k.startswith("mlflow.run_name")
+    ]
     base_cfg = compose(["method=none", *(f"{g}={cfg[g].name}" for g in GROUPS), f"seed={cfg.seed}", *extra, *paths])
     result = train(base_cfg, tags=baseline_tags(base_cfg))
     return client.get_run(result.run_id)

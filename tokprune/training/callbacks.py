@@ -71,7 +71,14 @@ class TokenPruningCallback(L.Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module):
         zeros = torch.zeros(pl_module.encoder.num_layers, dtype=torch.float64)  # same shape on every process
-        self._val = {"pruned": 0.0, "real": 0.0, "padded": 0.0, "per_layer": zeros, "kept": zeros.clone(), "examples": 0}
+        self._val = {
+            "pruned": 0.0,
+            "real": 0.0,
+            "padded": 0.0,
+            "per_layer": zeros,
+            "kept": zeros.clone(),
+            "examples": 0,
+        }
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         out = outputs["encoder"] if isinstance(outputs, dict) else None

@@ -19,7 +19,7 @@ def resolve_tracking_uri(uri: str) -> str:
     """Make a relative ``sqlite:///file.db`` absolute so every process finds the same store."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -27,7 +27,7 @@ def store_dir(uri: str) -> Path | None:
     """The folder of a SQLite store (artifacts, the sweep journal and reports go beside it);
     None for a tracking server."""
     prefix = "sqlite:///"
-    return Path(uri[len(prefix):]).parent if uri.startswith(prefix) else None
+    return Path(uri[len(prefix) :]).parent if uri.startswith(prefix) else None
 
 
 def artifact_root(uri: str) -> str | None:
@@ -56,7 +56,10 @@ def reap_dead_runs(client: MlflowClient, experiment_id: str, stale_hours: float)
             why = f"its process (pid {pid} on {HOST}) is gone"
         else:
             dead = now - run.info.start_time > stale_hours * 3600 * 1000
-            why = f"it has been RUNNING for more than mlflow.stale_hours={stale_hours:g} and its process is not on this host"
+            why = (
+                f"it has been RUNNING for more than mlflow.stale_hours={stale_hours:g} and its process is not "
+                "on this host"
+            )
         if dead:
             client.set_tag(run.info.run_id, "failure", why)
             client.set_terminated(run.info.run_id, status="FAILED")

@@ -12,12 +12,12 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from tokprune.core.backbone import load_bert, load_tokenizer
-from tokprune.training.baseline import baseline_tags, find_or_train
-from tokprune.training.callbacks import TokenPruningCallback
-from tokprune.methods.checkpoint import describe
 from tokprune.core.data import GlueDataModule, get_task
 from tokprune.methods import build_method
+from tokprune.methods.checkpoint import describe
 from tokprune.methods.selection import RULES, Selected
+from tokprune.training.baseline import baseline_tags, find_or_train
+from tokprune.training.callbacks import TokenPruningCallback
 from tokprune.training.tracking import make_logger, resolve_tracking_uri
 
 
@@ -88,10 +88,18 @@ class SelectedCheckpoint(L.Callback):
         self.validations.append(values | {"epoch": trainer.current_epoch, "step": trainer.global_step})
         self.selected = pl_module.select(self.validations)
         if self.selected.index == len(self.validations) - 1:
-            selected = {"rule": self.selected.rule, "epoch": trainer.current_epoch, "step": trainer.global_step,
-                        "metrics": values}
-            checkpoint = {"state_dict": pl_module.state_dict(), "epoch": trainer.current_epoch,
-                          "global_step": trainer.global_step, "tokprune": {**self.description, "selected": selected}}
+            selected = {
+                "rule": self.selected.rule,
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "metrics": values,
+            }
+            checkpoint = {
+                "state_dict": pl_module.state_dict(),
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "tokprune": {**self.description, "selected": selected},
+            }
             trainer.strategy.save_checkpoint(checkpoint, self.path)  # rank 0 only
             self.tables = pl_module.state_tables()
         trainer.strategy.barrier("SelectedCheckpoint")  # the file is there for every process before it goes on
@@ -182,7 +190,9 @@ def _fit(cfg, task, tokenizer, datamodule, module, logger, callbacks) -> RunResu
         chosen = selected.validations[choice.index]
         logger.log_metrics({"selection/epoch": chosen["epoch"], "selection/step": chosen["step"]})
         logger.experiment.set_tag(logger.run_id, "selection_rule", choice.rule)
-        logger.experiment.set_tag(logger.run_id, "selection", RULES[choice.rule] + (f"; {choice.note}" if choice.note else ""))
+        logger.experiment.set_tag(
+            logger.run_id, "selection", RULES[choice.rule] + (f"; {choice.note}" if choice.note else "")
+        )
         if choice.met_constraint is not None:
             logger.log_metrics({"selection/met_constraint": float(choice.met_constraint)})
     for name, text in selected.tables.items():
