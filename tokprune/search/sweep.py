@@ -3,7 +3,7 @@
 One Optuna study per (method, task, model, budget, seed): maximise the task's main dev
 metric, minimise the FLOPs ratio at real length, both from the best epoch. Each trial is an
 ordinary ``train()`` run nested under one MLflow parent run per study. The search space is
-``sweeps/<method>.yaml`` (see ``sweep_plan``), so a new method joins by adding that file.
+``sweeps/<method>.yaml`` (see ``search.plan``), so a new method joins by adding that file.
 
 Resuming is the same command again: the study, the parent run and the baseline are found
 again (by name and by tags) and only the missing trials run; ``sweep.trials`` is the total.

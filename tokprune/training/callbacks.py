@@ -1,7 +1,7 @@
 """The token-pruning callback: FLOPs and kept tokens per layer, for any method.
 
 It reads only the ``EncoderOutput`` that a step returns under ``"encoder"``; it never knows
-which method it observes. FLOPs are fvcore lookups (see ``flops.py``), so counting every
+which method it observes. FLOPs are fvcore lookups (see ``core.flops``), so counting every
 step costs microseconds after each length has been traced once.
 
 Logged (through the Trainer's logger; ``train/`` every step, ``val/`` per epoch):
