@@ -93,6 +93,7 @@ export: install
 	$(PY) -m tokprune export $(if $(CKPT),checkpoint=$(CKPT)) $(if $(OUT),output=$(OUT)) $(ARGS)
 
 ui: install
+	@$(PY) -c 'from tokprune.training.tracking import runs_view; print(runs_view("sqlite:///$(MLFLOW_DB)"))'
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --artifacts-destination $(abspath mlartifacts)
 
 clean:

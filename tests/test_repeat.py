@@ -73,7 +73,7 @@ def test_repeat_trains_a_trials_settings_with_more_seeds_as_child_runs_and_the_r
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent = study.user_attrs["mlflow_parent_run_id"]
     runs = client.search_runs(
-        [client.get_run(parent).info.experiment_id], "tags.`tokprune.role` = 'repeat' and tags.repeat_of = '0'"
+        [client.get_run(parent).info.experiment_id], "tags.role = 'repeat' and tags.repeat_of = '0'"
     )
     assert sorted(r.data.tags["seed"] for r in runs) == ["43", "44"]
     assert all(r.data.tags["mlflow.parentRunId"] == parent and r.info.status == "FINISHED" for r in runs)

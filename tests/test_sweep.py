@@ -79,7 +79,7 @@ def load(storage: str, name: str = STUDY) -> optuna.Study:
 def parent_and_children(store: Path, storage: str, study: str = STUDY):
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     exp = client.get_experiment_by_name("tokprune").experiment_id
-    where = f"tags.`tokprune.role` = 'sweep' and tags.study = '{study}' and tags.storage = '{storage}'"
+    where = f"tags.role = 'sweep' and tags.study = '{study}' and tags.storage = '{storage}'"
     parents = client.search_runs([exp], where)
     assert len(parents) == 1, "exactly one parent run per study"
     parent = parents[0]
@@ -449,7 +449,7 @@ def test_smoke_sweep_logs_study_parent_children_and_pareto_tags(space_dir, glue_
     assert all(client.get_metric_history(r.info.run_id, "train/flops") for r in children)  # per-step curves
     # the unpruned baseline: trained once, found by tags, recorded on the parent
     exp = parent.info.experiment_id
-    baselines = client.search_runs([exp], "tags.`tokprune.role` = 'baseline'")
+    baselines = client.search_runs([exp], "tags.role = 'baseline'")
     assert len(baselines) == 1 and baselines[0].data.params["method.name"] == "none"
     assert parent.data.tags["baseline_run_id"] == baselines[0].info.run_id
     assert Path(parent.data.tags["baseline_checkpoint"]).is_file()
@@ -465,11 +465,11 @@ def test_smoke_sweep_logs_study_parent_children_and_pareto_tags(space_dir, glue_
     # the same study name started afresh (its journal deleted) gets a parent run of its own
     journal.unlink()
     assert main(["sweep", *sweep_args(tmp_path, space_dir, glue_dir), "sweep.trials=1"]) == 0
-    parents = client.search_runs([exp], "tags.`tokprune.role` = 'sweep'")
+    parents = client.search_runs([exp], "tags.role = 'sweep'")
     new = [p for p in parents if p.info.run_id != parent.info.run_id]
     assert len(parents) == 2 and new[0].data.tags["sweep_id"] == load(str(journal)).user_attrs["sweep_id"]
     assert len(client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{new[0].info.run_id}'")) == 1
-    assert len(client.search_runs([exp], "tags.`tokprune.role` = 'baseline'")) == 1  # reused, not retrained
+    assert len(client.search_runs([exp], "tags.role = 'baseline'")) == 1  # reused, not retrained
 
 
 @pytest.mark.slow
@@ -764,7 +764,7 @@ def test_a_worker_gives_up_after_too_many_failures_in_a_row(
     real_train = sweep_module.train
 
     def broken(cfg, callbacks=None, tags=None):
-        if (tags or {}).get("tokprune.role") == "trial":
+        if (tags or {}).get("role") == "trial":
             raise RuntimeError("always broken")
         return real_train(cfg, callbacks=callbacks, tags=tags)
 

@@ -542,7 +542,7 @@ def test_the_mission_command_sweeps_top_on_the_qqp_sample_end_to_end(glue_dir, t
     assert (tmp_path / "reports" / "qqp" / "report.html").is_file()
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    baseline = [r for r in runs if r.data.tags.get("tokprune.role") == "baseline"]
-    trials = [r for r in runs if r.data.tags.get("tokprune.role") == "trial"]
+    baseline = [r for r in runs if r.data.tags.get("role") == "baseline"]
+    trials = [r for r in runs if r.data.tags.get("role") == "trial"]
     assert len(baseline) == 1 and len(trials) == 2
     assert {t.data.params["method.teacher_checkpoint"] for t in trials} == {baseline[0].data.tags["checkpoint"]}

@@ -53,3 +53,33 @@ def test_same_seed_gives_the_same_numbers(glue_dir, mlflow_uri, tmp_path):
     losses = [[m.value for m in client.get_metric_history(r.run_id, "train/loss")] for r in (a, b)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
     assert a.best == b.best
+
+
+def test_every_run_carries_the_common_tags_the_main_metric_and_its_data_as_dataset_inputs(
+    glue_dir, mlflow_uri, tmp_path
+):
+    from tokprune.training.tracking import runs_view
+
+    _, baseline = smoke("mrpc", glue_dir, mlflow_uri, tmp_path)
+    cfg, result = smoke("mrpc", glue_dir, mlflow_uri, tmp_path, "method=static", "model=minilm")
+    client = MlflowClient(mlflow_uri)
+    for run_id, method, role, protocol in (
+        (baseline.run_id, "none", "baseline", "-"),
+        (result.run_id, "static", "train", "shared"),
+    ):
+        run = client.get_run(run_id)
+        tags = run.data.tags
+        assert {k: tags[k] for k in ("method", "task", "budget", "seed", "protocol", "role")} == {
+            "method": method,
+            "task": "mrpc",
+            "budget": "smoke",
+            "seed": "42",
+            "protocol": protocol,
+            "role": role,
+        }
+        assert run.data.metrics["best/main"] == run.data.metrics["best/f1"]  # MRPC's main metric
+        inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+        assert set(inputs) == {"mrpc/train", "mrpc/dev"}
+        assert '"rows": 64' in inputs["mrpc/train"].dataset.profile
+    experiment = client.get_run(result.run_id).info.experiment_id
+    assert f"/#/experiments/{experiment}/runs" in runs_view(mlflow_uri)

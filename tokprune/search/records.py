@@ -155,6 +155,17 @@ def log_summary(
         "sweep/summary.md",
     )
     client.set_tag(parent_id, "pareto_trials", ",".join(map(str, sorted(front))))
+    points = [t.values for t in trials if t.number in front and t.values]
+    if points:  # the front at a glance in the runs table: its best point and its cheapest
+        best = max(points, key=lambda v: (v[0], -v[1]))
+        cheapest = min(points, key=lambda v: (v[1], -v[0]))
+        for key, value in {
+            "best/main": best[0],
+            "best/flops_ratio_real": best[1],
+            "front/fewest_flops_ratio_real": cheapest[1],
+            "front/main_at_fewest_flops": cheapest[0],
+        }.items():
+            client.log_metric(parent_id, key, value)
     client.set_tag(parent_id, "trials", str(plan.target))
     for key, value in {"sweep/complete": complete, "sweep/failed": failed, "sweep/pareto": len(front)}.items():
         client.log_metric(parent_id, key, value)

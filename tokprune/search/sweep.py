@@ -33,6 +33,7 @@ from pathlib import Path
 import lightning as L
 import optuna
 import torch
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -44,7 +45,7 @@ from tokprune.search import records as track
 from tokprune.search.plan import FLOPS, Plan, param_strings, plan_sweep
 from tokprune.search.storage import Gate, open_storage, resumed_trials
 from tokprune.training.baseline import find_or_train
-from tokprune.training.tracking import PARENT, ROLE, experiment_id
+from tokprune.training.tracking import PARENT, ROLE, experiment_id, run_tags
 from tokprune.training.train import train
 
 WORKER_ENV = "TOKPRUNE_SWEEP_WORKER"  # set on the processes that `sweep.workers=N` starts
@@ -127,11 +128,7 @@ class Sweep:
             self.exp_id = experiment_id(self.client, cfg.mlflow.experiment, plan.tracking_uri)
             tags = {
                 "sweep_id": study.user_attrs["sweep_id"],
-                "method": plan.space.method,
-                "task": cfg.task.name,
-                "model": cfg.model.name,
-                "budget": cfg.budget.name,
-                "seed": str(cfg.seed),
+                **run_tags(cfg, "sweep"),
                 "study": plan.study_name,
                 "storage": plan.storage_label,
                 "trials": str(plan.target),
@@ -141,6 +138,10 @@ class Sweep:
             self.parent_id = track.parent_run(self.client, self.exp_id, tags, f"sweep-{plan.study_name}")
             for key, value in tags.items():
                 self.client.set_tag(self.parent_id, key, value)
+            logged = self.client.get_run(self.parent_id).data.params
+            space = {f"space.{k}": v for k, v in plan.space.describe().items() if f"space.{k}" not in logged}
+            if space:  # the search space as params (the compare view's axes), once per parent
+                self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in space.items()])
             if study.user_attrs.get("mlflow_parent_run_id") != self.parent_id:
                 study.set_user_attr("mlflow_parent_run_id", self.parent_id)
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))

@@ -31,6 +31,7 @@ there. MLflow is never required: a missing or failing store costs one printed li
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 import urllib.request
@@ -52,7 +53,14 @@ from tokprune.methods.checkpoint import rebuild
 from tokprune.serving.latency import LATENCY_BATCH_SIZES, onnx_trained_speedup, trained_speedup
 from tokprune.serving.predict import check_engine
 from tokprune.training.callbacks import TokenPruningCallback
-from tokprune.training.tracking import artifact_root, reap_dead_runs, resolve_tracking_uri, run_name, store_dir
+from tokprune.training.tracking import (
+    artifact_root,
+    reap_dead_runs,
+    resolve_tracking_uri,
+    run_name,
+    run_tags,
+    store_dir,
+)
 from tokprune.training.train import build_datamodule
 
 #: Stored settings an evaluation may change; the checkpoint fixes every other one.
@@ -243,6 +251,9 @@ def _unreachable(uri: str) -> str | None:
 
 def _mlflow_metrics(result: Evaluation) -> dict[str, float]:
     metrics = dict(result.metrics) | {"eval/rows": float(result.rows)}
+    main = result.metrics.get(f"eval/{get_task(result.cfg.task.name).main_metric}")
+    if main is not None:  # the runs table's common columns, as a training run's
+        metrics |= {"best/main": main, "best/flops_ratio_real": result.metrics.get("eval/flops_ratio_real", math.nan)}
     for row in result.latency:
         prefix = f"eval/cpu_batch_{row['batch_size']}"
         metrics |= {
@@ -270,13 +281,9 @@ def log_evaluation(result: Evaluation) -> str:
         )
         reap_dead_runs(client, experiment_id, float(cfg.mlflow.get("stale_hours", 48)))
         tags = {
-            "role": "eval",
+            **run_tags(cfg, "eval"),
             "training_run_id": result.training_run_id or "",
             "checkpoint": str(result.checkpoint),
-            "method": cfg.method.name,
-            "task": cfg.task.name,
-            "model": cfg.model.name,
-            "budget": cfg.budget.name,
             "engine": result.engine,
             "computation": result.computation,
             **owner(),

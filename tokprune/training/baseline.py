@@ -49,7 +49,7 @@ def baseline_key(cfg: DictConfig) -> dict[str, str]:
 def baseline_tags(cfg: DictConfig) -> dict[str, str]:
     """The tags that make a ``method=none`` run the baseline its configuration's runs find."""
     key = baseline_key(cfg)
-    return {track.ROLE: "baseline", "seed": key["seed"], "overrides": key["overrides"]}
+    return {track.ROLE: "baseline", "overrides": key["overrides"]}
 
 
 def find_or_train(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
-from mlflow.entities import Run
+from mlflow.entities import Dataset, DatasetInput, InputTag, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
@@ -82,23 +84,71 @@ def reap_store(cfg: DictConfig) -> list[str]:
     return closed
 
 
+def run_tags(cfg: DictConfig, role: str) -> dict[str, str]:
+    """The tags every run carries, so the runs table reads without opening a run: method, task,
+    model, budget, seed, protocol (``-`` for ``none``, which follows none) and role (baseline,
+    train, trial, sweep, eval or repeat)."""
+    protocol = "-" if cfg.method.name == "none" else str(cfg.get("protocol", {}).get("name", "paper"))
+    return {
+        "method": cfg.method.name,
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "budget": cfg.budget.name,
+        "seed": str(cfg.seed),
+        "protocol": protocol,
+        ROLE: role,
+    }
+
+
+def log_training_data(logger: MLFlowLogger, cfg: DictConfig, rows: int, eval_rows: int) -> None:
+    """The data a run trained and validated on as MLflow dataset inputs (the runs table's Dataset
+    column): the task's train and dev splits, their row counts and where they were read from."""
+    source = cfg.data.glue_dir or f"hub:{cfg.data.hub_dataset}"
+    inputs = []
+    for split, count, context in (("train", rows, "training"), ("dev", eval_rows, "validation")):
+        profile = json.dumps({"split": split, "rows": count, "seed": cfg.seed})
+        digest = hashlib.sha256(f"{cfg.task.name}|{split}|{count}|{cfg.seed}|{source}".encode()).hexdigest()[:8]
+        dataset = Dataset(
+            name=f"{cfg.task.name}/{split}",
+            digest=digest,
+            source_type="local" if cfg.data.glue_dir else "hub",
+            source=json.dumps({"glue_dir" if cfg.data.glue_dir else "hub": source}),
+            profile=profile,
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+    logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+
+
+def runs_view(uri: str, experiment: str = "tokprune", port: int = 5000) -> str:
+    """What ``make ui`` prints: the URL of the experiment's runs table (MLflow 3 opens an
+    experiment on its GenAI traces page otherwise) and what to show in it."""
+    try:
+        found = MlflowClient(resolve_tracking_uri(uri)).get_experiment_by_name(experiment)
+    except Exception:
+        found = None
+    where = (
+        f"http://127.0.0.1:{port}/#/experiments/{found.experiment_id}/runs"
+        if found
+        else (f"http://127.0.0.1:{port} (no experiment '{experiment}' yet: train something first)")
+    )
+    return (
+        f"runs table: {where}\n"
+        "  columns: Metrics > best/main (every task's main dev metric) and best/flops_ratio_real; "
+        "tags method, task, protocol, role, seed are columns already\n"
+        "  one study's front: search  tags.pareto = 'true' and tags.study = '<study name>'"
+    )
+
+
 def make_logger(cfg: DictConfig, tags: dict[str, str] | None = None) -> MLFlowLogger:
     """An MLFlowLogger on the configured store, with the resolved config logged as params; the
     run records its owner (host, pid) so a later command can tell whether it still runs."""
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     reap_store(cfg)
-    base_tags = {
-        "method": cfg.method.name,
-        "task": cfg.task.name,
-        "model": cfg.model.name,
-        "budget": cfg.budget.name,
-        **owner(),
-    }
     logger = MLFlowLogger(
         experiment_name=cfg.mlflow.experiment,
         run_name=run_name(cfg),
         tracking_uri=uri,
-        tags={**base_tags, **(tags or {})},
+        tags={**run_tags(cfg, "train"), **owner(), **(tags or {})},
         artifact_location=artifact_root(uri),
     )
     logger.log_hyperparams(flat_params(cfg))
@@ -107,7 +157,8 @@ def make_logger(cfg: DictConfig, tags: dict[str, str] | None = None) -> MLFlowLo
 
 # -- finding runs by their tags (baselines here; sweep parents and trials in search.records) --------
 
-ROLE = "tokprune.role"
+ROLE = "role"  # baseline | train | trial | sweep | eval | repeat
+LEGACY_ROLE = "tokprune.role"  # the same tag as stores written before it was renamed call it
 
 
 PARENT = "mlflow.parentRunId"
@@ -149,5 +200,7 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
 
 
 def find_baseline(client: MlflowClient, exp_id: str, key: dict[str, str]) -> Run | None:
-    found = search(client, exp_id, where({ROLE: "baseline", **key}, status="FINISHED"))
+    found = search(client, exp_id, where({ROLE: "baseline", **key}, status="FINISHED")) or search(
+        client, exp_id, where({LEGACY_ROLE: "baseline", **key}, status="FINISHED")
+    )
     return found[0] if found else None

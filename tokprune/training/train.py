@@ -18,7 +18,7 @@ from tokprune.methods.checkpoint import describe
 from tokprune.methods.selection import RULES, Selected
 from tokprune.training.baseline import baseline_tags, find_or_train
 from tokprune.training.callbacks import TokenPruningCallback
-from tokprune.training.tracking import make_logger, resolve_tracking_uri
+from tokprune.training.tracking import log_training_data, make_logger, resolve_tracking_uri
 
 
 class _NoAdverts(logging.Filter):
@@ -185,7 +185,13 @@ def _fit(cfg, task, tokenizer, datamodule, module, logger, callbacks) -> RunResu
         trainer.validate(module, datamodule=datamodule, verbose=False)
     seconds = time.perf_counter() - start
     best, choice, path = selected.best(), selected.selected, selected.path
-    logger.log_metrics({k.replace("val/", "best/"): v for k, v in best.items()} | {"time/fit_seconds": seconds})
+    main = best.get(f"val/{task.main_metric}")
+    logger.log_metrics(
+        {k.replace("val/", "best/"): v for k, v in best.items()}
+        | {"time/fit_seconds": seconds}
+        | ({"best/main": main} if main is not None else {})
+    )  # one column for every task's metric
+    log_training_data(logger, cfg, datamodule.size("train"), datamodule.size("dev"))
     if choice is not None:
         chosen = selected.validations[choice.index]
         logger.log_metrics({"selection/epoch": chosen["epoch"], "selection/step": chosen["step"]})
