@@ -24,7 +24,7 @@ from PIL import Image
 
 from tokprune.cli import main
 from tokprune.reporting.collect import operating_points
-from tokprune.reporting.render import operating_rows, table_rows
+from tokprune.reporting.render import operating_rows, speedup_cell, table_rows
 from tokprune.reporting.report import after_sweep
 from tokprune.search.results import MethodResult, Point, distinct_baselines
 
@@ -381,7 +381,7 @@ def test_report_renders_every_file_and_its_table_is_the_studys(recorded, tmp_pat
             assert all(f"{k}={v:.4g}" in row[2] for k, v in t.params.items())
         best = max(front.values(), key=lambda t: (t.values[0], -t.values[1]))
         assert [r[1] for r in mine.values() if "(best)" in r[1]] == [f"{best.number} (best)"]
-        speedup = re.fullmatch(r"x(\d+\.\d\d) / x(\d+\.\d\d)", mine[best.number][6])
+        speedup = re.fullmatch(r"x(\d+\.\d\d)(?: \(slower\))? / x(\d+\.\d\d)(?: \(slower\))?", mine[best.number][6])
         assert speedup and float(speedup[1]) > 0 and float(speedup[2]) > 0, mine[best.number][6]
         baseline_ids.add(client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags["baseline_run_id"])
     assert len(baseline_ids) == 1, "both sweeps share one baseline"
@@ -401,7 +401,7 @@ def test_report_renders_every_file_and_its_table_is_the_studys(recorded, tmp_pat
         assert saved["operating"]["best"] == best.number
         timed = saved["speedup"][str(best.number)]
         assert [timed[f"batch_{b}"]["examples"] for b in (1, 32)] == [EXAMPLES, EXAMPLES]
-        assert row[8:] == [f"x{timed[f'batch_{b}']['wall_speedup']:.2f}" for b in (1, 32)]
+        assert row[8:] == [speedup_cell(timed[f"batch_{b}"]["wall_speedup"]) for b in (1, 32)]
     page = (folder / "report.html").read_text()
     assert "<h2>Operating points</h2>" in page and "<h2>Pareto points</h2>" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)|url\(\s*["']?https?:|<img|<script|<link""", page)
@@ -492,3 +492,25 @@ def test_the_page_renders_its_charts_in_headless_chromium(recorded, tmp_path):
     assert image.size == (1200, 2000)
     assert len(image.getcolors(1 << 24)) > 200 and coloured(image) > 300
     assert coloured(screenshot(no_charts)) < 20
+
+
+def test_labels_name_what_varies_within_a_study_and_slowdowns_say_so():
+    from tokprune.reporting.plots import short_label, varying
+
+    points = [
+        Point(
+            trial=n,
+            params={"method.skim_lambda": 5.0, "method.skim_target": t},
+            metric=0.8,
+            flops_real=t,
+            flops_padded=None,
+            kept=[],
+            run_id=None,
+            pareto=True,
+        )
+        for n, t in enumerate((0.3, 0.55))
+    ]
+    keys = varying(points)
+    assert keys == ["method.skim_target"]  # skim_lambda is the same in every trial
+    assert [short_label(p, keys) for p in points] == ["t0 skim_target=0.3", "t1 skim_target=0.55"]
+    assert speedup_cell(0.83) == "x0.83 (slower)" and speedup_cell(1.45) == "x1.45"

@@ -210,12 +210,13 @@ def plot_engines(table: dict, path: Path) -> None:
         x = range(len(chosen))
         width = 0.8 / len(ENGINES)
         for i, engine in enumerate(ENGINES):
-            ax.bar(
+            bars = ax.bar(
                 [j + (i - 1.5) * width for j in x],
                 [r[f"ms_per_batch_{engine}"] for r in chosen],
                 width,
                 label=ENGINE_LABELS[engine],
             )
+            ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)  # the milliseconds on every bar
         ax.set_xticks(
             list(x),
             [f"{r['task']}\n{r['config']}\nFLOPs ratio {r['flops_ratio_real']:.2f}" for r in chosen],
@@ -223,7 +224,8 @@ def plot_engines(table: dict, path: Path) -> None:
         )
         ax.set_ylabel("median ms per batch")
         ax.set_title(f"batch {size} ({chosen[0]['examples']} dev rows, {table['threads']} threads)", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.margins(y=0.15)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not on them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

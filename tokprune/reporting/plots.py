@@ -38,20 +38,30 @@ def color(index: int):
     return PALETTE[index % len(PALETTE)]
 
 
-def short_label(point) -> str:
-    """``t3`` plus the trial's first parameter (a space lists its operating-point knob first):
+def varying(points) -> list[str]:
+    """The parameters whose value differs between the trials (a space's fixed settings, one-choice
+    categoricals, tell no trial apart), in the space's order."""
+    keys = list(dict.fromkeys(k for p in points for k in p.params))
+    return [k for k in keys if len({repr(p.params.get(k)) for p in points}) > 1]
+
+
+def short_label(point, keys: list[str] | None = None) -> str:
+    """``t3`` plus the first of ``keys`` (the study's varying parameters; default: the trial's first):
     fits beside a point in a PNG; the hover text has them all."""
     label = f"t{point.trial}"
-    for key, value in list(point.params.items())[:1]:
-        label += f" {key.rsplit('.', 1)[-1]}={value:.3g}" if isinstance(value, float) else f" {key}={value}"
+    keys = list(point.params)[:1] if keys is None else keys[:1]
+    for key in keys:
+        value = point.params.get(key)
+        name = key.rsplit(".", 1)[-1]
+        label += f" {name}={value:.3g}" if isinstance(value, float) else f" {name}={value}"
     return label
 
 
 def _save(fig, png: Path, tips: dict[str, str]) -> str:
     """Write the PNG, return the SVG text with a ``<title>`` on every tipped point."""
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, bbox_inches="tight")  # the legend sits outside the axes
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
+    fig.savefig(buffer, format="svg", bbox_inches="tight")
     plt.close(fig)
     root = ET.fromstring(buffer.getvalue())
     for meta in root.findall(f"{{{SVG_NS}}}metadata"):  # RDF with the creator's URL: no URLs in the page
@@ -115,7 +125,7 @@ def method_front(result, task: str, metric: str, max_length: int, index: int, pn
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     col, tips = color(index), {}
     front = result.front
-    _front_line(ax, front, col, "Pareto front")
+    _front_line(ax, front, col, "Pareto front (staircase: the best reached at or below each FLOPs ratio)")
     faded = dict(alpha=0.25, markersize=6)
     for n, p in enumerate(sorted(result.points, key=lambda p: p.trial)):
         gid = f"pt-{result.slug}-{n}"
@@ -123,13 +133,25 @@ def method_front(result, task: str, metric: str, max_length: int, index: int, pn
         ax.plot([p.flops_real], [p.metric], marker="o", color=col, linestyle="none", gid=gid, zorder=4, **style)
         _seed_spread(ax, p, col)
         tips[gid] = tooltip(result.method, p, metric, max_length)
-    for (x, y), labels in _coincident(front).items():  # one label per spot, so equal points stay legible
-        ax.annotate(", ".join(labels), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=col)
+    keys = varying(result.points)
+    for n, ((x, y), labels) in enumerate(_coincident(front, keys).items()):  # one label per spot
+        # labels take turns above and below their point, with a leader line, so neighbours do not overlap
+        offset = (6, 10 + 8 * (n % 3)) if n % 2 == 0 else (6, -14 - 8 * (n % 3))
+        ax.annotate(
+            ", ".join(labels),
+            (x, y),
+            textcoords="offset points",
+            xytext=offset,
+            fontsize=7,
+            color=col,
+            arrowprops=dict(arrowstyle="-", color=col, alpha=0.5, linewidth=0.6),
+            annotation_clip=False,
+        )
     if any(not p.pareto for p in result.points):
-        ax.plot([], [], marker="o", color=col, linestyle="none", label="dominated trials", **faded)
+        ax.plot([], [], marker="o", color=col, linestyle="none", label="dominated trials (faded)", **faded)
     _baseline(ax, result.baseline, metric, tips, f"base-{result.slug}")
     ax.set_xlabel(X_REAL, fontsize=8)
-    ax.set_ylabel(f"dev {metric} (best epoch)")
+    ax.set_ylabel(f"dev {metric} (selected validation)")
     ax.set_title(
         f"{task} · {result.label}: dev {metric} vs FLOPs ratio at real length\n"
         f"{len(result.points)} complete trials, {len(front)} Pareto-optimal; {CONVENTION}",
@@ -146,7 +168,7 @@ def overlay(results, task: str, metric: str, max_length: int, png: Path) -> str:
     tips: dict[str, str] = {}
     for index, result in enumerate(results):
         col = color(index)
-        _front_line(ax, result.front, col, f"{result.label} front")
+        _front_line(ax, result.front, col, f"{result.label} front (staircase)")
         for n, p in enumerate(result.points):
             gid = f"all-{result.slug}-{n}"
             ax.plot(
@@ -165,7 +187,7 @@ def overlay(results, task: str, metric: str, max_length: int, png: Path) -> str:
         label = "unpruned baseline (method=none)" + (f" [{n + 1}]" if n else "")
         _baseline(ax, base, metric, tips, f"base-all-{n + 1}", label)
     ax.set_xlabel(X_REAL, fontsize=8)
-    ax.set_ylabel(f"dev {metric} (best epoch)")
+    ax.set_ylabel(f"dev {metric} (selected validation)")
     ax.set_title(f"{task}: all methods, dev {metric} vs FLOPs ratio at real length ({CONVENTION})", fontsize=9)
     _finish(ax)
     fig.tight_layout()
@@ -177,11 +199,12 @@ def kept_profile(result, task: str, metric: str, max_length: int, index: int, pn
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     tips: dict[str, str] = {}
     front = [p for p in result.front if p.kept]
+    keys = varying(result.points)
     cmap = plt.get_cmap("viridis")
     for n, p in enumerate(front):
         col = cmap(n / max(1, len(front) - 1) * 0.85)
         gid = f"kept-{result.slug}-{n}"
-        ax.plot(range(len(p.kept)), p.kept, marker="o", color=col, label=short_label(p), gid=gid)
+        ax.plot(range(len(p.kept)), p.kept, marker="o", color=col, label=short_label(p, keys), gid=gid)
         tips[gid] = (
             tooltip(result.method, p, metric, max_length) + "\nkept per layer: " + " ".join(f"{k:.2f}" for k in p.kept)
         )
@@ -194,7 +217,9 @@ def kept_profile(result, task: str, metric: str, max_length: int, index: int, pn
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction of real tokens computed\n(mean over dev examples)")
-    ax.set_title(f"{task} · {result.label}: tokens kept per layer, Pareto-optimal trials (dev, best epoch)", fontsize=9)
+    ax.set_title(
+        f"{task} · {result.label}: tokens kept per layer, Pareto-optimal trials (dev, selected validation)", fontsize=9
+    )
     _finish(ax)
     fig.tight_layout()
     return _save(fig, png, tips)
@@ -209,18 +234,18 @@ def tooltip(method: str, p, metric: str, max_length: int) -> str:
     return "\n".join(lines)
 
 
-def _coincident(points) -> dict[tuple[float, float], list[str]]:
+def _coincident(points, keys: list[str] | None = None) -> dict[tuple[float, float], list[str]]:
     spots: dict[tuple[float, float], list[str]] = {}
     for p in points:
-        spots.setdefault((p.flops_real, p.metric), []).append(short_label(p))
+        spots.setdefault((p.flops_real, p.metric), []).append(short_label(p, keys))
     return spots
 
 
 def _finish(ax):
     ax.grid(True, alpha=0.3)
     handles, _ = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(fontsize=7, loc="best")
+    if handles:  # outside the axes, on the right: a legend never covers a point or a profile
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 # -- the table and the page ------------------------------------------------------------------
@@ -237,7 +262,8 @@ def markdown(title: str, note: str, tables: list[tuple[str, list[str], list[list
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
-body {{ font-family: sans-serif; margin: 1.5em auto; max-width: 1100px; color: #222; }}
+body {{ font-family: sans-serif; margin: 1.5em auto; max-width: 1600px; color: #222; }}
+svg {{ width: 100%; height: auto; }}
 table {{ border-collapse: collapse; font-size: 0.85em; }} td, th {{ border: 1px solid #ccc; padding: 3px 6px; }}
 th {{ background: #f0f0f0; }} .note {{ color: #555; font-size: 0.9em; }} figure {{ margin: 0.5em 0; }}
 </style></head><body>

@@ -32,6 +32,11 @@ def role_names(cfg: DictConfig, metric: str) -> dict[str, str]:
     }
 
 
+def speedup_cell(speedup: float) -> str:
+    """``x1.45``; below 1 it is a slowdown and says so: ``x0.83 (slower)``."""
+    return f"x{speedup:.2f}" + (" (slower)" if speedup < 1 else "")
+
+
 def _speedups(result: MethodResult, trial: int) -> list[str]:
     """One cell per batch size: ``x1.45``; or, in the first, why it was not measured."""
     cells = [""] * len(batch_sizes())
@@ -39,7 +44,7 @@ def _speedups(result: MethodResult, trial: int) -> list[str]:
     if s and "skipped" in s:
         cells[0] = f"skipped: {s['skipped']}"
     elif s:
-        cells = [f"x{s[f'batch_{size}']['wall_speedup']:.2f}" for size in batch_sizes()]
+        cells = [speedup_cell(s[f"batch_{size}"]["wall_speedup"]) for size in batch_sizes()]
     return cells
 
 
