@@ -100,6 +100,9 @@ def test_bench_writes_json_and_plot(glue_dir, tmp_path, one_thread):
     saved = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").stat().st_size > 0 and (out / "engines.png").stat().st_size > 0
     assert saved["speedup"] == results["speedup"]
+    steps = {r["method"]: r for r in saved["training_steps"]["rows"]}
+    assert set(steps) == {"none", "gate", "transkimmer", "top", "static"} and steps["none"]["ratio_to_baseline"] == 1.0
+    assert all(r["median_step_ms"] > 0 for r in steps.values())
     assert {(r["task"], r["batch_size"]) for r in saved["speedup"]} == {
         ("sst2", 1),
         ("sst2", 32),

@@ -182,7 +182,7 @@ def training_steps(
     from tokprune.methods.checkpoint import describe
 
     settings = {
-        "gate": ["method.gate_lr=1e-2", "method.straight_through=true"],
+        "gate": ["method.gate_lr=1e-2", "method.straight_through=true", "method.inference=expected"],
         "transkimmer": ["method.predictor_lr=1e-3"],
         "top": ["method.reg_lr=0.1"],
     }
@@ -194,7 +194,10 @@ def training_steps(
         f"seed={cfg.seed}",
         f"data.train_subset={rows}",
         f"protocol.target_flops={target_flops}",
+        f"data.glue_dir={cfg.data.glue_dir}",
     ]
+    layers = load_bert(cfg.model).config.num_hidden_layers
+    settings["static"] = [f"method.first_pruned_layer={min(2, layers - 1)}"]  # 2 on MiniLM; 1 on a 2-layer model
     modules, cache_seconds = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         base_cfg = compose(["method=none", *common])
