@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 
-from tokprune.methods.checkpoint import rebuild
+from tokprune.methods import rebuild
 from tokprune.training.callbacks import TokenPruningCallback
 from tokprune.training.train import build_datamodule
 

@@ -5,8 +5,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tokprune.config import compose
+from tokprune.methods import rebuild
 from tokprune.methods.base import PruningModule
-from tokprune.methods.checkpoint import rebuild
 from tokprune.methods.selection import select
 from tokprune.training import train as train_module
 

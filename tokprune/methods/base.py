@@ -25,6 +25,7 @@ Nothing here knows MLflow: the Trainer's logger and the token-pruning callback s
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -34,13 +35,13 @@ from torch.nn import functional as F
 from transformers import BertModel
 from transformers.models.bert.modeling_bert import BertPooler
 
-from tokprune.core.data import GlueTask, build_metrics, metric_inputs
+from tokprune.core.data import GlueTask, build_metrics, get_task, metric_inputs
 from tokprune.core.encoder import EncoderOutput, KeepAll, PrunableEncoder, Pruner
 from tokprune.core.flops import FlopsCounter
 from tokprune.errors import UsageError
 from tokprune.methods import constraints
-from tokprune.methods.checkpoint import load_weights
-from tokprune.methods.distill import load_teacher, prediction_distillation
+from tokprune.methods.checkpoint import FrozenReference, check_same_setting, load_weights, read_described, restore
+from tokprune.methods.distill import prediction_distillation
 from tokprune.methods.protocol import FlopsTarget, TeacherBatch, TeacherOutputs, is_shared
 from tokprune.methods.selection import Selected, Validation, select
 
@@ -367,3 +368,16 @@ class PruningModule(L.LightningModule):
 
     def after_optimizer_step(self) -> None:
         """Projections a method applies after every optimiser step (clipping gates, clamping log-alphas)."""
+
+
+def load_teacher(path: str, cfg: DictConfig, what: str) -> FrozenReference:
+    """The unpruned (``method=none``) model in ``path``, frozen: the shared module itself, whose
+    pruner keeps everything (no registry lookup: the registry imports this module). Same task and
+    backbone as ``cfg``, or a one-line error."""
+    described = read_described(path, what)
+    method = described.cfg.method.name
+    if method != "none":
+        raise UsageError(f"{what} '{path}' is a method={method} run: the teacher must be unpruned (method=none)")
+    check_same_setting(described, cfg, what)
+    module = PruningModule(described.cfg, described.bert(), get_task(described.cfg.task.name))
+    return FrozenReference(restore(described, module, what), Path(path))

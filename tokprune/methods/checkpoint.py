@@ -8,11 +8,13 @@ from the file alone: no MLflow store, no override strings, no hub.
 Three ways to use one, each a one-line ``UsageError`` for a missing, unreadable or
 mismatched file:
 
-- ``rebuild(path)``: the trained model itself (eval, predict, bench, report);
-- ``load_weights(module, path)``: initial weights from a fine-tuned run (Transkimmer's
-  ``init_checkpoint``; ToP's student);
-- ``load_frozen(path, cfg)``: a frozen, eval-mode reference model that a method calls every
-  step without gradients (ToP's teacher).
+- ``methods.rebuild(path)``: the trained model itself (eval, predict, bench, report): this
+  module reads the file (``read_described``) and fills a module (``restore``), the method
+  registry next to it builds the module, so the reader never imports the methods;
+- ``load_weights(module, path)``: initial weights from a fine-tuned run (the shared protocol's
+  start, Transkimmer's ``init_checkpoint``, ToP's student);
+- ``methods.base.load_teacher(path, cfg)``: a frozen, eval-mode unpruned reference model
+  (``FrozenReference``) that a method distils from without gradients.
 """
 
 from __future__ import annotations
@@ -112,21 +114,17 @@ def read_described(path: str | Path, what: str = "checkpoint") -> Described:
     )
 
 
-def rebuild(path: str | Path, what: str = "checkpoint"):
-    """(description, the trained module in eval mode): the model as it was trained."""
-    from tokprune.core.data import get_task
-    from tokprune.methods import build_method
-
-    described = read_described(path, what)
-    module = build_method(described.cfg, described.bert(), get_task(described.cfg.task.name))
+def restore(described: Described, module: nn.Module, what: str = "checkpoint") -> nn.Module:
+    """``module`` (built from ``described``'s config) with the file's weights, strictly, in eval mode;
+    a one-line error when they do not fit. The method registry builds the module (``methods.rebuild``)."""
     try:
         module.load_state_dict(state_dict(described.contents), strict=True)
     except RuntimeError as exc:
         raise UsageError(
-            f"{what} '{path}' does not fit its own config: "
+            f"{what} '{described.path}' does not fit its own config: "
             f"{str(exc).splitlines()[-1].strip() or str(exc).splitlines()[0]}"
         ) from None
-    return described, module.eval()
+    return module.eval()
 
 
 def load_weights(module: nn.Module, path: str | Path, what: str, skip: tuple[str, ...] = ("pruner.",)) -> None:
@@ -163,12 +161,10 @@ class FrozenReference:
             return self.module(*args, **kwargs)
 
 
-def load_frozen(path: str | Path, cfg: DictConfig, what: str) -> FrozenReference:
-    """The model in ``path`` as a frozen reference for a run configured by ``cfg``: same task
-    and backbone, or a one-line error naming what differs."""
-    described, module = rebuild(path, what)
+def check_same_setting(described: Described, cfg: DictConfig, what: str) -> None:
+    """A reference model (a teacher) must share the run's task and backbone: a one-line error naming
+    what differs."""
     for key in ("task.name", "model.name"):
         theirs, ours = OmegaConf.select(described.cfg, key), OmegaConf.select(cfg, key)
         if theirs != ours:
-            raise UsageError(f"{what} '{path}' was trained with {key}={theirs}, this run has {key}={ours}")
-    return FrozenReference(module, Path(path))
+            raise UsageError(f"{what} '{described.path}' was trained with {key}={theirs}, this run has {key}={ours}")

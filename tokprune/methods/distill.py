@@ -9,24 +9,8 @@ device in ``on_fit_start``.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
 from torch import Tensor
 from torch.nn import functional as F
-
-from tokprune.core.encoder import KeepAll
-from tokprune.errors import UsageError
-from tokprune.methods.checkpoint import FrozenReference, load_frozen
-
-
-def load_teacher(path: str, cfg: DictConfig, what: str) -> FrozenReference:
-    """The unpruned (``method=none``) model in ``path``, frozen; same task and backbone as ``cfg``."""
-    teacher = load_frozen(path, cfg, what)
-    if not isinstance(teacher.module.pruner, KeepAll):
-        raise UsageError(
-            f"{what} '{path}' is a method={teacher.module.cfg.method.name} run: the teacher "
-            "must be unpruned (method=none)"
-        )
-    return teacher
 
 
 def logit_distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:

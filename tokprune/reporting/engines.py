@@ -17,7 +17,7 @@ from tokprune.core.backbone import load_bert, load_tokenizer
 from tokprune.core.data import get_task
 from tokprune.core.encoder import PrunableEncoder
 from tokprune.core.flops import FlopsCounter
-from tokprune.methods.checkpoint import rebuild
+from tokprune.methods import rebuild
 from tokprune.methods.static import TopKSchedule
 from tokprune.serving.latency import dev_examples, interleaved, tokenized_batches
 

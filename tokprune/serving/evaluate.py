@@ -49,7 +49,7 @@ from tokprune.core.data import get_task
 from tokprune.core.encoder import EncoderOutput, KeepAll
 from tokprune.core.liveness import owner
 from tokprune.errors import UsageError
-from tokprune.methods.checkpoint import rebuild
+from tokprune.methods import rebuild
 from tokprune.serving.latency import LATENCY_BATCH_SIZES, onnx_trained_speedup, trained_speedup
 from tokprune.serving.predict import check_engine
 from tokprune.training.callbacks import TokenPruningCallback

@@ -224,7 +224,7 @@ def default_output(checkpoint: str | Path) -> Path:
 
 def run_export(checkpoint: str, output: str | None = None) -> str:
     """The ``export`` command: returns the line to print."""
-    from tokprune.methods.checkpoint import rebuild
+    from tokprune.methods import rebuild
 
     require("onnx")
     if not Path(checkpoint).is_file():

@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 
 from tokprune.core.data import GlueTask, get_task, load_splits, seeded_subset
 from tokprune.core.encoder import KeepAll, PrunableEncoder, Pruner
+from tokprune.methods import rebuild
 from tokprune.methods.base import PruningModule
-from tokprune.methods.checkpoint import Described, rebuild
+from tokprune.methods.checkpoint import Described
 
 #: Batch sizes every trained model's latency is reported at (``eval``, ``report``): one request, and a
 #: batch that fills the CPU's vector units.

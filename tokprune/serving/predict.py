@@ -26,8 +26,9 @@ import torch
 
 from tokprune.core.data import GlueTask, get_task, read_text_lines
 from tokprune.errors import UsageError
+from tokprune.methods import rebuild
 from tokprune.methods.base import PruningModule
-from tokprune.methods.checkpoint import Described, rebuild
+from tokprune.methods.checkpoint import Described
 
 ENGINES = ("torch", "onnx")
 Input = str | tuple[str, str]
