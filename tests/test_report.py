@@ -28,7 +28,7 @@ from tokprune.reporting.render import operating_rows, speedup_cell, table_rows
 from tokprune.reporting.report import after_sweep
 from tokprune.search.results import MethodResult, Point, distinct_baselines
 
-from conftest import GLUE, QQP_SAMPLE
+from conftest import GLUE, QQP_SAMPLE, ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLES = 8  # dev rows timed for each operating point: enough to exercise the code
@@ -492,6 +492,89 @@ def test_the_page_renders_its_charts_in_headless_chromium(recorded, tmp_path):
     assert image.size == (1200, 2000)
     assert len(image.getcolors(1 << 24)) > 200 and coloured(image) > 300
     assert coloured(screenshot(no_charts)) < 20
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _text_of(html: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="Chromium is not installed (apt-get install chromium)")
+def test_the_mlflow_ui_runs_table_answers_and_the_report_labels_tell_trials_apart(recorded, tmp_path):
+    """In a real browser: the URL ``make ui`` prints opens the runs table (not MLflow's traces page),
+    which lists the sweep's runs by name and their training data; the report's point labels differ
+    between the trials of one study."""
+    import time
+    import urllib.request
+
+    from tokprune.training.tracking import runs_view
+
+    uri = f"sqlite:///{recorded}/mlflow.db"
+    port = _free_port()
+    url = runs_view(uri, port=port).splitlines()[0].split(": ", 1)[1]
+    assert "/#/experiments/" in url and url.endswith("/runs")
+    server = subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "mlflow"), "ui", "--backend-store-uri", uri, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow ui did not start"
+                time.sleep(1)
+        dom = subprocess.run(
+            [
+                str(CHROMIUM),
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--virtual-time-budget=20000",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=True,
+        ).stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    text = _text_of(dom)
+    assert "Run Name" in text and "Dataset" in text  # the runs table, not the traces overview
+    # each study is one row (its trials are nested under it), beside the baseline
+    assert "sweep-transkimmer-sst2-tiny-smoke-seed42" in text and "sweep-none-sst2-tiny-smoke-seed42" in text
+    assert "none-sst2-tiny-smoke" in text
+    assert "sst2/train" in text and "sst2/dev" in text  # the Dataset column says what the runs trained on
+    out = tmp_path / "reports"
+    assert report(recorded, out, "report.speedup_examples=0") == 0
+    svg = _text_of((out / "sst2" / "report.html").read_text())
+    labels = re.findall(r"t\d+ skim_lambda=[0-9.e-]+", svg)  # the first of the parameters that vary
+    assert len(set(labels)) >= 2
 
 
 def test_labels_name_what_varies_within_a_study_and_slowdowns_say_so():

@@ -21,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+plt.rcParams["svg.fonttype"] = "none"  # the page's charts keep their text as text: searchable, crisp at any width
+
 from tokprune.search.plan import param_strings  # noqa: E402
 from tokprune.search.results import distinct_baselines  # noqa: E402
 
