@@ -61,8 +61,10 @@ def test_bad_first_pruned_layer_is_a_usage_error():
 
 @pytest.mark.slow
 def test_without_finetuning_a_run_is_one_evaluation_of_the_baseline(glue_dir, mlflow_uri, tmp_path):
-    """The baseline is found (here: trained once) and evaluated under the schedule; no step is trained."""
+    """protocol=paper: the baseline is found (here: trained once) and evaluated under the schedule;
+    no step is trained."""
     common = [
+        "protocol=paper",
         "model=tiny",
         "budget=smoke",
         f"data.glue_dir={glue_dir}",
@@ -95,5 +97,6 @@ def test_a_plain_unpruned_run_is_the_baseline_later_runs_find(glue_dir, mlflow_u
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert sorted(r.data.tags["method"] for r in runs) == ["none", "none", "static"]  # no baseline trained
-    params = client.get_run(static.run_id).data.params
-    assert params["method.init_checkpoint"] == str(Path(baseline.checkpoint).resolve()) != other_seed.checkpoint
+    params = client.get_run(static.run_id).data.params  # protocol=shared: the start (and teacher) key
+    assert params["protocol.baseline_checkpoint"] == str(Path(baseline.checkpoint).resolve()) != other_seed.checkpoint
+    assert static.steps > 0  # fine-tuned under the schedule that meets the target
