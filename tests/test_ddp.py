@@ -30,6 +30,7 @@ COMMON = [
     "train.accelerator=cpu",
     # random skim predictors without the keep bias drop most tokens at evaluation: something to count
     "method=transkimmer",
+    "protocol=paper",  # from the weights as built: no baseline to find (see the test below for shared)
     "method.keep_bias=0",
     # the weights stay as initialised, so both runs (4 steps on one process, 2 on two) validate one model
     "train.lr=1e-12",
@@ -98,3 +99,32 @@ def test_two_processes_log_the_whole_dev_set(glue_dir, tmp_path):
         assert logged["one"][key] == pytest.approx(whole[key], rel=1e-6, abs=1e-6), key
         # what rank 0 alone would have logged (DistributedSampler gives it rows 0, 2, 4, ...): far off
         assert rank0[key] != pytest.approx(whole[key], rel=1e-4), key
+
+
+def test_a_multi_process_run_does_not_train_its_baseline_inside_itself(tmp_path, glue_dir):
+    """protocol=shared needs the baseline: several processes would each train one, so a run on
+    train.devices=2 says to train it first, in one line, before anything starts."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokprune",
+            "train",
+            "model=tiny",
+            "budget=smoke",
+            "method=gate",
+            "train.devices=2",
+            "train.strategy=ddp",
+            "train.accelerator=cpu",
+            f"mlflow.tracking_uri={uri}",
+            f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "GLUE_DIR": glue_dir},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 2
+    assert "a baseline is not trained inside a run on train.devices=2: train it first" in proc.stderr

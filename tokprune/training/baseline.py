@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from tokprune.config import NEUTRAL, compose, flat_params, override
+from tokprune.errors import UsageError
 from tokprune.training import tracking as track
 from tokprune.training.tracking import resolve_tracking_uri
 
@@ -70,6 +71,12 @@ def find_or_train(
     run = track.find_baseline(client, experiment_id, key)
     if run is not None and run.data.tags.get("checkpoint"):
         return run
+    if str(cfg.train.devices) not in ("1", "auto"):  # every process would train its own baseline
+        raise UsageError(
+            "no unpruned baseline for " + " ".join(f"{k}={v}" for k, v in key.items()) + " in the MLflow store, and "
+            f"a baseline is not trained inside a run on train.devices={cfg.train.devices}: train it first "
+            f"(make train METHOD=none TASK={cfg.task.name} ...) or give its best.ckpt in the method's checkpoint key"
+        )
     say("training the unpruned baseline (method=none) once for " + " ".join(f"{k}={v}" for k, v in key.items()))
     paths = [
         override(k, v)
