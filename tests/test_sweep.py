@@ -784,7 +784,8 @@ def test_trials_get_the_baseline_checkpoint_when_the_space_asks(glue_dir, shared
     )
     storage = str(tmp_path / "t.journal")
     args = sweep_args(shared_store, tmp_path, glue_dir, f"sweep.storage={storage}", "sweep.trials=1")
-    assert main(["sweep", *[a.replace("method=none", "method=transkimmer") for a in args]]) == 0
+    args = [*(a.replace("method=none", "method=transkimmer") for a in args), "protocol=paper"]  # its own start key
+    assert main(["sweep", *args]) == 0
     study = load(storage, "transkimmer-sst2-tiny-smoke-seed42")
     _, parent, children = parent_and_children(shared_store, storage, study="transkimmer-sst2-tiny-smoke-seed42")
     assert_consistent(study, children, complete=1)

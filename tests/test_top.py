@@ -545,4 +545,5 @@ def test_the_mission_command_sweeps_top_on_the_qqp_sample_end_to_end(glue_dir, t
     baseline = [r for r in runs if r.data.tags.get("role") == "baseline"]
     trials = [r for r in runs if r.data.tags.get("role") == "trial"]
     assert len(baseline) == 1 and len(trials) == 2
-    assert {t.data.params["method.teacher_checkpoint"] for t in trials} == {baseline[0].data.tags["checkpoint"]}
+    # protocol=shared: the baseline is every trial's start and teacher
+    assert {t.data.params["protocol.baseline_checkpoint"] for t in trials} == {baseline[0].data.tags["checkpoint"]}
