@@ -31,6 +31,16 @@ from tokprune.search.results import MethodResult, Point, distinct_baselines
 from conftest import GLUE, QQP_SAMPLE, ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 EXAMPLES = 8  # dev rows timed for each operating point: enough to exercise the code
 SPACES = {
     "transkimmer": "trials: {smoke: 4}\nparams:\n"
@@ -465,14 +475,7 @@ def test_the_page_renders_its_charts_in_headless_chromium(recorded, tmp_path):
         subprocess.run(
             [
                 str(CHROMIUM),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
+                *CHROMIUM_FLAGS,
                 f"--user-data-dir={tmp_path / 'profile'}",
                 f"--screenshot={shot}",
                 "--window-size=1200,2000",
@@ -492,18 +495,6 @@ def test_the_page_renders_its_charts_in_headless_chromium(recorded, tmp_path):
     assert image.size == (1200, 2000)
     assert len(image.getcolors(1 << 24)) > 200 and coloured(image) > 300
     assert coloured(screenshot(no_charts)) < 20
-
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def _free_port() -> int:

@@ -99,6 +99,24 @@ class _StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def step_times(module, datamodule, callbacks: list, steps: int, gradient_clip_val=None) -> list[float]:
+    """Seconds of each training step of one block of ``steps`` (a fresh Trainer continuing the same
+    module), the first left out: it pays the loader's start-up."""
+    timer = _StepTimer()
+    trainer = L.Trainer(
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, timer],
+        gradient_clip_val=gradient_clip_val,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return timer.times[1:]
+
+
 def layer_latency_by_length(cfg: DictConfig, lengths=(4, 8, 16, 32, 64, 128), repeats: int = 50) -> list[dict]:
     """Where batch-1 time goes: one layer's latency against its FLOPs as the input shrinks.
 
@@ -136,19 +154,7 @@ def callback_overhead(cfg: DictConfig, steps_per_block: int = 10, rounds: int = 
     timings: dict[str, list[float]] = {"on": [], "off": []}
     for _ in range(rounds):
         for mode in ("on", "off"):
-            timer = _StepTimer()
-            callbacks = [callback, timer] if mode == "on" else [timer]
-            trainer = L.Trainer(
-                max_steps=steps_per_block,
-                limit_val_batches=0,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=callbacks,
-            )
-            trainer.fit(module, datamodule=datamodule)
-            timings[mode].extend(timer.times[1:])  # the first step of a block pays loader start-up
+            timings[mode].extend(step_times(module, datamodule, [callback] if mode == "on" else [], steps_per_block))
     on, off = statistics.median(timings["on"]), statistics.median(timings["off"])
     return {
         "task": cfg.task.name,
@@ -226,19 +232,9 @@ def training_steps(
         timings: dict[str, list[float]] = {method: [] for method in methods}
         for _ in range(rounds):
             for method, (module, datamodule, counting) in modules.items():
-                timer = _StepTimer()
-                trainer = L.Trainer(
-                    max_steps=steps_per_block,
-                    limit_val_batches=0,
-                    logger=False,
-                    enable_checkpointing=False,
-                    enable_progress_bar=False,
-                    enable_model_summary=False,
-                    callbacks=[counting, timer],
-                    gradient_clip_val=cfg.train.gradient_clip_val,
+                timings[method].extend(
+                    step_times(module, datamodule, [counting], steps_per_block, cfg.train.gradient_clip_val)
                 )
-                trainer.fit(module, datamodule=datamodule)
-                timings[method].extend(timer.times[1:])  # the first step of a block pays loader start-up
     base = statistics.median(timings["none"])
     return {
         "task": "sst2",
