@@ -59,6 +59,21 @@ def random_batch(batch: int = 4, length: int = 12, vocab: int = 120, seed: int =
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
+def quiet_trainer(**settings):
+    """A Lightning Trainer for unit tests: CPU, no logger, checkpoints, progress bar or validation."""
+    import lightning as L
+
+    return L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        **settings,
+    )
+
+
 def kept_after_steps(module, batch: dict, steps: int, lr: float, seed: int) -> float:
     """Eval-mode kept fraction after ``steps`` AdamW steps of a method's own losses on one batch
     (its parameter groups and post-step projection included; same data, init and noise per seed)."""

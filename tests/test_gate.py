@@ -1,6 +1,5 @@
 """method=gate: rank-indexed gates, clipped, sparsity + bi-modal terms, thresholded in hard mode."""
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -11,7 +10,7 @@ from tokprune.core.encoder import PruneContext
 from tokprune.methods import build_method
 from tokprune.methods.gate import GatePruner, Method
 
-from conftest import kept_after_steps, random_batch, tiny_bert
+from conftest import kept_after_steps, quiet_trainer, random_batch, tiny_bert
 
 LAYERS = 3
 
@@ -55,15 +54,7 @@ def test_gates_have_their_own_lr_and_no_weight_decay():
 def test_clipping_after_every_step_keeps_gates_in_0_1():
     module = make("method.gate_lr=0.5", "method.lambda_sparse=10.0", "train.lr=1e-9")
     loader = DataLoader([labelled_batch(seed=i) for i in range(6)], batch_size=None)
-    trainer = L.Trainer(
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(max_steps=6)
     trainer.fit(module, train_dataloaders=loader)
     gates = module.pruner.gates()
     assert gates.min() >= 0 and gates.max() <= 1

@@ -5,7 +5,6 @@ import math
 import os
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from torch.nn import functional as F
@@ -33,7 +32,7 @@ from tokprune.methods.top import (
     sample_hard_concrete,
 )
 
-from conftest import random_batch, tiny_bert
+from conftest import quiet_trainer, random_batch, tiny_bert
 
 LAYERS = 4  # prunable layers 2 and 3 by default; distilled layer 1
 
@@ -480,16 +479,7 @@ def test_the_teacher_stays_frozen_and_the_student_starts_from_it(teacher_checkpo
     before = {k: v.clone() for k, v in module.state_dict().items()}
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     loader = DataLoader([labelled_batch(seed=i) for i in range(4)], batch_size=None)
-    trainer = L.Trainer(
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-        gradient_clip_val=1.0,
-    )
+    trainer = quiet_trainer(max_steps=4, gradient_clip_val=1.0)
     trainer.fit(module, train_dataloaders=loader)
     for name, value in teacher.state_dict().items():
         assert torch.equal(value, teacher_before[name]), name

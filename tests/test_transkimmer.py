@@ -1,7 +1,6 @@
 """method=transkimmer: keep-biased predictors, straight-through masks, the skim loss, eval argmax; the
 hard-equivalent training rule, skim targets, warm-up, per-layer credit and logit distillation."""
 
-import lightning as L
 import pytest
 import torch
 from torch import Tensor
@@ -19,7 +18,7 @@ from tokprune.methods.distill import logit_distillation
 from tokprune.methods.protocol import TeacherOutputs
 from tokprune.methods.transkimmer import DEFAULTS, KEEP, SKIM, Method, gumbel_noise, straight_through
 
-from conftest import kept_after_steps, random_batch, tiny_bert
+from conftest import kept_after_steps, quiet_trainer, random_batch, tiny_bert
 
 LAYERS = 3
 
@@ -203,16 +202,7 @@ def baseline_checkpoint(tmp_path) -> tuple[str, dict]:
     cfg = compose(["method=none", "model=tiny", "train.max_steps=1"])
     baseline = build_method(cfg, tiny_bert(seed=7), get_task("sst2"))
     batches = DataLoader([labelled_batch()], batch_size=None)
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=1, default_root_dir=tmp_path)
     trainer.fit(baseline, train_dataloaders=batches)
     path = tmp_path / "baseline.ckpt"
     trainer.save_checkpoint(path, weights_only=True)
@@ -591,16 +581,7 @@ def test_a_fit_with_every_option_loads_a_frozen_teacher_and_moves_the_multiplier
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     before = {k: v.clone() for k, v in module.state_dict().items()}
     loader = DataLoader([labelled_batch(seed=i) for i in range(4)], batch_size=None)
-    trainer = L.Trainer(
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-        gradient_clip_val=1.0,
-    )
+    trainer = quiet_trainer(max_steps=4, gradient_clip_val=1.0)
     trainer.fit(module, train_dataloaders=loader)
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
     after = module.state_dict()
