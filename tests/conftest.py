@@ -77,6 +77,15 @@ def quiet_trainer(**settings):
 def kept_after_steps(module, batch: dict, steps: int, lr: float, seed: int) -> float:
     """Eval-mode kept fraction after ``steps`` AdamW steps of a method's own losses on one batch
     (its parameter groups and post-step projection included; same data, init and noise per seed)."""
+    train_steps(module, batch, steps, lr, seed)
+    module.eval()
+    with torch.no_grad():
+        return float(module(batch)[1].kept_fraction().mean())
+
+
+def train_steps(module, batch: dict, steps: int, lr: float, seed: int, after_step=None) -> None:
+    """``steps`` AdamW steps of a method's own losses on one batch (its parameter groups and
+    post-step projection included); ``after_step(out)`` sees each training forward's output."""
     optimizer = torch.optim.AdamW(module.parameter_groups(), lr=lr)
     torch.manual_seed(seed)
     module.train()
@@ -87,9 +96,8 @@ def kept_after_steps(module, batch: dict, steps: int, lr: float, seed: int) -> f
         loss.backward()
         optimizer.step()
         module.after_optimizer_step()
-    module.eval()
-    with torch.no_grad():
-        return float(module(batch)[1].kept_fraction().mean())
+        if after_step is not None:
+            after_step(out)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from tokprune.methods.checkpoint import FrozenReference, describe
 from tokprune.methods.distill import prediction_distillation
 from tokprune.methods.protocol import TeacherOutputs
 
-from conftest import random_batch, tiny_bert
+from conftest import random_batch, tiny_bert, train_steps
 
 LAYERS = 4
 LEARNED = ("gate", "transkimmer", "top")
@@ -190,18 +190,15 @@ def test_a_short_run_holds_the_expected_flops_ratio_near_the_target(method):
     )
     module.teacher = TeacherOutputs(FrozenReference(make("none", seed=2), path=None))  # ToP distils always
     batch = labelled_batch(batch=8, length=16)
-    optimizer = torch.optim.AdamW(module.parameter_groups(), lr=1e-3)
-    torch.manual_seed(0)
-    module.train()
     ratios = []
-    for _ in range(150):
-        logits, out = module(batch)
-        loss = sum(module.losses(logits, out, batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        module.after_optimizer_step()
-        ratios.append(float(module.expected_flops_ratio(out)))
+    train_steps(
+        module,
+        batch,
+        150,
+        lr=1e-3,
+        seed=0,
+        after_step=lambda out: ratios.append(float(module.expected_flops_ratio(out))),
+    )
     assert ratios[0] > 0.9  # every method starts unpruned
     assert sum(ratios[-20:]) / 20 == pytest.approx(0.6, abs=0.08)
     module.eval()
