@@ -329,7 +329,10 @@ def test_a_budget_replaces_and_adds_to_the_searched_ranges(tmp_path):
 
 def test_the_transkimmer_cpu_sweep_places_trials_by_their_target_kept_fraction():
     shared = plan_sweep(["method=transkimmer", "budget=cpu"]).space.describe()  # protocol=shared: the FLOPs target
-    assert shared == {"protocol.target_flops": "float [0.3, 0.8]", "method.predictor_lr": "categorical [0.001]"}
+    assert shared == {
+        "protocol.target_flops": "grid [0.5, 0.4, 0.6, 0.3, 0.7, 0.45, 0.35, 0.8]",
+        "method.predictor_lr": "categorical [0.001]",
+    }
     cpu = plan_sweep(["method=transkimmer", "budget=cpu", "protocol=paper"]).space.describe()
     full = plan_sweep(["method=transkimmer", "budget=full", "protocol=paper"]).space.describe()
     assert full == {"method.skim_lambda": "float [0.05, 2.0] log"}  # around the paper's 0.5
@@ -340,6 +343,38 @@ def test_the_transkimmer_cpu_sweep_places_trials_by_their_target_kept_fraction()
         "method.skim_warmup": "categorical [0.3]",
         "method.predictor_lr": "categorical [0.001]",
     }
+
+
+def test_a_grid_is_taken_in_its_order_one_trial_per_value_and_a_failed_value_again(tmp_path):
+    (tmp_path / "none.yaml").write_text("params:\n  train.lr: {distribution: grid, values: [3.0e-4, 1.0e-4, 1.0e-3]}\n")
+    args = ["method=none", *FAST, f"sweep.space_dir={tmp_path}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    with pytest.raises(UsageError, match="a grid of 3 values, one trial each: ask for at most 3 trials, not 4"):
+        plan_sweep([*args, "sweep.trials=4"])
+    sweep = Sweep(plan_sweep([*args, "sweep.trials=3"]))
+    optuna.create_study(study_name=STUDY, storage=sweep.storage, directions=["maximize", "minimize"])
+    taken = []
+    for outcome in (TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE):
+        study = sweep.load()
+        sweep.queue_grid_value(study)
+        sweep.queue_grid_value(study)  # one queued value at a time
+        assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+        trial = study.ask()
+        taken.append(sweep.plan.space.suggest(trial)["train.lr"])
+        study.tell(trial, [0.5, 0.5] if outcome == TrialState.COMPLETE else None, state=outcome)
+    assert taken == [3e-4, 1e-4, 1e-4, 1e-3]  # listed order; the failed 1e-4 again, then the rest
+
+
+def test_a_space_has_at_most_one_grid(tmp_path):
+    path = tmp_path / "none.yaml"
+    path.write_text(
+        "params:\n  train.lr: {distribution: grid, values: [1.0e-4]}\n"
+        "  train.epochs: {distribution: grid, values: [1, 2]}\n"
+    )
+    with pytest.raises(UsageError, match="at most one grid parameter, not train.lr, train.epochs"):
+        load_space(path, "none")
+    path.write_text("params:\n  train.lr: {distribution: grid, values: [1.0e-4, 1.0e-4]}\n")
+    with pytest.raises(UsageError, match="grid values repeat"):
+        load_space(path, "none")
 
 
 # -- fast unit checks of the crash machinery ---------------------------------------------

@@ -9,6 +9,7 @@ A file names the config keys a sweep samples and how many trials it runs by defa
     params:                      # config key -> distribution (Optuna's suggest_* arguments)
       method.skim_lambda: {distribution: float, low: 0.05, high: 2.0, log: true}
       method.variant: {distribution: categorical, choices: [a, b]}
+      protocol.target_flops: {distribution: grid, values: [0.5, 0.4, 0.6]}  # one trial per value, in this order
     baseline_checkpoint: method.teacher_checkpoint   # optional: this key gets the unpruned
                                  # baseline's checkpoint in every trial (unless the command sets it)
     per_budget:                  # optional: a budget's own ranges, replacing or adding to params
@@ -23,8 +24,11 @@ A file names the config keys a sweep samples and how many trials it runs by defa
 Under ``protocol=shared`` every method's top-level ``params`` sweep ``protocol.target_flops`` over
 the same range (plus at most one or two quality knobs it needs), so the fronts share their x-axis.
 
-Distributions: ``float`` and ``int`` (``low`` < ``high``, optional ``log`` or ``step``) and
-``categorical`` (``choices``). Everything wrong with a file, or with the command, is a
+Distributions: ``float`` and ``int`` (``low`` < ``high``, optional ``log`` or ``step``),
+``categorical`` (``choices``) and ``grid`` (``values``): a fixed list that the trials take one
+each, in the listed order, so that every method's front has points at the same values and a
+sweep stopped early has the first (most wanted) ones; at most one grid per space, and a sweep
+asks for no more trials than it has values. Everything wrong with a file, or with the command, is a
 one-line ``UsageError`` found by ``plan_sweep`` before anything trains.
 """
 
@@ -50,13 +54,14 @@ FIELDS = {
     "float": {"low", "high", "log", "step"},
     "int": {"low", "high", "log", "step"},
     "categorical": {"choices"},
+    "grid": {"values"},
 }
 
 
 @dataclass(frozen=True)
 class Param:
     key: str  # a dotted config key, e.g. method.skim_lambda
-    distribution: str  # float | int | categorical
+    distribution: str  # float | int | categorical | grid (choices: the grid's values, in trial order)
     low: float | int | None = None
     high: float | int | None = None
     log: bool = False
@@ -80,11 +85,11 @@ class Param:
 
     def values_to_check(self) -> list:
         """Values that must be valid settings of the key: the range ends, or every choice."""
-        return list(self.choices) if self.distribution == "categorical" else [self.low, self.high]
+        return list(self.choices) if self.distribution in ("categorical", "grid") else [self.low, self.high]
 
     def describe(self) -> str:
-        if self.distribution == "categorical":
-            return f"categorical {list(self.choices)}"
+        if self.distribution in ("categorical", "grid"):
+            return f"{self.distribution} {list(self.choices)}"
         extra = " log" if self.log else (f" step {self.step}" if self.step else "")
         return f"{self.distribution} [{self.low}, {self.high}]{extra}"
 
@@ -116,6 +121,11 @@ class SearchSpace:
     def suggest(self, trial: optuna.Trial) -> dict[str, object]:
         return {p.key: p.suggest(trial) for p in self.params}
 
+    @property
+    def grid(self) -> Param | None:
+        """The space's ``grid`` parameter, if it has one (at most one)."""
+        return next((p for p in self.params if p.distribution == "grid"), None)
+
     def describe(self) -> dict[str, str]:
         return {p.key: p.describe() for p in self.params}
 
@@ -142,12 +152,15 @@ def _param(path: Path, key: str, spec) -> Param:
     unknown = sorted(set(spec) - FIELDS[dist] - {"distribution"})
     if unknown:
         raise UsageError(f"{path}: {key}: unknown field(s) {', '.join(unknown)} for a {dist} distribution")
-    if dist == "categorical":
-        values = spec.get("choices")
+    if dist in ("categorical", "grid"):
+        field = "choices" if dist == "categorical" else "values"
+        values = spec.get(field)
         if not isinstance(values, list) or not values:
-            raise UsageError(f"{path}: {key}: choices must be a non-empty list")
+            raise UsageError(f"{path}: {key}: {field} must be a non-empty list")
         if any(isinstance(v, (dict, list)) for v in values):
-            raise UsageError(f"{path}: {key}: choices must be plain values (numbers, strings, true/false, null)")
+            raise UsageError(f"{path}: {key}: {field} must be plain values (numbers, strings, true/false, null)")
+        if dist == "grid" and len(set(values)) != len(values):
+            raise UsageError(f"{path}: {key}: grid values repeat: each value is one trial")
         return Param(key, dist, choices=tuple(values))
     integer = dist == "int"
     for bound in ("low", "high"):
@@ -239,7 +252,11 @@ def _params(path: Path, params, where: str) -> list[Param]:
     for key in params:
         if not isinstance(key, str) or "." not in key:
             raise UsageError(f"{path}: {key!r} is not a dotted config key such as method.skim_lambda")
-    return [_param(path, key, spec) for key, spec in params.items()]
+    parsed = [_param(path, key, spec) for key, spec in params.items()]
+    grids = [p.key for p in parsed if p.distribution == "grid"]
+    if len(grids) > 1:
+        raise UsageError(f"{path}: {where}: at most one grid parameter, not {', '.join(grids)}")
+    return parsed
 
 
 def check_keys(space: SearchSpace, cfg: DictConfig, args: list[str]) -> None:
@@ -373,6 +390,11 @@ def plan_sweep(args: list[str]) -> Plan:
     check_keys(space, cfg, args)
     s = cfg.sweep
     target = space.default_trials(cfg.budget.name) if s.trials is None else _positive_int("trials", s.trials)
+    if space.grid and target > len(space.grid.choices):
+        raise UsageError(
+            f"{space.path}: {space.grid.key} is a grid of {len(space.grid.choices)} values, one trial each: "
+            f"ask for at most {len(space.grid.choices)} trials, not {target}"
+        )
     for name in ("heartbeat_interval", "grace_period", "max_failures", "poll_seconds"):
         _positive_int(name, s[name])
     # Optuna's default of 10 random trials would leave a cpu sweep (8-12 trials) all random.

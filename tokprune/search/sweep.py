@@ -234,6 +234,7 @@ class Sweep:
                 busy = done + running >= plan.target
                 if not busy:
                     self.outcome, waiting = None, False
+                    self.queue_grid_value(study)
                     study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=[self.after_trial])
             if busy:
                 if not waiting:
@@ -252,6 +253,20 @@ class Sweep:
             if failures >= plan.cfg.sweep.max_failures:
                 self.say(f"stopping: {failures} trials in a row failed (see the errors above)")
                 return 1
+
+    def queue_grid_value(self, study: optuna.Study) -> None:
+        """With a ``grid`` parameter, the next trial takes the first grid value that no complete,
+        running or queued trial holds (a failed value is taken again); no grid: the sampler's."""
+        grid = self.plan.space.grid
+        if grid is None or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return  # a queued trial (e.g. a dead worker's, requeued) goes first
+        held = {
+            t.params.get(grid.key)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        }
+        value = next((v for v in grid.choices if v not in held), None)
+        if value is not None:
+            study.enqueue_trial({grid.key: value})
 
     def claim(self, trial: optuna.Trial) -> None:
         """Mark the trial as this process's; then, with RDB storage, drop it if it is one too many."""
