@@ -4,6 +4,7 @@ every method, at batch 1 and in padded batches; `export`, `eval engine=onnx` and
 `tokprune.load(engine="onnx")` on checkpoints built directly (tiny random-weight models whose
 pruners are set to prune, the MiniLM tokenizer); beside them, `eval`'s torch computations."""
 
+import collections
 import os
 import sys
 
@@ -19,7 +20,14 @@ from tokprune.core.data import get_task, read_glue_tsv
 from tokprune.errors import UsageError
 from tokprune.methods import build_method
 from tokprune.methods.checkpoint import describe
-from tokprune.serving.export import ClassifierGraph, OnnxModel, default_output, example_inputs, export_graph
+from tokprune.serving.export import (
+    BertGraph,
+    ClassifierGraph,
+    OnnxModel,
+    default_output,
+    example_inputs,
+    export_graph,
+)
 
 from conftest import GLUE, requires_glue
 
@@ -124,6 +132,75 @@ def test_exported_graph_equals_hard_mode_on_real_dev_rows(method, task, tokenize
     assert {"TopK", "Gather", "GatherElements", "Range"} <= ops  # packing: sort on unique keys, gather kept tokens
 
 
+def op_counts(path) -> dict[str, int]:
+    return dict(collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_layer_of_a_pruned_graph_gets_the_unpruned_graphs_fusions(method, tokenizer, tmp_path):
+    """Fused attention in each layer whose probabilities no pruner reads, skip-layer-norm twice
+    and bias-GELU once in every layer: as in the unpruned graph (ours and transformers')."""
+    _, module = pruning_model(method, "mrpc", tokenizer)
+    example = example_inputs(tokenizer, True)
+    pruned = op_counts(export_graph(ClassifierGraph(module), example, tmp_path / "pruned.onnx"))
+    unpruned = op_counts(
+        export_graph(ClassifierGraph(pruning_model("none", "mrpc", tokenizer)[1]), example, tmp_path / "u.onnx")
+    )
+    reference = op_counts(export_graph(BertGraph(tiny_real_vocab(tokenizer)), example, tmp_path / "t.onnx"))
+    read = sum(module.pruner.wants_attention(layer + 1) for layer in range(LAYERS - 1))
+    for graph in (unpruned, reference):
+        assert graph.get("Attention") == LAYERS and "Softmax" not in graph
+    assert pruned.get("Attention", 0) == LAYERS - read and pruned.get("Softmax", 0) == read
+    assert pruned["SkipLayerNormalization"] == unpruned["SkipLayerNormalization"] == 2 * LAYERS
+    assert pruned["BiasGelu"] == unpruned["BiasGelu"] == reference["BiasGelu"] == LAYERS
+    if method == "transkimmer":  # decisions from hidden states: every layer fused
+        assert read == 0
+    elif method != "none":  # importance from received attention: the layers before a decision are not
+        assert read > 0
+
+
+@requires_glue
+def test_standard_operator_graph_equals_the_fused_one(tokenizer, tmp_path):
+    """``fused=False``: no ONNX Runtime contrib operator, the same outputs (for other runtimes)."""
+    cfg, module = pruning_model("static", "mrpc", tokenizer)
+    example = example_inputs(tokenizer, True)
+    standard = export_graph(ClassifierGraph(module), example, tmp_path / "s.onnx", fused=False)
+    assert {node.domain for node in onnx.load(str(standard)).graph.node} <= {"", "ai.onnx"}
+    fused = OnnxModel(export_graph(ClassifierGraph(module), example, tmp_path / "f.onnx"), threads=1)
+    plain = OnnxModel(standard, threads=1)
+    assert plain.metadata["graph"] == "standard" and fused.metadata["graph"] == "fused"
+    for batch in batches(tokenizer, dev_texts("mrpc"), 8, cfg.task.max_length):
+        (a, kept_a), (b, kept_b) = fused(batch), plain(batch)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        assert torch.equal(kept_a, kept_b)
+
+
+@requires_glue
+def test_int8_export_keeps_token_removal_and_close_logits(tokenizer, tmp_path, capsys):
+    cfg, module = pruning_model("gate", "mrpc", tokenizer, f"data.glue_dir={GLUE}")
+    checkpoint = write_checkpoint(tmp_path / "gate.ckpt", cfg, module, tokenizer)
+    assert main(["export", f"checkpoint={checkpoint}", "quantize=int8"]) == 0
+    path = default_output(checkpoint, "int8")
+    assert path.name == "gate.ckpt.int8.onnx" and "int8 (dynamic quantisation)" in capsys.readouterr().out
+    ops = op_counts(path)
+    assert ops.get("QAttention", 0) + ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulInteger", 0) > 0
+    assert {"TopK", "GatherElements"} <= set(ops)  # the token removal is still in the graph
+    graph = OnnxModel(path, threads=1)
+    assert graph.metadata["quantize"] == "int8" and graph.metadata["method"] == "gate"
+    removed = 0
+    for batch in batches(tokenizer, dev_texts("mrpc"), 8, cfg.task.max_length):
+        with torch.no_grad():
+            logits, out = module(batch, hard=True)
+        q_logits, q_kept = graph(batch)
+        assert (q_logits - logits).abs().max() < 0.1  # int8 rounding, not a different model
+        removed += int((batch["attention_mask"].sum(1) - q_kept[:, -1]).sum())
+    assert removed > 0
+    assert main(["export", f"checkpoint={checkpoint}", "quantize=int4"]) == 2
+    assert "quantize must be int8 (or left out for float32), not 'int4'" in capsys.readouterr().err
+    assert main(["eval", f"checkpoint={checkpoint}", "quantize=int8"]) == 2
+    assert "quantize=int8 is an ONNX Runtime graph: add engine=onnx" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def gate_checkpoint(tokenizer, tmp_path_factory):
     cfg, module = pruning_model("gate", "sst2", tokenizer, f"data.glue_dir={GLUE}")
@@ -186,7 +263,7 @@ def test_eval_engine_onnx_gives_the_torch_metrics_flops_and_kept_fractions(
     assert all(row["engine"] == "onnxruntime" and row["ms_per_batch_pruned"] > 0 for row in on_onnx.latency)
     text = summary(on_onnx)
     assert "hard mode, ONNX Runtime: exported on the fly" in text
-    assert "CPU latency, ONNX Runtime, pruned vs unpruned graph, same weights (4 dev rows" in text
+    assert "CPU latency, ONNX Runtime, pruned vs unpruned float32 graph, same weights (4 dev rows" in text
 
     assert main(["eval", f"checkpoint={gate_checkpoint}", "engine=tensorrt"]) == 2
     assert "engine must be one of torch, onnx, not 'tensorrt'" in capsys.readouterr().err

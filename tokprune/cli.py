@@ -34,10 +34,12 @@ COMMANDS = {
 }
 #: Commands with name=value arguments of their own (not config keys), and what they take.
 ARGUMENTS_HELP = {
-    "eval": "checkpoint=PATH [engine=torch|onnx], then data.glue_dir= data.eval_subset= data.num_workers= "
-    "train.eval_batch_size= mlflow.tracking_uri= eval.latency_examples= eval.computation=hard|soft|training",
+    "eval": "checkpoint=PATH [engine=torch|onnx] [quantize=int8 (engine=onnx)], then data.glue_dir= "
+    "data.eval_subset= data.num_workers= train.eval_batch_size= mlflow.tracking_uri= eval.latency_examples= "
+    "eval.computation=hard|soft|training",
     "predict": "checkpoint=PATH input=FILE output=FILE [batch_size=N] [engine=torch|onnx]",
-    "export": "checkpoint=PATH [output=FILE.onnx] (default: <checkpoint>.onnx, which engine=onnx reuses)",
+    "export": "checkpoint=PATH [output=FILE.onnx] [quantize=int8] [fused=true|false] (default output: "
+    "<checkpoint>.onnx or <checkpoint>.int8.onnx, which engine=onnx reuses)",
     "repeat": "trial=N seeds=K, then the sweep's own arguments (method= task= budget= protocol= ...)",
     "bench": "[only=speedup,layers,callback,engines,steps] (the other sections are kept from bench.json), then "
     "group choices (model= seed=) and dotted keys (data.glue_dir=)",
@@ -48,6 +50,8 @@ PLACEHOLDERS = {
     "output": "FILE",
     "batch_size": "N",
     "engine": "torch|onnx",
+    "quantize": "int8",
+    "fused": "true|false",
     "only": "SECTIONS",
     "trial": "N",
     "seeds": "K",
@@ -169,10 +173,11 @@ def _arguments(command: str, words: list[str], required: tuple[str, ...], option
 
 
 def cmd_eval(words: list[str]) -> int:
-    found, settings = _arguments("eval", words, ("checkpoint",), ("engine",))
+    found, settings = _arguments("eval", words, ("checkpoint",), ("engine", "quantize"))
     from tokprune.serving.evaluate import evaluate, summary
 
-    print(summary(evaluate(found["checkpoint"], settings, engine=found.get("engine", "torch"))))
+    engine, quantize = found.get("engine", "torch"), found.get("quantize")
+    print(summary(evaluate(found["checkpoint"], settings, engine=engine, quantize=quantize)))
     return 0
 
 
@@ -194,12 +199,15 @@ def cmd_predict(words: list[str]) -> int:
 
 
 def cmd_export(words: list[str]) -> int:
-    found, rest = _arguments("export", words, ("checkpoint",), ("output",))
+    found, rest = _arguments("export", words, ("checkpoint",), ("output", "quantize", "fused"))
     if rest:
         raise UsageError(f"export takes {ARGUMENTS_HELP['export']}, not '{rest[0]}'")
+    fused = found.get("fused", "true").lower()
+    if fused not in ("true", "false"):
+        raise UsageError(f"fused must be true or false, not '{found['fused']}'")
     from tokprune.serving.export import run_export
 
-    print(run_export(found["checkpoint"], found.get("output")))
+    print(run_export(found["checkpoint"], found.get("output"), found.get("quantize"), fused=fused == "true"))
     return 0
 
 

@@ -30,9 +30,10 @@ Two modes:
   and ``live_hidden`` work on the packed form directly). Examples of a batch that keep different
   numbers of tokens are packed to the largest kept count. A layer whose attention
   probabilities nobody reads (``output_attentions`` off, ``Pruner.wants_attention`` False for
-  the next call) runs fused attention (``scaled_dot_product_attention``) when run eagerly; under
-  a trace (fvcore, ONNX export) and in ``run_layer``'s default it stays eager, because fvcore
-  does not count SDPA. Hard mode needs binary masks; values > 0.5 count as kept.
+  the next call) runs fused attention (``scaled_dot_product_attention``) when run eagerly and
+  exports as ONNX Runtime's fused ``Attention`` operator (``core.fused_attention``); under
+  fvcore's trace and in ``run_layer``'s default it stays eager, because fvcore does not count
+  SDPA. Hard mode needs binary masks; values > 0.5 count as kept.
 
 In soft mode too, a layer whose probabilities nobody reads (``output_attentions`` names the
 layers a caller wants) and whose mask carries no gradient (padding only, a fixed schedule, a
@@ -55,6 +56,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import BertModel
+
+from tokprune.core.fused_attention import exported_attention, exporting_fused
 
 #: How soft (training) mode applies a mask value m in [0, 1] to attention keys.
 SOFT_RULES = {
@@ -381,7 +384,7 @@ class PrunableEncoder(nn.Module):
         for index, layer in enumerate(self.layers):
             proposed = pruner(PruneContext(index, hidden, keep, probs, padding))
             keep = self._cumulative(pruner, proposed, keep, padding)
-            read = self._wants_probs(output_attentions, index) or pruner.wants_attention(index + 1)
+            read = self._wants_probs(output_attentions, index) or self._next_reads_attention(pruner, index)
             hidden, probs = self._soft_layer(layer, hidden, keep, padding, soft_rule, fused=not read)
             keeps.append(keep)
             attentions.append(probs)
@@ -393,6 +396,11 @@ class PrunableEncoder(nn.Module):
         if isinstance(output_attentions, bool):
             return output_attentions
         return index in output_attentions
+
+    def _next_reads_attention(self, pruner: Pruner, index: int) -> bool:
+        """Whether the pruner's call before the next layer reads layer ``index``'s probabilities
+        (after the last layer no call comes)."""
+        return index + 1 < len(self.layers) and pruner.wants_attention(index + 1)
 
     @staticmethod
     def _cumulative(pruner: Pruner, proposed: Tensor, keep: Tensor, padding: Tensor) -> Tensor:
@@ -415,10 +423,14 @@ class PrunableEncoder(nn.Module):
                 keep = (self._cumulative(pruner, proposed, keep, padding) > 0.5).to(hidden.dtype)
             if decides or index == 0:  # layer 0 also drops the padding
                 state = state.select(keep)
-            want_probs = self._wants_probs(output_attentions, index) or pruner.wants_attention(index + 1)
+            want_probs = self._wants_probs(output_attentions, index) or self._next_reads_attention(pruner, index)
             # fused only when run eagerly: a trace (fvcore's count, ONNX export) sees the eager ops
             fused = not want_probs and not torch.jit.is_tracing()
-            out, probs = self.run_layer(layer, state.hidden, self.key_bias(state.valid, hidden.dtype), fused=fused)
+            if not want_probs and exporting_fused():  # ONNX Runtime's fused attention operator
+                context = exported_attention(layer.attention.self, state.hidden, state.valid)
+                out, probs = layer.feed_forward_chunk(layer.attention.output(context, state.hidden)), None
+            else:
+                out, probs = self.run_layer(layer, state.hidden, self.key_bias(state.valid, hidden.dtype), fused=fused)
             state = state.ran(out, probs)
             keeps.append(keep)
             attentions.append(state.full_probs if want_probs else None)

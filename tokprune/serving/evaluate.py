@@ -95,6 +95,7 @@ class Evaluation:
     engine: str = "torch"  # torch (hard mode) or onnx (ONNX Runtime)
     computation: str = "hard"  # hard, soft (training's rule, evaluation's decisions) or training (its decisions too)
     engine_source: str = ""  # onnx: "reused <file>" or "exported on the fly"
+    quantize: str = ""  # onnx: "int8" for the dynamically quantised graph
 
     @property
     def kept_fractions(self) -> list[float]:
@@ -174,13 +175,17 @@ def computed_forward(module, computation: str):
     return run
 
 
-def evaluate(checkpoint: str | Path, words: list[str] = (), engine: str = "torch") -> Evaluation:
+def evaluate(
+    checkpoint: str | Path, words: list[str] = (), engine: str = "torch", quantize: str | None = None
+) -> Evaluation:
     """Rebuild ``checkpoint``, run its task's dev set in hard mode (torch, or ONNX Runtime with
     ``engine="onnx"``) or in the computation ``eval.computation`` names, time it (hard mode),
     log it if possible."""
     check_engine(engine)
     changes, own = parse_settings(list(words))
     computation = own["eval.computation"]
+    if quantize and engine != "onnx":
+        raise UsageError(f"quantize={quantize} is an ONNX Runtime graph: add engine=onnx")
     if engine == "onnx" and computation != "hard":
         raise UsageError(f"eval.computation={computation} runs in torch: the ONNX graph computes hard mode only")
     described, module = rebuild(checkpoint)
@@ -191,7 +196,8 @@ def evaluate(checkpoint: str | Path, words: list[str] = (), engine: str = "torch
     if engine == "onnx":
         from tokprune.serving.export import session_for
 
-        session = session_for(described, module, spinning=False)  # timed taking turns with another session
+        # timed taking turns with another session, so it must not spin
+        session = session_for(described, module, spinning=False, quantize=quantize)
         validated_module = copy.copy(module)  # the same weights, its forward run by ONNX Runtime
         validated_module.forward = onnx_forward(session, module)
     elif computation != "hard":
@@ -230,6 +236,7 @@ def evaluate(checkpoint: str | Path, words: list[str] = (), engine: str = "torch
         engine=engine,
         engine_source=session.source if session is not None else "",
         computation=computation,
+        quantize=quantize or "",
     )
     result.mlflow = log_evaluation(result)
     return result
@@ -286,6 +293,7 @@ def log_evaluation(result: Evaluation) -> str:
             "checkpoint": str(result.checkpoint),
             "engine": result.engine,
             "computation": result.computation,
+            "quantize": result.quantize or "none",
             **owner(),
         }
         suffix = "" if result.computation == "hard" else f"-{result.computation}"
@@ -315,7 +323,8 @@ def log_evaluation(result: Evaluation) -> str:
 def summary(result: Evaluation) -> str:
     cfg, m = result.cfg, result.metrics
     selected = result.selected
-    engine = f", ONNX Runtime: {result.engine_source}" if result.engine == "onnx" else ""
+    int8 = " int8" if result.quantize else ""
+    engine = f", ONNX Runtime{int8}: {result.engine_source}" if result.engine == "onnx" else ""
     metrics = "  ".join(f"{name}={m[f'eval/{name}']:.4f}" for name in get_task(cfg.task.name).metrics)
     lines = [
         f"checkpoint {result.checkpoint}",
@@ -335,7 +344,11 @@ def summary(result: Evaluation) -> str:
             f"{r['ms_per_batch_unpruned']:.1f} ms = x{r['wall_speedup']:.2f}"
             for r in result.latency
         )
-        what = "ONNX Runtime, pruned vs unpruned graph" if result.engine == "onnx" else "pruned vs unpruned encoder"
+        what = (
+            f"ONNX Runtime, pruned{int8} vs unpruned float32 graph"
+            if result.engine == "onnx"
+            else "pruned vs unpruned encoder"
+        )
         lines.append(
             f"CPU latency, {what}, same weights ({result.latency[0]['examples']} dev rows, "
             f"{result.latency[0]['threads']} threads): {timed}"

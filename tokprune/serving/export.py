@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from tokprune.core.encoder import PrunableEncoder, Pruner
+from tokprune.core.fused_attention import DOMAIN, standard_operators
 from tokprune.errors import UsageError
 from tokprune.version import __version__
 
@@ -136,9 +138,20 @@ SYMBOLICS = {"aten::argsort": _argsort, "aten::sort": _stable_sort}
 
 
 def export_graph(
-    graph: nn.Module, inputs: tuple[Tensor, Tensor, Tensor], path: str | Path, metadata: dict[str, str] | None = None
+    graph: nn.Module,
+    inputs: tuple[Tensor, Tensor, Tensor],
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+    fused: bool = True,
 ) -> Path:
     """Trace ``graph`` (eval mode, no grad) into an ONNX file at ``path``.
+
+    ``fused`` (default): the graph ONNX Runtime runs fastest. Attention of every layer whose
+    probabilities nobody reads is the fused ``com.microsoft.Attention`` operator
+    (``core.fused_attention``; transformers' own graph gets it from the optimizer, which finds its
+    mask), then ``onnxruntime.transformers.optimizer`` fuses skip-layer-norm and bias-GELU in
+    every layer (the same fusions in a pruned and an unpruned graph). ``fused=False``: standard
+    ONNX operators only, for other runtimes.
 
     A trace that freezes a tensor into a Python number in the shared machinery (``SHARED``)
     would make the graph keep the example's token counts for every input, so it is an error
@@ -153,7 +166,11 @@ def export_graph(
     for name, symbolic in SYMBOLICS.items():
         torch.onnx.register_custom_op_symbolic(name, symbolic, OPSET)
     try:
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        with (
+            torch.no_grad(),
+            warnings.catch_warnings(record=True) as caught,
+            nullcontext() if fused else standard_operators(),
+        ):
             warnings.simplefilter("always")
             torch.onnx.export(
                 graph,
@@ -164,16 +181,18 @@ def export_graph(
                 input_names=list(INPUTS),
                 output_names=list(OUTPUTS),
                 dynamic_axes=axes,
+                custom_opsets={DOMAIN: 1},
             )
     finally:
         for name in SYMBOLICS:
             torch.onnx.unregister_custom_op_symbolic(name, OPSET)
+    package = Path(__file__).resolve().parent.parent
     frozen = [
         w
         for w in caught
         if issubclass(w.category, torch.jit.TracerWarning)
         and Path(w.filename).name in SHARED
-        and Path(w.filename).parent.name == "tokprune"
+        and package in Path(w.filename).resolve().parents
     ]
     if frozen:
         path.unlink(missing_ok=True)
@@ -182,6 +201,9 @@ def export_graph(
             f"export would freeze a data-dependent value ({Path(w.filename).name}:{w.lineno}: "
             f"{str(w.message).splitlines()[0]})"
         )
+    if fused:
+        optimize_graph(path, _bert_config(graph))
+    metadata = {**(metadata or {}), "graph": "fused" if fused else "standard"}
     if metadata:
         model = onnx.load(str(path))
         for key, value in metadata.items():
@@ -189,6 +211,52 @@ def export_graph(
             entry.key, entry.value = f"tokprune.{key}", str(value)
         onnx.save(model, str(path))
     return path
+
+
+def _bert_config(graph: nn.Module):
+    """The BERT config of the encoder inside ``graph`` (heads and width for the optimizer)."""
+    return next(m.config for m in graph.modules() if hasattr(getattr(m, "config", None), "num_attention_heads"))
+
+
+def optimize_graph(path: Path, config) -> None:
+    """ONNX Runtime's transformer optimizer on the file at ``path``, in place: skip-layer-norm,
+    bias-GELU and (where it finds the mask: transformers' graph) attention fusions."""
+    from onnxruntime.transformers import optimizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = optimizer.optimize_model(
+            str(path),
+            model_type="bert",
+            num_heads=config.num_attention_heads,
+            hidden_size=config.hidden_size,
+            opt_level=0,  # the session applies ONNX Runtime's own graph optimisations when it loads
+        )
+    model.save_model_to_file(str(path))
+
+
+def quantize_graph(source: Path, target: Path) -> Path:
+    """ONNX Runtime dynamic int8 quantisation of an exported graph (weights int8 ahead of time,
+    activations per batch): the fused attention and the projections become integer kernels;
+    the pruning operators stay as they are. The metadata is carried over (``quantize=int8``)."""
+    onnx = require("onnx")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # shape inference cannot type the outputs of contrib operators (the fused graph's): float32
+    quantize_dynamic(
+        str(source),
+        str(target),
+        weight_type=QuantType.QInt8,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    props = {p.key: p.value for p in onnx.load(str(source)).metadata_props}
+    model = onnx.load(str(target))
+    del model.metadata_props[:]
+    for key, value in {**props, "tokprune.quantize": "int8"}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(target))
+    return target
 
 
 def checkpoint_metadata(described, num_layers: int) -> dict[str, str]:
@@ -205,38 +273,57 @@ def checkpoint_metadata(described, num_layers: int) -> dict[str, str]:
     }
 
 
-def export_module(described, module, path: str | Path) -> Path:
-    """Export a rebuilt checkpoint (``checkpoint.rebuild``) to ``path``."""
+QUANTIZE = ("int8",)  # export quantize=...: ONNX Runtime dynamic quantisation
+
+
+def check_quantize(quantize: str | None) -> None:
+    if quantize not in (None, *QUANTIZE):
+        raise UsageError(f"quantize must be {' or '.join(QUANTIZE)} (or left out for float32), not '{quantize}'")
+
+
+def export_module(described, module, path: str | Path, quantize: str | None = None, fused: bool = True) -> Path:
+    """Export a rebuilt checkpoint (``checkpoint.rebuild``) to ``path``; ``quantize="int8"``:
+    the fused float graph, then dynamically quantised."""
     from tokprune.core.data import get_task
 
+    check_quantize(quantize)
     module = module.cpu().eval()
     pairs = len(get_task(described.cfg.task.name).tsv_text) == 2
     inputs = example_inputs(described.tokenizer(), pairs)
-    return export_graph(
-        ClassifierGraph(module), inputs, path, checkpoint_metadata(described, module.encoder.num_layers)
-    )
+    metadata = checkpoint_metadata(described, module.encoder.num_layers)
+    if quantize is None:
+        return export_graph(ClassifierGraph(module), inputs, path, metadata, fused=fused)
+    with tempfile.TemporaryDirectory() as folder:
+        float_graph = export_graph(ClassifierGraph(module), inputs, Path(folder) / "float.onnx", metadata, fused=fused)
+        return quantize_graph(float_graph, Path(path))
 
 
-def default_output(checkpoint: str | Path) -> Path:
-    """``<checkpoint>.onnx``: where ``export`` writes and ``engine=onnx`` looks first."""
-    return Path(f"{checkpoint}.onnx")
+def default_output(checkpoint: str | Path, quantize: str | None = None) -> Path:
+    """``<checkpoint>.onnx`` (``<checkpoint>.int8.onnx`` quantised): where ``export`` writes and
+    ``engine=onnx`` looks first."""
+    return Path(f"{checkpoint}.{quantize}.onnx" if quantize else f"{checkpoint}.onnx")
 
 
-def run_export(checkpoint: str, output: str | None = None) -> str:
+def run_export(checkpoint: str, output: str | None = None, quantize: str | None = None, fused: bool = True) -> str:
     """The ``export`` command: returns the line to print."""
     from tokprune.methods import rebuild
 
     require("onnx")
+    check_quantize(quantize)
     if not Path(checkpoint).is_file():
         raise UsageError(f"checkpoint: no such file '{checkpoint}'")
-    target = Path(output) if output else default_output(checkpoint)
+    if quantize and not fused:
+        raise UsageError("quantize=int8 quantises the fused graph: drop fused=false")
+    target = Path(output) if output else default_output(checkpoint, quantize)
     if not target.parent.is_dir():
         raise UsageError(f"output: no such folder '{target.parent}'")
     described, module = rebuild(checkpoint)
-    export_module(described, module, target)
+    export_module(described, module, target, quantize=quantize, fused=fused)
     size = target.stat().st_size / 2**20
+    graph = "int8 (dynamic quantisation), " if quantize else ("" if fused else "standard ONNX operators, ")
+    runtime = "ONNX Runtime" if fused else "any ONNX runtime"
     return (
-        f"wrote {target} ({size:.1f} MiB, ONNX opset {OPSET}): {described.cfg.method.name} "
+        f"wrote {target} ({size:.1f} MiB, ONNX opset {OPSET}, {graph}for {runtime}): {described.cfg.method.name} "
         f"{described.cfg.task.name}, hard mode with real token removal; inputs {', '.join(INPUTS)}; "
         f"outputs logits, kept (tokens per layer)"
     )
@@ -287,18 +374,22 @@ class OnnxModel:
         return torch.from_numpy(logits), torch.from_numpy(kept)
 
 
-def session_for(described, module, threads: int | None = None, spinning: bool = True) -> OnnxModel:
-    """The checkpoint's graph in a session: ``<checkpoint>.onnx`` if it exists, is newer than the
-    checkpoint and is a tokprune export of the same method and task; else exported now to a
-    temporary file (removed once loaded)."""
+def session_for(
+    described, module, threads: int | None = None, spinning: bool = True, quantize: str | None = None
+) -> OnnxModel:
+    """The checkpoint's graph in a session: ``<checkpoint>.onnx`` (``.int8.onnx`` with
+    ``quantize``) if it exists, is newer than the checkpoint and is a tokprune export of the same
+    method, task and quantisation; else exported now to a temporary file (removed once loaded)."""
     require("onnxruntime")
+    check_quantize(quantize)
     checkpoint = Path(described.path)
-    cached = default_output(checkpoint)
+    cached = default_output(checkpoint, quantize)
     if cached.is_file() and cached.stat().st_mtime >= checkpoint.stat().st_mtime:
         model = OnnxModel(cached, threads, source=f"reused {cached}", spinning=spinning)
         expected = checkpoint_metadata(described, module.encoder.num_layers)
-        if all(model.metadata.get(key) == expected[key] for key in ("method", "task", "model", "layers")):
+        same = all(model.metadata.get(key) == expected[key] for key in ("method", "task", "model", "layers"))
+        if same and model.metadata.get("quantize") == quantize:
             return model
     with tempfile.TemporaryDirectory() as folder:
-        path = export_module(described, module, Path(folder) / "model.onnx")
+        path = export_module(described, module, Path(folder) / "model.onnx", quantize=quantize)
         return OnnxModel(path.read_bytes(), threads, source="exported on the fly", spinning=spinning)
