@@ -123,25 +123,52 @@ def test_bench_writes_json_and_plot(glue_dir, tmp_path, one_thread):
         ("sst2", "gate best (trial 3)", 32),
         ("mrpc", "keep schedule 0.5 from layer 1", 1),
         ("mrpc", "keep schedule 0.5 from layer 1", 32),
+        ("rte", "keep schedule 0.5 from layer 1", 1),  # GLUE's longest inputs
+        ("rte", "keep schedule 0.5 from layer 1", 32),
     ]
+    engines = ("transformers", "onnx_unpruned", "torch_pruned", "onnx_pruned", "onnx_pruned_int8")
     for row in table["rows"]:
         assert row["onnx_kept_equal_torch"] and row["onnx_max_abs_diff"] < 1e-4  # ONNX Runtime removed the same tokens
-        assert all(
-            row[f"ms_per_batch_{e}"] > 0 for e in ("transformers", "onnx_unpruned", "torch_pruned", "onnx_pruned")
-        )
+        assert all(row[f"ms_per_batch_{e}"] > 0 for e in engines)
         assert 0 < row["flops_ratio_real"] < 1 and row["examples"] == 16
-    for row in table["rows"][:2] + table["rows"][4:]:  # half the tokens from layer 1 of 2 ([CLS] may add one)
+        assert row["onnx_share_of_flops_reduction"] == pytest.approx(
+            row["onnx_pruned_vs_unpruned"] * row["flops_ratio_real"]
+        )
+        graphs = row["graphs"]  # operator counts: the unpruned graph fully fused, the pruned one where no one reads
+        layers = graphs["onnx_pruned"]["SkipLayerNormalization"] // 2
+        assert graphs["onnx_unpruned"]["Attention"] == layers == graphs["onnx_unpruned"]["BiasGelu"]
+        assert (
+            graphs["onnx_pruned_int8"].get("DynamicQuantizeMatMul", 0)
+            + graphs["onnx_pruned_int8"].get("MatMulInteger", 0)
+            + graphs["onnx_pruned_int8"].get("QAttention", 0)
+            > 0
+        )
+    schedule_rows = [r for r in table["rows"] if r["config"].startswith("keep schedule")]
+    for row in schedule_rows:  # half the tokens from layer 1 of 2 ([CLS] may add one)
         assert 1 / 2.0 < row["flops_ratio_real"] < 1 / 1.2
+        ops = row["graphs"]["onnx_pruned"]  # layer 0's probabilities rank the tokens: the others fused
+        assert ops["Attention"] == ops["SkipLayerNormalization"] // 2 - 1 and ops["Softmax"] == 1
     assert table["pareto"] == [
         "sst2: top: no best point",
         f"mrpc: no sweep report at {reports / 'mrpc' / 'report.json'}",
+        f"rte: no sweep report at {reports / 'rte' / 'report.json'}",
     ]
     printed = summary(saved)
     assert "engines: median ms per batch" in printed and "gate best (trial 3)" in printed
+    assert "graphs: nodes and operator counts" in printed
+
+    lengths = saved["lengths"]  # where pruning pays: by input length, batch 1 and 32
+    assert [(r["batch_size"], r["length"]) for r in lengths["rows"]] == [
+        (size, length) for size in (1, 32) for length in (16, 32, 64, 128, 256)
+    ]
+    for row in lengths["rows"]:
+        assert row["ms_per_batch_onnx_pruned"] > 0 and 1 / 2.0 < row["flops_ratio_real"] < 1 / 1.2
+    assert set(lengths["crossover"]) == {"1", "32"} and (out / "lengths.png").stat().st_size > 0
+    assert "crossover at batch 1" in printed
 
     # only=engines: that section again, the others kept from the file
     again = run_bench(cfg, out, schedule={1: 0.5}, examples=4, only=("engines",), reports=tmp_path / "none")
     assert again["speedup"] == saved["speedup"] and again["callback_overhead"] == saved["callback_overhead"]
-    assert len(again["engines"]["rows"]) == 4 and again["engines"]["rows"][0]["examples"] == 4
-    with pytest.raises(UsageError, match="only= takes speedup, layers, callback, engines"):
+    assert len(again["engines"]["rows"]) == 6 and again["engines"]["rows"][0]["examples"] == 4
+    with pytest.raises(UsageError, match="only= takes speedup, layers, callback, engines, lengths"):
         run_bench(cfg, out, only=("latency",))

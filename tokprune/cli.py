@@ -41,7 +41,7 @@ ARGUMENTS_HELP = {
     "export": "checkpoint=PATH [output=FILE.onnx] [quantize=int8] [fused=true|false] (default output: "
     "<checkpoint>.onnx or <checkpoint>.int8.onnx, which engine=onnx reuses)",
     "repeat": "trial=N seeds=K, then the sweep's own arguments (method= task= budget= protocol= ...)",
-    "bench": "[only=speedup,layers,callback,engines,steps] (the other sections are kept from bench.json), then "
+    "bench": "[only=speedup,layers,callback,engines,lengths,steps] (the other sections are kept from bench.json), then "
     "group choices (model= seed=) and dotted keys (data.glue_dir=)",
 }
 PLACEHOLDERS = {
@@ -121,7 +121,7 @@ def cmd_bench(words: list[str]) -> int:
     only = tuple(found["only"].split(",")) if "only" in found else None
     results = run_bench(cfg, out_dir, only=only)
     print(summary(results))
-    written = [name for name in ("bench.json", "bench.png", "engines.png") if (out_dir / name).is_file()]
+    written = [name for name in ("bench.json", "bench.png", "engines.png", "lengths.png") if (out_dir / name).is_file()]
     print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
     return 0
 

@@ -7,20 +7,22 @@
    unpruned encoder, at batch 1 and 32, on real dev rows, beside the FLOPs reduction of
    the same inputs. Timings alternate pruned/unpruned per batch so load on the machine
    hits both alike; figures are ratios measured in one run.
-3. Engines (``engines``): the same rows at batch 1 and 32 through four engines: unpruned in
+3. Engines (``engines``, on SST-2, MRPC and RTE): the same rows at batch 1 and 32 through five engines: unpruned in
    transformers (``BertModel``), unpruned in ONNX Runtime (that model exported), pruned in
-   tokprune's torch hard mode and pruned in ONNX Runtime (``tokprune.serving.export``: decisions and
-   token removal inside the graph), for the fixed keep schedule and, when a sweep's report
-   exists (``reports/<task>/report.json`` of the same model), for each method's best Pareto
+   tokprune's torch hard mode, pruned in ONNX Runtime (``tokprune.serving.export``: decisions and
+   token removal inside the graph) and that graph quantised to int8, for the fixed keep schedule
+   and, when a sweep's report exists (``reports/<task>/report.json`` of the same model), for each method's best Pareto
    point (its checkpoint; the unpruned references are the same architecture, whose latency
    does not depend on the weights). Each with its fvcore FLOPs ratio at real length, and
    whether ONNX Runtime kept exactly the tokens torch kept.
-4. Training steps (``steps``): each method's training step under protocol=shared against the
+4. Latency by length (``lengths``, ``reporting.lengths``): ONNX Runtime pruned vs unpruned at 16
+   to 256 tokens, batch 1 and 32, and the crossover length from which pruning pays.
+5. Training steps (``steps``): each method's training step under protocol=shared against the
    unpruned baseline's, on SST-2 at batch 32, methods taking turns in one run.
 
-Results go to ``reports/bench/bench.json``, ``reports/bench/bench.png`` and
-``reports/bench/engines.png``. ``only=`` (e.g. ``only=engines``) reruns some sections and keeps
-the others from the existing JSON.
+Results go to ``reports/bench/bench.json``, ``reports/bench/bench.png``,
+``reports/bench/engines.png`` and ``reports/bench/lengths.png``. ``only=`` (e.g.
+``only=engines``) reruns some sections and keeps the others from the existing JSON.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from tokprune.core.flops import FlopsCounter
 from tokprune.errors import UsageError
 from tokprune.methods import build_method
 from tokprune.methods.static import TopKSchedule
-from tokprune.reporting.engines import SCHEDULE, engines, engines_summary, plot_engines
+from tokprune.reporting.engines import ENGINE_TASKS, SCHEDULE, engines, engines_summary, plot_engines
+from tokprune.reporting.lengths import latency_by_length, lengths_summary, plot_lengths
 from tokprune.serving.latency import alternate, dev_examples, timed, tokenized_batches
 from tokprune.training.callbacks import TokenPruningCallback
 from tokprune.training.train import build_datamodule
@@ -295,7 +298,7 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-SECTIONS = ("speedup", "layers", "callback", "engines", "steps")
+SECTIONS = ("speedup", "layers", "callback", "engines", "lengths", "steps")
 
 
 def run_bench(
@@ -333,7 +336,12 @@ def run_bench(
     if "callback" in only:
         results["callback_overhead"] = callback_overhead(cfg, steps_per_block, rounds)
     if "engines" in only:
-        results["engines"] = engines(cfg, tasks, schedule, examples, reports)
+        results["engines"] = engines(
+            cfg, (*tasks, *(t for t in ENGINE_TASKS if t not in tasks)), schedule, examples, reports
+        )
+    if "lengths" in only:
+        with tempfile.TemporaryDirectory() as folder:
+            results["lengths"] = latency_by_length(cfg, schedule, Path(folder))
     if "steps" in only:
         results["training_steps"] = training_steps(cfg, steps_per_block=steps_per_block, rounds=rounds)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,6 +350,8 @@ def run_bench(
         plot(results, out_dir / "bench.png")
     if "engines" in results:
         plot_engines(results["engines"], out_dir / "engines.png")
+    if "lengths" in results:
+        plot_lengths(results["lengths"], out_dir / "lengths.png")
     return results
 
 
@@ -370,6 +380,8 @@ def summary(results: dict) -> str:
         )
     if "engines" in results:
         lines += engines_summary(results["engines"])
+    if "lengths" in results:
+        lines += lengths_summary(results["lengths"])
     if "training_steps" in results:
         t = results["training_steps"]
         lines.append(

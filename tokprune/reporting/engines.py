@@ -46,6 +46,15 @@ def _engine_row(
         **{f"ms_per_batch_{engine}": value for engine, value in ms.items()},
         **{f"speedup_{engine}": base / sum(t) for engine, t in times.items() if engine != "transformers"},
         "flops_ratio_real": pruned / real,
+        # what a deployer gets: ONNX Runtime pruned vs ONNX Runtime unpruned, and which share of
+        # the FLOPs reduction that is (1.0: latency fell as much as the FLOPs)
+        "onnx_pruned_vs_unpruned": sum(times["onnx_unpruned"]) / sum(times["onnx_pruned"]),
+        "onnx_share_of_flops_reduction": (sum(times["onnx_unpruned"]) / sum(times["onnx_pruned"])) * pruned / real,
+        **(
+            {"onnx_int8_pruned_vs_float_unpruned": sum(times["onnx_unpruned"]) / sum(times["onnx_pruned_int8"])}
+            if "onnx_pruned_int8" in times
+            else {}
+        ),
         "kept_fraction_mean": float(
             torch.cat(
                 [(out.kept_counts().T / out.lengths[:, None].clamp(min=1)).double() for _, out in torch_outs]
@@ -60,22 +69,48 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text)
 
 
-def _unpruned_engines(bert, example, folder: Path, name: str) -> dict:
-    """transformers' forward and its ONNX export: the unpruned references."""
+def op_counts(path: Path) -> dict[str, int]:
+    """How many nodes of each operator type an ONNX file has (before ONNX Runtime's own
+    session optimisations, which fold constants and shape arithmetic)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def _unpruned_engines(bert, example, folder: Path, name: str, graphs: dict) -> dict:
+    """transformers' forward and its ONNX export (fused by ONNX Runtime's transformer
+    optimizer): the unpruned references."""
     from tokprune.serving.export import BertGraph, OnnxModel, export_graph
 
     bert = bert.eval()
-    reference = OnnxModel(
-        export_graph(BertGraph(bert), example, folder / f"{_slug(name)}-unpruned.onnx"), spinning=False
-    )
-    return {"transformers": lambda b: bert(**b), "onnx_unpruned": reference}
+    path = export_graph(BertGraph(bert), example, folder / f"{_slug(name)}-unpruned.onnx")
+    graphs["onnx_unpruned"] = op_counts(path)
+    return {"transformers": lambda b: bert(**b), "onnx_unpruned": OnnxModel(path, spinning=False)}
+
+
+def _pruned_graphs(path: Path, graphs: dict) -> dict:
+    """The exported pruned graph and its int8 quantisation, in sessions that do not spin."""
+    from tokprune.serving.export import OnnxModel, quantize_graph
+
+    int8 = quantize_graph(path, path.with_suffix(".int8.onnx"))
+    graphs["onnx_pruned"], graphs["onnx_pruned_int8"] = op_counts(path), op_counts(int8)
+    return {"onnx_pruned": OnnxModel(path, spinning=False), "onnx_pruned_int8": OnnxModel(int8, spinning=False)}
+
+
+def task_max_length(task: str) -> int:
+    from tokprune.config import compose
+
+    return int(compose([f"task={task}"]).task.max_length)
 
 
 def engines_schedule(
     cfg: DictConfig, task_name: str, schedule: dict[int, float], folder: Path, batch_sizes=(1, 32), examples: int = 256
 ) -> list[dict]:
     """The engines table's rows for the fixed keep schedule on the backbone of ``cfg``."""
-    from tokprune.serving.export import EncoderGraph, OnnxModel, example_inputs, export_graph
+    from tokprune.serving.export import EncoderGraph, example_inputs, export_graph
 
     task = get_task(task_name)
     tokenizer = load_tokenizer(cfg.model)
@@ -85,20 +120,21 @@ def engines_schedule(
     counter = FlopsCounter(encoder)
     dev = dev_examples(cfg, task, examples)
     example = example_inputs(tokenizer, len(task.tsv_text) == 2)
-    engines = _unpruned_engines(bert, example, folder, f"schedule-{task_name}")
+    graphs = {}
+    engines = _unpruned_engines(bert, example, folder, f"schedule-{task_name}", graphs)
     engines["torch_pruned"] = lambda b: (
         None,
         encoder(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), pruner=pruner, hard=True, output="cls"),
     )
-    engines["onnx_pruned"] = OnnxModel(
-        export_graph(EncoderGraph(encoder, pruner), example, folder / f"schedule-{task_name}.onnx"), spinning=False
+    engines |= _pruned_graphs(
+        export_graph(EncoderGraph(encoder, pruner), example, folder / f"schedule-{task_name}.onnx"), graphs
     )
     name = "keep schedule " + ", ".join(f"{f:g} from layer {layer}" for layer, f in sorted(schedule.items()))
-    rows = []
+    rows, length = [], task_max_length(task_name)
     for size in batch_sizes:
-        times, outputs = interleaved(engines, tokenized_batches(dev, tokenizer, size, 512))
+        times, outputs = interleaved(engines, tokenized_batches(dev, tokenizer, size, length))
         outputs["torch_pruned"] = [(out.hidden[:, 0], out) for _, out in outputs["torch_pruned"]]
-        rows.append(_engine_row(name, task_name, size, len(dev), times, outputs, counter, 512))
+        rows.append(_engine_row(name, task_name, size, len(dev), times, outputs, counter, length) | {"graphs": graphs})
     return rows
 
 
@@ -106,7 +142,7 @@ def engines_checkpoint(
     checkpoint: str, label: str, folder: Path, glue_dir: str | None = None, batch_sizes=(1, 32), examples: int = 256
 ) -> list[dict]:
     """The engines table's rows for a trained checkpoint (a method's best Pareto point)."""
-    from tokprune.serving.export import OnnxModel, example_inputs, export_module
+    from tokprune.serving.export import example_inputs, export_module
 
     described, module = rebuild(checkpoint)
     module = module.cpu().eval()
@@ -114,17 +150,18 @@ def engines_checkpoint(
     task = get_task(cfg.task.name)
     dev = dev_examples(cfg, task, examples, glue_dir)
     tokenizer = described.tokenizer()
-    engines = _unpruned_engines(described.bert(), example_inputs(tokenizer, len(task.tsv_text) == 2), folder, label)
+    graphs = {}
+    example = example_inputs(tokenizer, len(task.tsv_text) == 2)
+    engines = _unpruned_engines(described.bert(), example, folder, label, graphs)
     engines["torch_pruned"] = lambda b: module(b, hard=True)
-    engines["onnx_pruned"] = OnnxModel(
-        export_module(described, module, folder / f"{_slug(label)}.onnx"), spinning=False
-    )
+    engines |= _pruned_graphs(export_module(described, module, folder / f"{_slug(label)}.onnx"), graphs)
     counter = FlopsCounter(module.encoder, module.pruner)
     rows = []
     for size in batch_sizes:
         batches = tokenized_batches(dev, tokenizer, size, cfg.task.max_length)
         times, outputs = interleaved(engines, batches)
-        rows.append(_engine_row(label, cfg.task.name, size, len(dev), times, outputs, counter, cfg.task.max_length))
+        row = _engine_row(label, cfg.task.name, size, len(dev), times, outputs, counter, cfg.task.max_length)
+        rows.append(row | {"graphs": graphs})
     return rows
 
 
@@ -150,9 +187,13 @@ def pareto_checkpoints(reports: Path, task: str, model: str) -> tuple[list[tuple
     return found, f"{task}: " + ("; ".join(skipped) if skipped else "all methods' best points measured")
 
 
+#: The engines bench's tasks: short single sentences, pairs, and GLUE's longest inputs (max length 256).
+ENGINE_TASKS = ("sst2", "mrpc", "rte")
+
+
 def engines(
     cfg: DictConfig,
-    tasks=("sst2", "mrpc"),
+    tasks=ENGINE_TASKS,
     schedule: dict[int, float] | None = None,
     examples: int = 256,
     reports: Path = Path("reports"),
@@ -177,14 +218,17 @@ def engines(
         "threads": torch.get_num_threads(),
         "engines": {
             "transformers": "transformers BertModel forward, unpruned (eager attention)",
-            "onnx_unpruned": "that BertModel exported to ONNX, ONNX Runtime CPU, unpruned",
+            "onnx_unpruned": "that BertModel exported to ONNX, fused by ONNX Runtime's transformer optimizer "
+            "(attention, skip-layer-norm, bias-GELU), ONNX Runtime CPU, unpruned",
             "torch_pruned": "tokprune hard mode in torch (packed tokens, fused attention where no pruner reads it)",
-            "onnx_pruned": "tokprune export: decisions and token removal inside the graph, ONNX Runtime",
+            "onnx_pruned": "tokprune export: decisions and token removal inside the graph, fused attention where "
+            "no pruner reads the probabilities, skip-layer-norm and bias-GELU, ONNX Runtime",
+            "onnx_pruned_int8": "that graph dynamically quantised to int8 (ONNX Runtime quantize_dynamic)",
         },
     }
 
 
-ENGINES = ("transformers", "onnx_unpruned", "torch_pruned", "onnx_pruned")
+ENGINES = ("transformers", "onnx_unpruned", "torch_pruned", "onnx_pruned", "onnx_pruned_int8")
 
 
 ENGINE_LABELS = {
@@ -192,6 +236,7 @@ ENGINE_LABELS = {
     "onnx_unpruned": "ONNX Runtime, unpruned",
     "torch_pruned": "tokprune torch hard mode, pruned",
     "onnx_pruned": "ONNX Runtime, pruned",
+    "onnx_pruned_int8": "ONNX Runtime, pruned, int8",
 }
 
 
@@ -211,8 +256,8 @@ def plot_engines(table: dict, path: Path) -> None:
         width = 0.8 / len(ENGINES)
         for i, engine in enumerate(ENGINES):
             bars = ax.bar(
-                [j + (i - 1.5) * width for j in x],
-                [r[f"ms_per_batch_{engine}"] for r in chosen],
+                [j + (i - (len(ENGINES) - 1) / 2) * width for j in x],
+                [r.get(f"ms_per_batch_{engine}", 0.0) for r in chosen],
                 width,
                 label=ENGINE_LABELS[engine],
             )
@@ -234,16 +279,52 @@ def plot_engines(table: dict, path: Path) -> None:
 def engines_summary(table: dict) -> list[str]:
     head = (
         f"{'task':5s} {'batch':>5s}  {'transformers':>12s} {'ORT unpruned':>12s} {'torch pruned':>12s} "
-        f"{'ORT pruned':>12s}  {'FLOPs':>5s}  kept=  config"
+        f"{'ORT pruned':>12s} {'ORT int8':>12s}  {'FLOPs':>5s}  ORT/ORT share  kept=  config"
     )
     lines = [f"engines: median ms per batch (x speedup vs transformers unpruned), {table['threads']} threads", head]
     for r in table["rows"]:
         cells = [f"{r['ms_per_batch_transformers']:12.2f}"] + [
-            f"{r[f'ms_per_batch_{e}']:6.2f} x{r[f'speedup_{e}']:4.2f}" for e in ENGINES[1:]
+            f"{r[f'ms_per_batch_{e}']:6.2f} x{r[f'speedup_{e}']:4.2f}" if f"ms_per_batch_{e}" in r else f"{'-':>12s}"
+            for e in ENGINES[1:]
         ]
+        share = (
+            f"x{r['onnx_pruned_vs_unpruned']:.2f} {r['onnx_share_of_flops_reduction']:.2f}"
+            if "onnx_pruned_vs_unpruned" in r
+            else "-"
+        )
         lines.append(
-            f"{r['task']:5s} {r['batch_size']:5d}  {' '.join(cells)}  {r['flops_ratio_real']:5.3f}  "
+            f"{r['task']:5s} {r['batch_size']:5d}  {' '.join(cells)}  {r['flops_ratio_real']:5.3f}  {share:>13s}  "
             f"{'yes' if r['onnx_kept_equal_torch'] else 'NO ':4s} {r['config']}"
         )
+    lines += graphs_summary(table)
     lines += [f"pareto points: {note}" for note in table["pareto"]]
+    return lines
+
+
+#: The operator types the graph table shows: the fused kernels, what is left unfused, and the
+#: operators of the pruning step (ranking, packing, scattering).
+GRAPH_OPS = (
+    "Attention",
+    "SkipLayerNormalization",
+    "BiasGelu",
+    "MatMul",
+    "Softmax",
+    "TopK",
+    "Gather",
+    "GatherElements",
+    "ScatterElements",
+    "ScatterND",
+)
+
+
+def graphs_summary(table: dict) -> list[str]:
+    """Operator counts of each task's unpruned and pruned graphs (first row of each config)."""
+    lines, seen = [f"graphs: nodes and operator counts ({', '.join(GRAPH_OPS)})"], set()
+    for r in table["rows"]:
+        if "graphs" not in r or (r["task"], r["config"]) in seen:
+            continue
+        seen.add((r["task"], r["config"]))
+        for engine, ops in r["graphs"].items():
+            counts = " ".join(str(ops.get(op, 0)) for op in GRAPH_OPS)
+            lines.append(f"  {r['task']:5s} {engine:17s} {sum(ops.values()):5d} nodes: {counts}  ({r['config']})")
     return lines

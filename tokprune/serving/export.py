@@ -31,6 +31,7 @@ installs it): ``onnx`` to write the metadata, ``onnxruntime`` to run the graph.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from contextlib import nullcontext
@@ -242,13 +243,20 @@ def quantize_graph(source: Path, target: Path) -> Path:
     onnx = require("onnx")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # shape inference cannot type the outputs of contrib operators (the fused graph's): float32
-    quantize_dynamic(
-        str(source),
-        str(target),
-        weight_type=QuantType.QInt8,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    # shape inference cannot type the outputs of contrib operators (the fused graph's): float32;
+    # the quantiser logs a warning for every integer tensor of the pruning step it leaves alone
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(
+            str(source),
+            str(target),
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    finally:
+        root.setLevel(level)
     props = {p.key: p.value for p in onnx.load(str(source)).metadata_props}
     model = onnx.load(str(target))
     del model.metadata_props[:]
