@@ -207,9 +207,10 @@ def batch_sizes() -> tuple[int, ...]:
 
 
 def measure_speedup(cfg: DictConfig, point: Point, client: MlflowClient, uri: str) -> dict:
-    """Hard-mode CPU speedup of one point vs KeepAll at each of ``batch_sizes()``
-    (``{"batch_1": bench row, ...}``), or ``{"skipped": why}``."""
-    from tokprune.serving.latency import checkpoint_speedup  # loads torch: only once a point is timed
+    """Hard-mode CPU speedup of one point vs KeepAll at each of ``batch_sizes()``, in torch
+    (``{"batch_1": bench row, ...}``) and in ONNX Runtime (``"onnx_batch_1"``, ..., exported pruned
+    vs exported unpruned; or ``"onnx_skipped": why``), or ``{"skipped": why}``."""
+    from tokprune.serving.latency import checkpoint_onnx_speedup, checkpoint_speedup  # loads torch: only when timed
 
     examples = int(cfg.report.speedup_examples)
     if examples <= 0:
@@ -223,4 +224,11 @@ def measure_speedup(cfg: DictConfig, point: Point, client: MlflowClient, uri: st
         timed = checkpoint_speedup(str(path), cfg.data.glue_dir, examples, batch_sizes())
     except Exception as exc:  # one method's checkpoint must not stop the report: say why in its cell
         return {"skipped": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"}
-    return {"checkpoint": portable(str(path)), **{f"batch_{row['batch_size']}": row for row in timed}}
+    try:  # what a deployer runs: the exported graph against the exported unpruned one
+        deployed = {
+            f"onnx_batch_{row['batch_size']}": row
+            for row in checkpoint_onnx_speedup(str(path), cfg.data.glue_dir, examples, batch_sizes())
+        }
+    except Exception as exc:
+        deployed = {"onnx_skipped": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"}
+    return {"checkpoint": portable(str(path)), **{f"batch_{row['batch_size']}": row for row in timed}, **deployed}

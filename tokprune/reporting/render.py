@@ -37,14 +37,15 @@ def speedup_cell(speedup: float) -> str:
     return f"x{speedup:.2f}" + (" (slower)" if speedup < 1 else "")
 
 
-def _speedups(result: MethodResult, trial: int) -> list[str]:
-    """One cell per batch size: ``x1.45``; or, in the first, why it was not measured."""
+def _speedups(result: MethodResult, trial: int, engine: str = "") -> list[str]:
+    """One cell per batch size: ``x1.45``; or, in the first, why it was not measured.
+    ``engine``: "" torch hard mode, "onnx_" ONNX Runtime (reports before it was timed: empty)."""
     cells = [""] * len(batch_sizes())
     s = result.speedup.get(trial)
-    if s and "skipped" in s:
-        cells[0] = f"skipped: {s['skipped']}"
-    elif s:
-        cells = [speedup_cell(s[f"batch_{size}"]["wall_speedup"]) for size in batch_sizes()]
+    if s and ("skipped" in s or f"{engine}skipped" in s):
+        cells[0] = f"skipped: {s.get('skipped') or s[f'{engine}skipped']}"
+    elif s and all(f"{engine}batch_{size}" in s for size in batch_sizes()):
+        cells = [speedup_cell(s[f"{engine}batch_{size}"]["wall_speedup"]) for size in batch_sizes()]
     return cells
 
 
@@ -62,7 +63,17 @@ def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[l
             p = r.point(r.operating.get(role))
             if p is None:
                 rows.append(
-                    [r.label, names[role], "—", "no Pareto point qualifies", "", "", "", *[""] * len(batch_sizes())]
+                    [
+                        r.label,
+                        names[role],
+                        "—",
+                        "no Pareto point qualifies",
+                        "",
+                        "",
+                        "",
+                        "",
+                        *[""] * 2 * len(batch_sizes()),
+                    ]
                 )
                 continue
             static = reference.point_reached_at(p.flops_real) if reference is not None and reference is not r else None
@@ -77,6 +88,7 @@ def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[l
                     static.metric_cell() if static is not None else "—",
                     gap_against(p, static),
                     *_speedups(r, p.trial),
+                    *_speedups(r, p.trial, "onnx_"),
                 ]
             )
     return rows
@@ -107,8 +119,10 @@ def operating_header(metric: str, examples: int) -> list[str]:
         "FLOPs ratio (real length)",
         f"{REFERENCE_METHOD} at <= these FLOPs",
         f"vs {REFERENCE_METHOD} (> spread: the gap exceeds twice its standard error)",
-        f"CPU speedup, batch {first} ({examples} dev rows)",
-        *[f"CPU speedup, batch {size}" for size in rest],
+        f"CPU speedup, torch, batch {first} ({examples} dev rows)",
+        *[f"CPU speedup, torch, batch {size}" for size in rest],
+        f"CPU speedup, ONNX Runtime (exported pruned vs exported unpruned), batch {first}",
+        *[f"CPU speedup, ONNX Runtime, batch {size}" for size in rest],
     ]
 
 

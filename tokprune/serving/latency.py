@@ -79,6 +79,23 @@ def checkpoint_speedup(
     return trained_speedup(described, module, glue_dir, examples, batch_sizes)
 
 
+def checkpoint_onnx_speedup(
+    checkpoint: str, glue_dir: str | None = None, examples: int = 256, batch_sizes=LATENCY_BATCH_SIZES
+) -> list[dict]:
+    """``onnx_trained_speedup`` of the model in a checkpoint file: its exported graph (reused or
+    exported now) against the same weights exported unpruned, in ONNX Runtime."""
+    import copy
+
+    from tokprune.serving.export import session_for
+
+    described, module = rebuild(checkpoint)
+    module = module.cpu().eval()
+    session = session_for(described, module, spinning=False)
+    unpruned = copy.deepcopy(module)
+    unpruned.pruner = KeepAll()
+    return onnx_trained_speedup(described, session, unpruned, glue_dir, examples, batch_sizes)
+
+
 def trained_speedup(
     described: Described, module: PruningModule, glue_dir: str | None = None, examples: int = 64, batch_sizes=(1,)
 ) -> list[dict]:
