@@ -26,11 +26,13 @@ STORAGE ?=
 # make eval / make predict / make export: CKPT = a checkpoint (checkpoints/<run id>/best.ckpt); predict
 # reads INPUT (GLUE TSV or plain text) and writes OUTPUT (TSV); export writes OUT (default <CKPT>.onnx,
 # which engine=onnx reuses). ENGINE = torch (default) or onnx (ONNX Runtime) for eval and predict.
+# QUANTIZE=int8: export writes <CKPT>.int8.onnx; eval and predict (ENGINE=onnx) run it.
 CKPT ?=
 INPUT ?=
 OUTPUT ?=
 OUT ?=
 ENGINE ?=
+QUANTIZE ?=
 
 .PHONY: install lint format test test-fast train bench sweep repeat report eval predict export ui clean
 
@@ -83,14 +85,16 @@ report: install
 	$(PY) -m tokprune report task=$(TASK) budget=$(BUDGET) model=$(MODEL) seed=$(SEED) $(ARGS)
 
 eval: install
-	$(PY) -m tokprune eval $(if $(CKPT),checkpoint=$(CKPT)) $(if $(ENGINE),engine=$(ENGINE)) $(ARGS)
+	$(PY) -m tokprune eval $(if $(CKPT),checkpoint=$(CKPT)) $(if $(ENGINE),engine=$(ENGINE)) \
+		$(if $(QUANTIZE),quantize=$(QUANTIZE)) $(ARGS)
 
 predict: install
 	$(PY) -m tokprune predict $(if $(CKPT),checkpoint=$(CKPT)) $(if $(INPUT),input=$(INPUT)) \
-		$(if $(OUTPUT),output=$(OUTPUT)) $(if $(ENGINE),engine=$(ENGINE)) $(ARGS)
+		$(if $(OUTPUT),output=$(OUTPUT)) $(if $(ENGINE),engine=$(ENGINE)) $(if $(QUANTIZE),quantize=$(QUANTIZE)) $(ARGS)
 
 export: install
-	$(PY) -m tokprune export $(if $(CKPT),checkpoint=$(CKPT)) $(if $(OUT),output=$(OUT)) $(ARGS)
+	$(PY) -m tokprune export $(if $(CKPT),checkpoint=$(CKPT)) $(if $(OUT),output=$(OUT)) \
+		$(if $(QUANTIZE),quantize=$(QUANTIZE)) $(ARGS)
 
 ui: install
 	@$(PY) -c 'from tokprune.training.tracking import runs_view; print(runs_view("sqlite:///$(MLFLOW_DB)"))'

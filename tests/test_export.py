@@ -195,6 +195,10 @@ def test_int8_export_keeps_token_removal_and_close_logits(tokenizer, tmp_path, c
         assert (q_logits - logits).abs().max() < 0.1  # int8 rounding, not a different model
         removed += int((batch["attention_mask"].sum(1) - q_kept[:, -1]).sum())
     assert removed > 0
+    reused = tokprune.load(checkpoint, engine="onnx", quantize="int8")  # predict runs the int8 file
+    assert reused.onnx.source == f"reused {path}" and len(reused.predict([("fine", "ok"), ("dull", "bad")])) == 2
+    with pytest.raises(UsageError, match="quantize=int8 is an ONNX Runtime graph: use engine=onnx"):
+        tokprune.load(checkpoint, quantize="int8")
     assert main(["export", f"checkpoint={checkpoint}", "quantize=int4"]) == 2
     assert "quantize must be int8 (or left out for float32), not 'int4'" in capsys.readouterr().err
     assert main(["eval", f"checkpoint={checkpoint}", "quantize=int8"]) == 2

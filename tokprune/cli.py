@@ -37,7 +37,7 @@ ARGUMENTS_HELP = {
     "eval": "checkpoint=PATH [engine=torch|onnx] [quantize=int8 (engine=onnx)], then data.glue_dir= "
     "data.eval_subset= data.num_workers= train.eval_batch_size= mlflow.tracking_uri= eval.latency_examples= "
     "eval.computation=hard|soft|training",
-    "predict": "checkpoint=PATH input=FILE output=FILE [batch_size=N] [engine=torch|onnx]",
+    "predict": "checkpoint=PATH input=FILE output=FILE [batch_size=N] [engine=torch|onnx] [quantize=int8]",
     "export": "checkpoint=PATH [output=FILE.onnx] [quantize=int8] [fused=true|false] (default output: "
     "<checkpoint>.onnx or <checkpoint>.int8.onnx, which engine=onnx reuses)",
     "repeat": "trial=N seeds=K, then the sweep's own arguments (method= task= budget= protocol= ...)",
@@ -182,7 +182,7 @@ def cmd_eval(words: list[str]) -> int:
 
 
 def cmd_predict(words: list[str]) -> int:
-    found, rest = _arguments("predict", words, ("checkpoint", "input", "output"), ("batch_size", "engine"))
+    found, rest = _arguments("predict", words, ("checkpoint", "input", "output"), ("batch_size", "engine", "quantize"))
     if rest:
         raise UsageError(f"predict takes {ARGUMENTS_HELP['predict']}, not '{rest[0]}'")
     batch_size = found.get("batch_size", "32")
@@ -192,7 +192,12 @@ def cmd_predict(words: list[str]) -> int:
 
     print(
         run_predict(
-            found["checkpoint"], found["input"], found["output"], int(batch_size), engine=found.get("engine", "torch")
+            found["checkpoint"],
+            found["input"],
+            found["output"],
+            int(batch_size),
+            engine=found.get("engine", "torch"),
+            quantize=found.get("quantize"),
         )
     )
     return 0

@@ -44,8 +44,17 @@ class PrunedModel:
     """A trained checkpoint that labels sentences (or pairs) in batches, in hard mode, with
     torch or ONNX Runtime (``engine``)."""
 
-    def __init__(self, described: Described, module: PruningModule, batch_size: int = 32, engine: str = "torch"):
+    def __init__(
+        self,
+        described: Described,
+        module: PruningModule,
+        batch_size: int = 32,
+        engine: str = "torch",
+        quantize: str | None = None,
+    ):
         check_engine(engine)
+        if quantize and engine != "onnx":
+            raise UsageError(f"quantize={quantize} is an ONNX Runtime graph: use engine=onnx")
         self.cfg = described.cfg
         self.task: GlueTask = get_task(self.cfg.task.name)
         self.max_length = int(self.cfg.task.max_length)
@@ -57,14 +66,16 @@ class PrunedModel:
         if engine == "onnx":
             from tokprune.serving.export import session_for
 
-            self.onnx = session_for(described, self.module)
+            self.onnx = session_for(described, self.module, quantize=quantize)
 
     @classmethod
-    def load(cls, path: str | Path, engine: str = "torch", batch_size: int = 32) -> PrunedModel:
+    def load(
+        cls, path: str | Path, engine: str = "torch", batch_size: int = 32, quantize: str | None = None
+    ) -> PrunedModel:
         check_engine(engine)
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, not {batch_size}")
-        return cls(*rebuild(path), batch_size=batch_size, engine=engine)
+        return cls(*rebuild(path), batch_size=batch_size, engine=engine, quantize=quantize)
 
     @property
     def pairs(self) -> bool:
@@ -174,7 +185,9 @@ def check_engine(engine: str) -> None:
         require("onnx")
 
 
-def run_predict(checkpoint: str, source: str, target: str, batch_size: int = 32, engine: str = "torch") -> str:
+def run_predict(
+    checkpoint: str, source: str, target: str, batch_size: int = 32, engine: str = "torch", quantize: str | None = None
+) -> str:
     """The ``predict`` command: label every input of ``source``, write them to ``target``;
     returns the line to print."""
     source, target = Path(source), Path(target)
@@ -185,7 +198,7 @@ def run_predict(checkpoint: str, source: str, target: str, batch_size: int = 32,
     if target.resolve() == source.resolve():
         raise UsageError(f"output '{target}' is the input file: give another path")
     check_engine(engine)
-    model = PrunedModel.load(checkpoint, batch_size=batch_size, engine=engine)
+    model = PrunedModel.load(checkpoint, batch_size=batch_size, engine=engine, quantize=quantize)
     inputs, labels = read_inputs(source, model.task)
     predictions = model.predict(inputs)
     write_predictions(target, predictions, labels)
