@@ -162,6 +162,33 @@ def test_each_operating_point_is_set_beside_static_at_no_more_flops():
     assert [row[3] for row in operating_rows([static], names) if row[1] == "<=0.5"] == ["no Pareto point qualifies"]
 
 
+def test_a_method_under_two_protocols_is_labelled_by_it_and_set_beside_static_of_the_same_protocol():
+    from tokprune.reporting.collect import _relabel
+
+    paper_static = made_up("static", [(0.63, 0.40)])
+    shared_static = made_up("static", [(0.82, 0.43)])
+    shared_top, paper_top = made_up("top", [(0.83, 0.45)]), made_up("top", [(0.84, 0.46)])
+    for r, protocol in (
+        (paper_static, "paper"),
+        (shared_static, "shared"),
+        (shared_top, "shared"),
+        (paper_top, "paper"),
+    ):
+        r.protocol, r.study = protocol, f"{r.method}-{protocol}-study"
+        r.operating = operating_points(r, 0.5, 0.01)
+    results = _relabel([paper_static, shared_top, paper_top, shared_static])
+    assert [r.label for r in results] == [
+        "static (protocol=shared)",
+        "static (protocol=paper)",
+        "top (protocol=shared)",
+        "top (protocol=paper)",
+    ]
+    names = {"best": "best", "within_flops": "<=0.5", "near_baseline": "near"}
+    rows = {(row[0], row[1]): row for row in operating_rows(results, names)}
+    assert rows["top (protocol=shared)", "best"][6] == "0.8200"  # the shared static, not the paper one
+    assert rows["top (protocol=paper)", "best"][6] == "0.6300"
+
+
 def test_a_baseline_retrained_in_another_sitting_is_one_row_naming_both_runs():
     gate, top, other = made_up("gate", [(0.8, 0.5)]), made_up("top", [(0.8, 0.5)]), made_up("static", [(0.8, 0.5)])
     for r, run, metric in ((gate, "a", 0.85), (top, "b", 0.85), (other, "c", 0.84)):

@@ -159,6 +159,8 @@ def collect(studies: list[optuna.Study], client: MlflowClient, main_metric: str)
                 speedup={t.number: t.user_attrs["speedup"] for t in resumed if t.user_attrs.get("speedup")},
                 resumed_from=", ".join(sorted({t.user_attrs["resumed_from"] for t in resumed})),
                 resumed_trials=[t.number for t in resumed],
+                # the sweep's parent run says (its tags); a parent from before protocols: paper
+                protocol=(parent.data.tags.get("protocol") if parent else None) or "paper",
             )
         )
     return results
@@ -174,11 +176,18 @@ def carried(cfg: DictConfig, present: set[str]) -> list[MethodResult]:
 
 
 def _relabel(results: list[MethodResult]) -> list[MethodResult]:
-    """Ordered by method then study; a method's name labels it unless it has several studies."""
-    results = sorted(results, key=lambda r: (r.method, r.study))
+    """Ordered by method then study. A method's name labels it if it has one study; with one
+    study per protocol, ``method (protocol=...)``; else the study's name."""
+    results = sorted(results, key=lambda r: (r.method, r.protocol != "shared", r.study))
     methods = [r.method for r in results]
+    pairs = [(r.method, r.protocol) for r in results]
     for r in results:
-        r.label = r.method if methods.count(r.method) == 1 else r.study
+        if methods.count(r.method) == 1:
+            r.label = r.method
+        elif pairs.count((r.method, r.protocol)) == 1:
+            r.label = f"{r.method} (protocol={r.protocol})"
+        else:
+            r.label = r.study
     return results
 
 

@@ -49,15 +49,17 @@ def _speedups(result: MethodResult, trial: int, engine: str = "") -> list[str]:
     return cells
 
 
-def _reference(results: list[MethodResult]) -> MethodResult | None:
-    return next((r for r in results if r.method == REFERENCE_METHOD), None)
+def _reference(results: list[MethodResult], protocol: str) -> MethodResult | None:
+    """The ``static`` study trained under ``protocol``: methods are compared under one protocol."""
+    return next((r for r in results if r.method == REFERENCE_METHOD and r.protocol == protocol), None)
 
 
 def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[list[str]]:
     """Per method and role: the trial, its metric and distance to the baseline, its FLOPs,
     what the ``static`` front reaches at those FLOPs, and its speedups."""
-    reference, rows = _reference(results), []
+    rows = []
     for r in results:
+        reference = _reference(results, r.protocol)
         base = r.baseline["metric"] if r.baseline else math.nan
         for role in ROLES:
             p = r.point(r.operating.get(role))
@@ -179,9 +181,10 @@ def conventions(metric: str, max_length: int) -> str:
         f"each method's Pareto front (of each trial's first seed); where a trial was repeated with more seeds "
         f"(make repeat) its metric is the mean +- standard deviation over seeds and the plots draw that as an "
         f'error bar; "{REFERENCE_METHOD} at <= these FLOPs" is the best dev {metric} of '
-        f"the {REFERENCE_METHOD} front at or below the point's FLOPs ratio. Speedup: wall time of the unpruned "
-        f"encoder (KeepAll) / the method's own pruner on the same weights, hard mode (tokens removed), CPU, "
-        f"on seeded real dev rows, timed in turns."
+        f"the {REFERENCE_METHOD} front of the same protocol at or below the point's FLOPs ratio. Speedup: wall "
+        f"time of the unpruned encoder (KeepAll) / the method's own pruner on the same weights, hard mode "
+        f"(tokens removed), CPU, on seeded real dev rows, timed in turns; in torch, and in ONNX Runtime (the "
+        f"exported pruned graph / the same weights exported unpruned)."
     )
 
 

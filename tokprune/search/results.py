@@ -75,6 +75,7 @@ class MethodResult:
     carried_from: str = ""  # "" = read from this storage now; else the report.json (and its date) it came from
     resumed_from: str = ""  # the report.json a sweep took some of its trials from (sweep.resume_from), or ""
     resumed_trials: list[int] = field(default_factory=list)  # those trials' numbers
+    protocol: str = "paper"  # the training protocol of its trials (studies from before protocols: paper)
 
     @property
     def slug(self) -> str:
@@ -146,6 +147,7 @@ def recorded_studies(path: str, cfg: DictConfig, option: str) -> list[MethodResu
             carried_from=m.get("carried_from") or origin,
             resumed_from=m.get("resumed_from", ""),
             resumed_trials=list(m.get("resumed_trials", [])),
+            protocol=m.get("protocol", "paper"),
         )
         for m in recorded
     ]
