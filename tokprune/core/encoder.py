@@ -28,7 +28,9 @@ Two modes:
   repacking), and a pruner that reads
   ``ctx.hidden`` or ``ctx.attn_probs`` gets them materialised on demand (``received_attention``
   and ``live_hidden`` work on the packed form directly). Examples of a batch that keep different
-  numbers of tokens are packed to the largest kept count. A layer whose attention
+  numbers of tokens are packed to the largest kept count; before the first layer whose pruner
+  decides, the batch keeps its input layout (padding slots are invalid keys, as in an unpruned
+  model), so a model that prunes nothing adds no packing step. A layer whose attention
   probabilities nobody reads (``output_attentions`` off, ``Pruner.wants_attention`` False for
   the next call) runs fused attention (``scaled_dot_product_attention``) when run eagerly and
   exports as ONNX Runtime's fused ``Attention`` operator (``core.fused_attention``); under
@@ -421,7 +423,7 @@ class PrunableEncoder(nn.Module):
             if decides:
                 proposed = pruner(PruneContext(index, None, keep, None, padding, packed=state))
                 keep = (self._cumulative(pruner, proposed, keep, padding) > 0.5).to(hidden.dtype)
-            if decides or index == 0:  # layer 0 also drops the padding
+            if decides:  # until the first decision the input's own layout: its padding slots are invalid keys
                 state = state.select(keep)
             want_probs = self._wants_probs(output_attentions, index) or self._next_reads_attention(pruner, index)
             # fused only when run eagerly: a trace (fvcore's count, ONNX export) sees the eager ops
