@@ -87,5 +87,8 @@ def test_repeat_trains_a_trials_settings_with_more_seeds_as_child_runs_and_the_r
     data = json.loads((tmp_path / "reports" / "sst2" / "report.json").read_text())
     [saved] = data["methods"]
     assert [r["seed"] for r in saved["points"][0]["repeats"]] == [43, 44]
+    text = (tmp_path / "reports" / "sst2" / "report.json").read_text()
+    assert str(tmp_path) not in text  # no machine path in a report: repeats' checkpoints as their last parts
+    assert all(r["checkpoint"].endswith("best.ckpt") for r in saved["points"][0]["repeats"])
     assert "(3 seeds)" in (tmp_path / "reports" / "sst2" / "pareto.md").read_text()
     assert main(["repeat", "trial=5", "seeds=1", *args]) == 2  # no such trial: a one-line error

@@ -137,7 +137,10 @@ def collect(studies: list[optuna.Study], client: MlflowClient, main_metric: str)
                 kept=_kept(t.user_attrs, "best/kept_fraction/layer_"),
                 run_id=t.user_attrs.get("mlflow_run_id"),
                 pareto=t.number in front,
-                repeats=list(repeats.get(str(t.number), [])),
+                # committed reports carry no machine path: a repeat's checkpoint as its last parts
+                repeats=[
+                    {**r, "checkpoint": portable(r.get("checkpoint") or "")} for r in repeats.get(str(t.number), [])
+                ],
             )
             for t in complete
         ]

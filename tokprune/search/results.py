@@ -79,7 +79,7 @@ class MethodResult:
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label)
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label).strip("_")
 
     @property
     def front(self) -> list[Point]:
