@@ -205,7 +205,7 @@ def test_int8_export_keeps_token_removal_and_close_logits(tokenizer, tmp_path, c
     assert main(["export", f"checkpoint={checkpoint}", "quantize=int4"]) == 2
     assert "quantize must be int8 (or left out for float32), not 'int4'" in capsys.readouterr().err
     assert main(["eval", f"checkpoint={checkpoint}", "quantize=int8"]) == 2
-    assert "quantize=int8 is an ONNX Runtime graph: add engine=onnx" in capsys.readouterr().err
+    assert "quantize=int8 is an ONNX Runtime graph: use engine=onnx" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

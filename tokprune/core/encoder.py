@@ -420,10 +420,9 @@ class PrunableEncoder(nn.Module):
         keeps, attentions = [], []
         for index, layer in enumerate(self.layers):
             decides = pruner.decides(index)
-            if decides:
+            if decides:  # before the first decision the input's own layout: its padding slots are invalid keys
                 proposed = pruner(PruneContext(index, None, keep, None, padding, packed=state))
                 keep = (self._cumulative(pruner, proposed, keep, padding) > 0.5).to(hidden.dtype)
-            if decides:  # until the first decision the input's own layout: its padding slots are invalid keys
                 state = state.select(keep)
             want_probs = self._wants_probs(output_attentions, index) or self._next_reads_attention(pruner, index)
             # fused only when run eagerly: a trace (fvcore's count, ONNX export) sees the eager ops

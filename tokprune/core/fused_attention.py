@@ -53,8 +53,7 @@ class _Attention(torch.autograd.Function):
         batch, length, width = hidden.shape
         q, k, v = (hidden @ weights + bias).split(width, dim=-1)
         heads = [t.view(batch, length, num_heads, width // num_heads).transpose(1, 2) for t in (q, k, v)]
-        bias_keys = ((mask == 0).to(hidden.dtype) * torch.finfo(hidden.dtype).min)[:, None, None, :]
-        context = F.scaled_dot_product_attention(*heads, attn_mask=bias_keys, scale=scale)
+        context = F.scaled_dot_product_attention(*heads, attn_mask=(mask != 0)[:, None, None, :], scale=scale)
         return context.transpose(1, 2).reshape(batch, length, width)
 
     @staticmethod

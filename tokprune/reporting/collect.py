@@ -218,6 +218,11 @@ def batch_sizes() -> tuple[int, ...]:
     return LATENCY_BATCH_SIZES
 
 
+def _why(exc: Exception) -> str:
+    """An exception as one line for a report cell."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
 def measure_speedup(cfg: DictConfig, point: Point, client: MlflowClient, uri: str) -> dict:
     """Hard-mode CPU speedup of one point vs KeepAll at each of ``batch_sizes()``, in torch
     (``{"batch_1": bench row, ...}``) and in ONNX Runtime (``"onnx_batch_1"``, ..., exported pruned
@@ -235,12 +240,12 @@ def measure_speedup(cfg: DictConfig, point: Point, client: MlflowClient, uri: st
     try:
         timed = checkpoint_speedup(str(path), cfg.data.glue_dir, examples, batch_sizes())
     except Exception as exc:  # one method's checkpoint must not stop the report: say why in its cell
-        return {"skipped": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"}
+        return {"skipped": _why(exc)}
     try:  # what a deployer runs: the exported graph against the exported unpruned one
         deployed = {
             f"onnx_batch_{row['batch_size']}": row
             for row in checkpoint_onnx_speedup(str(path), cfg.data.glue_dir, examples, batch_sizes())
         }
     except Exception as exc:
-        deployed = {"onnx_skipped": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"}
+        deployed = {"onnx_skipped": _why(exc)}
     return {"checkpoint": portable(str(path)), **{f"batch_{row['batch_size']}": row for row in timed}, **deployed}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ def _engine_row(
     diff = max(float((ort - ref).abs().max()) for (ort, _), (ref, _) in zip(outputs["onnx_pruned"], torch_outs))
     ms = {engine: 1e3 * statistics.median(t) for engine, t in times.items()}
     base = sum(times["transformers"])
+    deployed = sum(times["onnx_unpruned"]) / sum(times["onnx_pruned"])
     return {
         "config": name,
         "task": task,
@@ -48,8 +50,8 @@ def _engine_row(
         "flops_ratio_real": pruned / real,
         # what a deployer gets: ONNX Runtime pruned vs ONNX Runtime unpruned, and which share of
         # the FLOPs reduction that is (1.0: latency fell as much as the FLOPs)
-        "onnx_pruned_vs_unpruned": sum(times["onnx_unpruned"]) / sum(times["onnx_pruned"]),
-        "onnx_share_of_flops_reduction": (sum(times["onnx_unpruned"]) / sum(times["onnx_pruned"])) * pruned / real,
+        "onnx_pruned_vs_unpruned": deployed,
+        "onnx_share_of_flops_reduction": deployed * pruned / real,
         **(
             {"onnx_int8_pruned_vs_float_unpruned": sum(times["onnx_unpruned"]) / sum(times["onnx_pruned_int8"])}
             if "onnx_pruned_int8" in times
@@ -74,10 +76,7 @@ def op_counts(path: Path) -> dict[str, int]:
     session optimisations, which fold constants and shape arithmetic)."""
     import onnx
 
-    counts: dict[str, int] = {}
-    for node in onnx.load(str(path)).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+    return dict(Counter(node.op_type for node in onnx.load(str(path)).graph.node).most_common())
 
 
 def _unpruned_engines(bert, example, folder: Path, name: str, graphs: dict) -> dict:

@@ -34,12 +34,16 @@ LENGTHS = (16, 32, 64, 128, 256)
 ROWS = {1: 96, 32: 128}
 
 
-def token_rows(cfg: DictConfig, tokenizer, length: int, rows: int) -> torch.Tensor:
-    """``rows`` x ``length`` token ids of real RTE dev text, each row [CLS] + text + [SEP]."""
+def token_pool(cfg: DictConfig, tokenizer) -> list[int]:
+    """The RTE dev set's text as one run of token ids (no special tokens), read and tokenised once."""
     dev = dev_examples(cfg, get_task("rte"), 277)
-    pool = [
+    return [
         t for text in (*dev["text_a"], *dev["text_b"]) for t in tokenizer(text, add_special_tokens=False)["input_ids"]
     ]
+
+
+def token_rows(pool: list[int], tokenizer, length: int, rows: int) -> torch.Tensor:
+    """``rows`` x ``length`` token ids cut from ``pool`` at spread offsets, each [CLS] + text + [SEP]."""
     body = length - 2
     step = max(1, (len(pool) - body) // rows)
     ids = [[tokenizer.cls_token_id, *pool[i * step : i * step + body], tokenizer.sep_token_id] for i in range(rows)]
@@ -63,10 +67,10 @@ def latency_by_length(
             export_graph(EncoderGraph(encoder, pruner), example, folder / "pruned.onnx"), spinning=False
         ),
     }
-    rows = []
+    rows, pool = [], token_pool(cfg, tokenizer)
     for size in batch_sizes:
         for length in lengths:
-            ids = token_rows(cfg, tokenizer, length, ROWS.get(size, 2 * size))
+            ids = token_rows(pool, tokenizer, length, ROWS.get(size, 2 * size))
             batches = [
                 {
                     "input_ids": chunk,

@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tokprune.config.checks import Rule, check_config
 from tokprune.core.data import get_task
-from tokprune.core.encoder import EncoderOutput, KeepAll
+from tokprune.core.encoder import EncoderOutput
 from tokprune.core.liveness import owner
 from tokprune.errors import UsageError
 from tokprune.methods import rebuild
@@ -181,11 +181,9 @@ def evaluate(
     """Rebuild ``checkpoint``, run its task's dev set in hard mode (torch, or ONNX Runtime with
     ``engine="onnx"``) or in the computation ``eval.computation`` names, time it (hard mode),
     log it if possible."""
-    check_engine(engine)
+    check_engine(engine, quantize)
     changes, own = parse_settings(list(words))
     computation = own["eval.computation"]
-    if quantize and engine != "onnx":
-        raise UsageError(f"quantize={quantize} is an ONNX Runtime graph: add engine=onnx")
     if engine == "onnx" and computation != "hard":
         raise UsageError(f"eval.computation={computation} runs in torch: the ONNX graph computes hard mode only")
     described, module = rebuild(checkpoint)
@@ -219,9 +217,7 @@ def evaluate(
     if not examples:
         latency = []
     elif engine == "onnx":
-        unpruned = copy.deepcopy(module)
-        unpruned.pruner = KeepAll()
-        latency = onnx_trained_speedup(described, session, unpruned, cfg.data.glue_dir, examples, LATENCY_BATCH_SIZES)
+        latency = onnx_trained_speedup(described, session, module, cfg.data.glue_dir, examples, LATENCY_BATCH_SIZES)
     else:
         latency = trained_speedup(described, module, cfg.data.glue_dir, examples, LATENCY_BATCH_SIZES)
     result = Evaluation(

@@ -160,7 +160,7 @@ def export_graph(
     deterministic masks); that a method froze nothing data-dependent is what the equality tests
     on real rows (tests/test_export.py) check.
     """
-    onnx = require("onnx")
+    require("onnx")  # before tracing: the metadata is written with it
     path = Path(path)
     graph = graph.eval()
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS} | {name: {0: "batch"} for name in OUTPUTS}
@@ -204,14 +204,18 @@ def export_graph(
         )
     if fused:
         optimize_graph(path, _bert_config(graph))
-    metadata = {**(metadata or {}), "graph": "fused" if fused else "standard"}
-    if metadata:
-        model = onnx.load(str(path))
-        for key, value in metadata.items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = f"tokprune.{key}", str(value)
-        onnx.save(model, str(path))
+    add_metadata(path, {**(metadata or {}), "graph": "fused" if fused else "standard"})
     return path
+
+
+def add_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Write ``metadata`` into the ONNX file at ``path`` as ``tokprune.<key>`` properties."""
+    onnx = require("onnx")
+    model = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = f"tokprune.{key}", str(value)
+    onnx.save(model, str(path))
 
 
 def _bert_config(graph: nn.Module):
@@ -239,7 +243,7 @@ def optimize_graph(path: Path, config) -> None:
 def quantize_graph(source: Path, target: Path) -> Path:
     """ONNX Runtime dynamic int8 quantisation of an exported graph (weights int8 ahead of time,
     activations per batch): the fused attention and the projections become integer kernels;
-    the pruning operators stay as they are. The metadata is carried over (``quantize=int8``)."""
+    the pruning operators stay as they are. The quantiser keeps the metadata; ``quantize=int8`` is added."""
     onnx = require("onnx")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -257,13 +261,7 @@ def quantize_graph(source: Path, target: Path) -> Path:
         )
     finally:
         root.setLevel(level)
-    props = {p.key: p.value for p in onnx.load(str(source)).metadata_props}
-    model = onnx.load(str(target))
-    del model.metadata_props[:]
-    for key, value in {**props, "tokprune.quantize": "int8"}.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(model, str(target))
+    add_metadata(target, {"quantize": "int8"})
     return target
 
 

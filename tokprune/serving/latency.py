@@ -5,6 +5,7 @@ rows; and the same in ONNX Runtime. Used by ``eval``, the report's operating poi
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -84,16 +85,13 @@ def checkpoint_onnx_speedup(
 ) -> list[dict]:
     """``onnx_trained_speedup`` of the model in a checkpoint file: its exported graph (reused or
     exported now) against the same weights exported unpruned, in ONNX Runtime."""
-    import copy
-
     from tokprune.serving.export import session_for
 
     described, module = rebuild(checkpoint)
     module = module.cpu().eval()
-    session = session_for(described, module, spinning=False)
-    unpruned = copy.deepcopy(module)
-    unpruned.pruner = KeepAll()
-    return onnx_trained_speedup(described, session, unpruned, glue_dir, examples, batch_sizes)
+    return onnx_trained_speedup(
+        described, session_for(described, module, spinning=False), module, glue_dir, examples, batch_sizes
+    )
 
 
 def trained_speedup(
@@ -151,13 +149,15 @@ def interleaved(engines: dict, batches: list[dict], warmup: int = 2) -> tuple[di
 def onnx_trained_speedup(
     described: Described,
     session,
-    unpruned: PruningModule,
+    module: PruningModule,
     glue_dir: str | None = None,
     examples: int = 64,
     batch_sizes=(1,),
 ) -> list[dict]:
     """``trained_speedup`` in ONNX Runtime: the checkpoint's graph (``session``, an
-    ``export.OnnxModel``) against ``unpruned`` (the same weights with ``KeepAll``) exported now."""
+    ``export.OnnxModel``) against ``module``'s weights with ``KeepAll``, exported now in float32."""
+    unpruned = copy.deepcopy(module)
+    unpruned.pruner = KeepAll()
     from tokprune.serving.export import OnnxModel, export_module
 
     cfg = described.cfg

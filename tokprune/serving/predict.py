@@ -52,9 +52,7 @@ class PrunedModel:
         engine: str = "torch",
         quantize: str | None = None,
     ):
-        check_engine(engine)
-        if quantize and engine != "onnx":
-            raise UsageError(f"quantize={quantize} is an ONNX Runtime graph: use engine=onnx")
+        check_engine(engine, quantize)
         self.cfg = described.cfg
         self.task: GlueTask = get_task(self.cfg.task.name)
         self.max_length = int(self.cfg.task.max_length)
@@ -174,10 +172,12 @@ def write_predictions(path: Path, predictions: list[Prediction], labels: list[st
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
-def check_engine(engine: str) -> None:
-    """A known engine whose packages are installed, or a one-line error."""
+def check_engine(engine: str, quantize: str | None = None) -> None:
+    """A known engine whose packages are installed, and a quantisation it runs, or a one-line error."""
     if engine not in ENGINES:
         raise UsageError(f"engine must be one of {', '.join(ENGINES)}, not '{engine}'")
+    if quantize and engine != "onnx":
+        raise UsageError(f"quantize={quantize} is an ONNX Runtime graph: use engine=onnx")
     if engine == "onnx":
         from tokprune.serving.export import require
 
