@@ -619,3 +619,41 @@ def test_labels_name_what_varies_within_a_study_and_slowdowns_say_so():
     assert keys == ["method.skim_target"]  # skim_lambda is the same in every trial
     assert [short_label(p, keys) for p in points] == ["t0 skim_target=0.3", "t1 skim_target=0.55"]
     assert speedup_cell(0.83) == "x0.83 (slower)" and speedup_cell(1.45) == "x1.45"
+
+
+def test_every_trial_with_a_flops_target_is_set_beside_static_at_the_same_target():
+    from tokprune.config import compose
+    from tokprune.reporting.render import target_rows
+
+    def trained(method, cells):  # (target, metric, FLOPs, repeats)
+        r = made_up(method, [(m, f) for _, m, f, _ in cells])
+        for p, (target, _, _, repeats) in zip(r.points, cells):
+            p.params = {"protocol.target_flops": target}
+            p.repeats = [{"seed": 43 + i, "metric": m} for i, m in enumerate(repeats)]
+        r.protocol = "shared"
+        return r
+
+    static = trained("static", [(0.5, 0.84, 0.49, [0.85, 0.83]), (0.4, 0.80, 0.40, [])])
+    top = trained("top", [(0.5, 0.80, 0.50, [0.81, 0.79]), (0.4, 0.81, 0.45, []), (0.3, 0.70, 0.31, [])])
+    cfg = compose(["task=sst2"])
+    rows = {(row[0], row[1]): row for row in target_rows([top, static], cfg)}
+    assert list(rows) == [
+        ("0.3", "top"),
+        ("0.4", "top"),
+        ("0.4", "static"),
+        ("0.5", "top"),
+        ("0.5", "static"),
+    ]
+    assert rows["0.5", "top"][3:10] == [
+        "0.8000 +- 0.0100 (3 seeds)",
+        "-0.0500",
+        "0.5000",
+        "—",
+        "yes",
+        "0.8400 +- 0.0100 (3 seeds)",
+        "-0.0400 (> spread 0.0082)",
+    ]
+    assert rows["0.4", "top"][7:10] == ["no", "0.8000", "+0.0100 (one seed)"]  # 0.45 > 0.4 + epsilon 0.01
+    assert rows["0.3", "top"][8:10] == ["—", "—"]  # no static trial at 0.3
+    assert rows["0.5", "static"][8] == "—"
+    assert target_rows([made_up("gate", [(0.8, 0.5)])], cfg) == []  # no target parameter: no table

@@ -96,6 +96,66 @@ def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[l
     return rows
 
 
+TARGET_KEY = "protocol.target_flops"  # the FLOPs target every method of protocol=shared trains to hold
+
+
+def target_rows(results: list[MethodResult], cfg: DictConfig) -> list[list[str]]:
+    """Every complete trial that trained to a ``protocol.target_flops``, by protocol and target,
+    each beside ``static`` of the same protocol and target (the comparison the targets are
+    stated in): not only Pareto points, since a dominated trial is still that method's result
+    at that target. Whether the trial held its target: measured FLOPs ratio (real) <= target +
+    ``protocol.selection_epsilon``."""
+    epsilon = float(cfg.protocol.selection_epsilon)
+    rows = []
+    trained = [r for r in results if any(TARGET_KEY in p.params for p in r.points)]
+    for protocol in dict.fromkeys(r.protocol for r in trained):
+        studies = [r for r in trained if r.protocol == protocol]
+        reference = _reference(studies, protocol)
+        targets = sorted({float(p.params[TARGET_KEY]) for r in studies for p in r.points if TARGET_KEY in p.params})
+        for target in targets:
+            static = reference.at_target(TARGET_KEY, target) if reference is not None else None
+            for r in studies:
+                p = r.at_target(TARGET_KEY, target)
+                if p is None:
+                    continue
+                base = r.baseline["metric"] if r.baseline else math.nan
+                other = static if r is not reference else None
+                rows.append(
+                    [
+                        f"{target:g}",
+                        r.label,
+                        str(p.trial),
+                        p.metric_cell(),
+                        _fmt(p.metric_mean - base, 4),
+                        _fmt(p.flops_real),
+                        _fmt(p.flops_padded),
+                        "yes" if p.flops_real <= target + epsilon + 1e-12 else "no",
+                        other.metric_cell() if other is not None else "—",
+                        gap_against(p, other),
+                        *_speedups(r, p.trial),
+                    ]
+                )
+    return rows
+
+
+def target_header(metric: str, max_length: int) -> list[str]:
+    first, *rest = batch_sizes()
+    return [
+        "FLOPs target",
+        "method",
+        "trial",
+        f"dev {metric} (mean +- std over seeds)",
+        "vs baseline",
+        "FLOPs ratio (real length)",
+        f"FLOPs ratio (padded to {max_length})",
+        "held the target",
+        f"{REFERENCE_METHOD} at this target",
+        f"vs {REFERENCE_METHOD} (> spread: the gap exceeds twice its standard error)",
+        f"CPU speedup, torch, batch {first} (operating points)",
+        *[f"CPU speedup, torch, batch {size}" for size in rest],
+    ]
+
+
 def gap_against(point: Point, other: Point | None) -> str:
     """The difference of the mean metrics, and whether it exceeds the seed spread: ``+0.0123
     (> spread 0.0041)``, ``... (within spread ...)``, or ``(one seed)`` when either has no repeats.
@@ -181,7 +241,9 @@ def conventions(metric: str, max_length: int) -> str:
         f"each method's Pareto front (of each trial's first seed); where a trial was repeated with more seeds "
         f"(make repeat) its metric is the mean +- standard deviation over seeds and the plots draw that as an "
         f'error bar; "{REFERENCE_METHOD} at <= these FLOPs" is the best dev {metric} of '
-        f"the {REFERENCE_METHOD} front of the same protocol at or below the point's FLOPs ratio. Speedup: wall "
+        f'the {REFERENCE_METHOD} front of the same protocol at or below the point\'s FLOPs ratio. "By FLOPs target" '
+        f"lists every trial that trained to a protocol.target_flops (Pareto or not) beside the {REFERENCE_METHOD} "
+        f"trial of the same protocol and target. Speedup: wall "
         f"time of the unpruned encoder (KeepAll) / the method's own pruner on the same weights, hard mode "
         f"(tokens removed), CPU, on seeded real dev rows, timed in turns; in torch, and in ONNX Runtime (the "
         f"exported pruned graph / the same weights exported unpruned)."
@@ -212,6 +274,9 @@ def write(cfg: DictConfig, results: list[MethodResult], out: Path, storage: str,
         ),
         ("Pareto points", header(metric, max_length), table_rows(results)),
     ]
+    by_target = target_rows(results, cfg)
+    if by_target:
+        tables.insert(1, ("By FLOPs target", target_header(metric, max_length), by_target))
     note = conventions(metric, max_length)
     carried_from = {}
     for r in results:

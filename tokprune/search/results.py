@@ -93,6 +93,12 @@ class MethodResult:
     def point(self, trial: int | None) -> Point | None:
         return next((p for p in self.points if p.trial == trial), None)
 
+    def at_target(self, key: str, value: float) -> Point | None:
+        """The complete trial trained with parameter ``key`` = ``value`` (a grid's value is held by
+        one trial; should several, the better)."""
+        held = [p for p in self.points if key in p.params and math.isclose(float(p.params[key]), value)]
+        return max(held, key=higher_metric, default=None)
+
     def reached_at(self, flops: float) -> float | None:
         """The front's staircase: the best dev metric of a point at or below ``flops``."""
         point = self.point_reached_at(flops)
