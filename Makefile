@@ -34,7 +34,7 @@ OUT ?=
 ENGINE ?=
 QUANTIZE ?=
 
-.PHONY: install lint format test test-fast train bench sweep repeat report eval predict export ui clean
+.PHONY: install lint format test test-fast train bench sweep repeat compare report eval predict export ui clean
 
 install: $(VENV)/.installed
 
@@ -74,12 +74,26 @@ sweep: install
 		$(if $(TRIALS),sweep.trials=$(TRIALS)) $(if $(WORKERS),sweep.workers=$(WORKERS)) \
 		$(if $(STORAGE),sweep.storage=$(STORAGE)) $(ARGS)
 
-# make repeat TRIAL=3 SEEDS=2: the study's trial 3 again with seeds SEED+1..SEED+2 (same sweep arguments)
+# make repeat TRIAL=3 SEEDS=2: the study's trial 3 again with seeds SEED+1..SEED+2 (same sweep arguments);
+# TARGET=0.5 instead of TRIAL: the trial whose protocol.target_flops is nearest 0.5
 TRIAL ?=
+TARGET ?=
 SEEDS ?= 2
 repeat: install
-	$(PY) -m tokprune repeat trial=$(TRIAL) seeds=$(SEEDS) method=$(METHOD) task=$(TASK) budget=$(BUDGET) model=$(MODEL) \
+	$(PY) -m tokprune repeat $(if $(TRIAL),trial=$(TRIAL)) $(if $(TARGET),target=$(TARGET)) seeds=$(SEEDS) \
+		method=$(METHOD) task=$(TASK) budget=$(BUDGET) model=$(MODEL) \
 		seed=$(SEED) $(if $(STORAGE),sweep.storage=$(STORAGE)) $(ARGS)
+
+# make compare TASK=mrpc: the comparison under protocol=shared, resumable: each method's sweep over the
+# shared grid of FLOPs targets (TRIALS: the first k of the grid; empty: the budget's default), then
+# SEEDS more seeds of each method's trial at TARGET (default 0.5), then the task's report.
+COMPARE_METHODS ?= static top transkimmer gate
+compare: install
+	set -e; for m in $(COMPARE_METHODS); do \
+		$(MAKE) --no-print-directory sweep METHOD=$$m ARGS="$(ARGS) report.speedup_examples=0"; done; \
+	for m in $(COMPARE_METHODS); do \
+		$(MAKE) --no-print-directory repeat METHOD=$$m TRIAL= TARGET=$(or $(TARGET),0.5); done; \
+	$(MAKE) --no-print-directory report
 
 report: install
 	$(PY) -m tokprune report task=$(TASK) budget=$(BUDGET) model=$(MODEL) seed=$(SEED) $(ARGS)

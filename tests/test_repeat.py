@@ -15,7 +15,10 @@ from tokprune.search.results import Point
 
 from conftest import GLUE, QQP_SAMPLE
 
-SPACE = "trials: {smoke: 2}\nparams:\n  train.lr: {distribution: float, low: 1.0e-5, high: 1.0e-3, log: true}\n"
+SPACE = (
+    "trials: {smoke: 2}\nparams:\n  train.lr: {distribution: float, low: 1.0e-5, high: 1.0e-3, log: true}\n"
+    "  protocol.target_flops: {distribution: grid, values: [0.5, 0.4]}\n"
+)
 
 
 def point(metric: float, repeats=(), trial: int = 0) -> Point:
@@ -44,7 +47,9 @@ def test_a_repeated_point_reads_as_mean_and_std_and_gaps_are_judged_against_the_
 
 
 @pytest.mark.slow
-def test_repeat_trains_a_trials_settings_with_more_seeds_as_child_runs_and_the_report_shows_the_spread(tmp_path):
+def test_repeat_trains_a_trials_settings_with_more_seeds_as_child_runs_and_the_report_shows_the_spread(
+    tmp_path, capsys
+):
     if not GLUE.is_dir():
         pytest.skip(f"real GLUE data not found at {GLUE}")
     (tmp_path / "space").mkdir()
@@ -63,7 +68,9 @@ def test_repeat_trains_a_trials_settings_with_more_seeds_as_child_runs_and_the_r
     ]
     assert main(["sweep", *args]) == 0
     assert main(["repeat", "trial=0", "seeds=2", *args]) == 0
-    assert main(["repeat", "trial=0", "seeds=2", *args]) == 0  # both seeds done: nothing trains again
+    capsys.readouterr()
+    assert main(["repeat", "target=0.45", "seeds=2", *args]) == 0  # both seeds done: nothing trains again
+    assert "trial 0 is the one nearest protocol.target_flops=0.45" in capsys.readouterr().out
     study = optuna.load_study(
         study_name="none-sst2-tiny-smoke-seed42",
         storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))),
@@ -92,3 +99,49 @@ def test_repeat_trains_a_trials_settings_with_more_seeds_as_child_runs_and_the_r
     assert all(r["checkpoint"].endswith("best.ckpt") for r in saved["points"][0]["repeats"])
     assert "(3 seeds)" in (tmp_path / "reports" / "sst2" / "pareto.md").read_text()
     assert main(["repeat", "trial=5", "seeds=1", *args]) == 2  # no such trial: a one-line error
+
+
+def test_target_names_the_complete_trial_nearest_that_flops_target():
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from tokprune.errors import UsageError
+    from tokprune.search.repeat import trial_at_target
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    grid = FloatDistribution(0.1, 0.9)
+    for target, state in ((0.4, TrialState.COMPLETE), (0.5, TrialState.FAIL), (0.6, TrialState.COMPLETE)):
+        study.add_trial(
+            create_trial(
+                params={"protocol.target_flops": target},
+                distributions={"protocol.target_flops": grid},
+                values=[0.8, target] if state == TrialState.COMPLETE else None,
+                state=state,
+            )
+        )
+    study.add_trial(
+        create_trial(
+            params={"protocol.target_flops": 0.5}, distributions={"protocol.target_flops": grid}, values=[0.8, 0.5]
+        )
+    )
+    assert trial_at_target(study, 0.5) == 3  # the complete one, not the failed trial 1
+    assert trial_at_target(study, 0.42) == 0
+    assert (trial_at_target(study, 0.53), trial_at_target(study, 0.57)) == (3, 2)
+    untargeted = optuna.create_study(directions=["maximize", "minimize"])
+    untargeted.add_trial(create_trial(params={}, distributions={}, values=[0.8, 0.5]))
+    with pytest.raises(UsageError, match="no complete trial with a protocol.target_flops"):
+        trial_at_target(untargeted, 0.5)
+
+
+@pytest.mark.parametrize(
+    "words, message",
+    [
+        (["seeds=2"], "one of trial=N or target=X"),
+        (["trial=0", "target=0.5", "seeds=2"], "one of trial=N or target=X"),
+        (["target=half", "seeds=2"], "target=half: expected a number"),
+        (["trial=0"], "repeat needs seeds=K"),
+    ],
+)
+def test_repeat_names_a_bad_choice_of_trial_in_one_line(words, message, capsys):
+    assert main(["repeat", *words, "method=top", "task=sst2", "budget=smoke", "model=tiny"]) == 2
+    assert message in capsys.readouterr().err

@@ -40,7 +40,8 @@ ARGUMENTS_HELP = {
     "predict": "checkpoint=PATH input=FILE output=FILE [batch_size=N] [engine=torch|onnx] [quantize=int8]",
     "export": "checkpoint=PATH [output=FILE.onnx] [quantize=int8] [fused=true|false] (default output: "
     "<checkpoint>.onnx or <checkpoint>.int8.onnx, which engine=onnx reuses)",
-    "repeat": "trial=N seeds=K, then the sweep's own arguments (method= task= budget= protocol= ...)",
+    "repeat": "trial=N (or target=X: the trial nearest that FLOPs target) seeds=K, then the sweep's own arguments "
+    "(method= task= budget= protocol= ...)",
     "bench": "[only=speedup,layers,callback,engines,lengths,steps] (the other sections are kept from bench.json), then "
     "group choices (model= seed=) and dotted keys (data.glue_dir=)",
 }
@@ -54,6 +55,7 @@ PLACEHOLDERS = {
     "fused": "true|false",
     "only": "SECTIONS",
     "trial": "N",
+    "target": "X",
     "seeds": "K",
 }
 ERROR_LOG = "tokprune-error.log"
@@ -137,16 +139,21 @@ def cmd_sweep(overrides: list[str]) -> int:
 
 
 def cmd_repeat(words: list[str]) -> int:
-    found, overrides = _arguments("repeat", words, ("trial", "seeds"))
+    found, overrides = _arguments("repeat", words, ("seeds",), ("trial", "target"))
     from tokprune.search.repeat import repeat_trial
 
     numbers = {}
-    for name in ("trial", "seeds"):
-        try:
-            numbers[name] = int(found[name])
-        except ValueError:
-            raise UsageError(f"{name}={found[name]}: expected a whole number") from None
-    return repeat_trial(overrides, numbers["trial"], numbers["seeds"])
+    for name, kind, what in (
+        ("trial", int, "a whole number"),
+        ("seeds", int, "a whole number"),
+        ("target", float, "a number"),
+    ):
+        if name in found:
+            try:
+                numbers[name] = kind(found[name])
+            except ValueError:
+                raise UsageError(f"{name}={found[name]}: expected {what}") from None
+    return repeat_trial(overrides, numbers.get("trial"), numbers["seeds"], numbers.get("target"))
 
 
 def cmd_report(overrides: list[str]) -> int:

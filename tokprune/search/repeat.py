@@ -9,13 +9,15 @@ sampling. Each repeat is an MLflow child run of the study's parent (tags ``tokpr
 ``repeat_of=<trial>``, ``seed``) and is recorded in the study (user attribute ``repeats``:
 trial -> [{seed, metric, flops_real, flops_padded, run_id, checkpoint}]), so ``report`` shows the
 trial's mean and spread over seeds and ``report.json`` carries them. A seed already repeated is
-skipped, so the same command resumes.
+skipped, so the same command resumes. ``target=X`` instead of ``trial=N`` names the complete trial
+whose ``protocol.target_flops`` is nearest X (the grid's trial at that target, in any study).
 """
 
 from __future__ import annotations
 
 import statistics
 
+import optuna
 from optuna.trial import TrialState
 
 from tokprune.config import compose
@@ -26,15 +28,34 @@ from tokprune.training.tracking import PARENT, ROLE
 from tokprune.training.train import train
 
 REPEATS = "repeats"  # the study's user attribute: str(trial number) -> list of repeat records
+TARGET_KEY = "protocol.target_flops"
 
 
-def repeat_trial(args: list[str], trial_number: int, seeds: int) -> int:
-    """Train trial ``trial_number`` of the study ``args`` name with ``seeds`` more seeds."""
+def trial_at_target(study: optuna.Study, target: float) -> int:
+    """The complete trial whose ``protocol.target_flops`` is nearest ``target`` (the earlier of a tie);
+    a one-line error when no complete trial trained to a target."""
+    held = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if TARGET_KEY in t.params]
+    if not held:
+        raise UsageError(
+            f"study {study.study_name} has no complete trial with a {TARGET_KEY} (run the sweep first, "
+            f"or name the trial: trial=N)"
+        )
+    return min(held, key=lambda t: (abs(t.params[TARGET_KEY] - target), t.number)).number
+
+
+def repeat_trial(args: list[str], trial_number: int | None, seeds: int, target: float | None = None) -> int:
+    """Train trial ``trial_number`` (or the one nearest ``target``) of the study ``args`` name with
+    ``seeds`` more seeds."""
     if seeds < 1:
         raise UsageError(f"seeds must be a positive number of extra seeds, not {seeds}")
+    if (trial_number is None) == (target is None):
+        raise UsageError("repeat needs one of trial=N or target=X (the trial nearest that protocol.target_flops)")
     plan = plan_sweep(args)
     sweep = Sweep(plan, label=" repeat")
     study = sweep.setup()
+    if trial_number is None:
+        trial_number = trial_at_target(study, target)
+        sweep.say(f"trial {trial_number} is the one nearest {TARGET_KEY}={target:g}")
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == trial_number), None)
     if trial is None or trial.state != TrialState.COMPLETE:
         complete = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
