@@ -272,3 +272,54 @@ def test_bad_protocol_values_are_one_line_errors(override, message):
     with pytest.raises(UsageError) as error:
         compose(["method=gate", override])
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize("method", LEARNED)
+def test_in_the_hard_phase_training_computes_what_inference_does_and_decisions_stay(method, monkeypatch):
+    bins = ["method.bins=2"] if method == "top" else []
+    module = make(method, "protocol.hard_phase=0.2", *bins, *METHOD_SETTINGS[method], seed=1)
+    module.teacher = TeacherOutputs(FrozenReference(make("none", seed=2), path=None))
+    for layer in module.modules():  # dropout off: train- and eval-mode forwards comparable
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.0
+    with torch.no_grad():  # decisions that remove tokens
+        if method == "gate":
+            module.pruner.weights.copy_(
+                torch.linspace(1.0, 0.0, module.pruner.weights.shape[1]).expand_as(module.pruner.weights)
+            )
+        if method == "top":  # the more important half of the tokens, every layer gate on
+            module.pruner.token_log_alpha.copy_(torch.tensor([100.0, -100.0]))
+            module.pruner.layer_log_alpha.fill_(100.0)
+        if method == "transkimmer":  # predictors without their keep bias: some tokens skimmed
+            for predictor in module.pruner.predictors:
+                predictor.net[4].bias.zero_()
+    batch = labelled_batch(batch=8, length=16)
+    monkeypatch.setattr(type(module), "progress", property(lambda self: 0.5))
+    assert not module.decisions_frozen()
+    module.train()
+    assert "flops_constraint" in module.losses(*module(batch), batch)
+    monkeypatch.setattr(type(module), "progress", property(lambda self: 0.85))  # the last 0.2 of training
+    assert module.decisions_frozen()
+    module.train()
+    logits, out = module(batch)
+    assert module.pruner.training  # left as it was found
+    module.eval()
+    with torch.no_grad():
+        inference, removed = module(batch)  # hard mode: tokens removed
+    assert removed.hard and not out.hard
+    assert torch.allclose(logits, inference, atol=1e-5)
+    assert [k.sum(1).tolist() for k in out.keep] == [k.sum(1).tolist() for k in removed.keep]
+    assert removed.keep[-1].sum() < removed.padding.sum()  # something was removed
+    module.train()
+    terms = module.losses(logits, out, batch)
+    assert "flops_constraint" not in terms and not {"bimodal_loss", "skim_loss"} & set(terms)
+    sum(terms.values()).backward()
+    assert all(p.grad is None or not p.grad.any() for p in module.pruner.parameters())  # decisions: not trained
+    assert module.multipliers.grad is None
+    assert module.classifier.weight.grad.abs().sum() > 0  # the weights are
+
+
+def test_the_hard_phase_is_off_by_default_and_never_for_static_or_paper():
+    assert compose([]).protocol.hard_phase == 0.0
+    for module in (make("static", "protocol.hard_phase=0.5"), make("top", "protocol=paper", "protocol.hard_phase=0.5")):
+        assert not module.decisions_frozen()

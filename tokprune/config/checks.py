@@ -136,6 +136,7 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "protocol.teacher_cache": Rule("bool"),
     "protocol.target_flops": Rule(FLOAT, low=0, high=1, low_open=True),  # a FLOPs ratio at real length
     "protocol.target_warmup": Rule(FLOAT, low=0, high=1),  # a fraction of training
+    "protocol.hard_phase": Rule(FLOAT, low=0, high=1, high_open=True),  # a fraction of training
     "protocol.constraint": Rule("str", choices=("lagrangian", "quadratic")),
     "protocol.target_lr": Rule(FLOAT, low=0, low_open=True),
     "protocol.constraint_weight": Rule(FLOAT, low=0),

@@ -246,16 +246,23 @@ class PruningModule(L.LightningModule):
         """Logits and the encoder's output; ``attentions``: layers whose probabilities the caller reads
         (besides the pruner's and, in training, the losses': ``loss_attention_layers``)."""
         wanted = (*attentions, *(self.loss_attention_layers() if self.training else ()))
-        out = self.encoder(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("token_type_ids"),
-            pruner=self.pruner,
-            hard=hard,
-            soft_rule=self.soft_rule,
-            output_attentions=wanted,  # the others may run fused attention
-            output="cls",  # the head reads [CLS] only: hard mode scatters nothing back
-        )
+        frozen = self.training and self.pruner.training and self.decisions_frozen()
+        if frozen:
+            self.pruner.eval()  # its evaluation decisions: binary, so the soft rule equals removal
+        try:
+            out = self.encoder(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch.get("token_type_ids"),
+                pruner=self.pruner,
+                hard=hard,
+                soft_rule=self.soft_rule,
+                output_attentions=wanted,  # the others may run fused attention
+                output="cls",  # the head reads [CLS] only: hard mode scatters nothing back
+            )
+        finally:
+            if frozen:
+                self.pruner.train()
         logits = self.classifier(self.dropout(self.pooler(out.hidden)))
         return logits, out
 
@@ -276,11 +283,23 @@ class PruningModule(L.LightningModule):
         return {"task_loss": (1 - weight) * task, "distill_loss": weight * distill}
 
     def losses(self, logits: Tensor, out: EncoderOutput, batch: dict) -> dict[str, Tensor]:
-        """Every term of the training loss by name; their sum is minimised, each is logged."""
-        terms = {**self.prediction_losses(logits, out, batch), **self.pruning_losses(logits, out, batch)}
+        """Every term of the training loss by name; their sum is minimised, each is logged. With the
+        decisions frozen (``protocol.hard_phase``) only the prediction losses: nothing to regularise."""
+        terms = self.prediction_losses(logits, out, batch)
+        if self.decisions_frozen():
+            return terms
+        terms.update(self.pruning_losses(logits, out, batch))
         if self.flops_target is not None:
             terms["flops_constraint"] = self.flops_constraint(out)
         return terms
+
+    def decisions_frozen(self) -> bool:
+        """(ours) Whether training is in ``protocol.hard_phase``, its last fraction, where a learned
+        method trains its weights under its evaluation decisions (LTP's second stage): the decision
+        parameters get no gradient (binary decisions have none), the constraint and the method's
+        regularizers are off, and what is trained is what inference computes."""
+        phase = float(self.cfg.protocol.get("hard_phase", 0.0)) if self.shared else 0.0
+        return phase > 0 and self.learns_decisions and self.progress >= 1.0 - phase
 
     def training_step(self, batch: dict, batch_idx: int):
         logits, out = self(batch)
@@ -288,6 +307,8 @@ class PruningModule(L.LightningModule):
         loss = sum(terms.values())
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if self.shared and self.learns_decisions and self.cfg.protocol.get("hard_phase", 0.0) > 0:
+            self.log("train/decisions_frozen", float(self.decisions_frozen()), batch_size=size)
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=size)
         return {"loss": loss, "encoder": out}
 
