@@ -187,6 +187,12 @@ def test_a_method_under_two_protocols_is_labelled_by_it_and_set_beside_static_of
     rows = {(row[0], row[1]): row for row in operating_rows(results, names)}
     assert rows["top (protocol=shared)", "best"][6] == "0.8200"  # the shared static, not the paper one
     assert rows["top (protocol=paper)", "best"][6] == "0.6300"
+    hard_top, twin = made_up("top", [(0.85, 0.45)]), made_up("top", [(0.85, 0.45)])
+    for r, name in ((hard_top, "top-hard-study"), (twin, "top-hard-twin")):
+        r.protocol, r.study, r.overrides = "shared", name, ["protocol.hard_phase=0.2"]
+    labels = [r.label for r in _relabel([shared_top, hard_top])]
+    assert labels == ["top (protocol=shared)", "top (protocol=shared, protocol.hard_phase=0.2)"]
+    assert [r.label for r in _relabel([hard_top, twin])] == ["top-hard-study", "top-hard-twin"]  # same settings
 
 
 def test_a_baseline_retrained_in_another_sitting_is_one_row_naming_both_runs():

@@ -180,15 +180,20 @@ def carried(cfg: DictConfig, present: set[str]) -> list[MethodResult]:
 
 def _relabel(results: list[MethodResult]) -> list[MethodResult]:
     """Ordered by method then study. A method's name labels it if it has one study; with one
-    study per protocol, ``method (protocol=...)``; else the study's name."""
-    results = sorted(results, key=lambda r: (r.method, r.protocol != "shared", r.study))
+    study per protocol, ``method (protocol=...)``; with several, ``method (protocol=..., <the
+    sweep's own overrides>)`` (``top (protocol=shared, protocol.hard_phase=0.2)``) where that tells
+    them apart; else the study's name."""
+    results = sorted(results, key=lambda r: (r.method, r.protocol != "shared", r.overrides, r.study))
     methods = [r.method for r in results]
     pairs = [(r.method, r.protocol) for r in results]
-    for r in results:
+    settings = [(r.method, r.protocol, tuple(r.overrides)) for r in results]
+    for r, setting in zip(results, settings):
         if methods.count(r.method) == 1:
             r.label = r.method
         elif pairs.count((r.method, r.protocol)) == 1:
             r.label = f"{r.method} (protocol={r.protocol})"
+        elif settings.count(setting) == 1:
+            r.label = f"{r.method} ({', '.join([f'protocol={r.protocol}', *r.overrides])})"
         else:
             r.label = r.study
     return results
