@@ -893,3 +893,32 @@ def test_two_workers_share_a_postgresql_study(postgres_url, space_dir, glue_dir,
     assert len({t.number for t in study.get_trials()}) == len(study.get_trials())
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert sorted(r.info.run_id for r in finished) == sorted(t.user_attrs["mlflow_run_id"] for t in done)
+
+
+def test_the_baseline_is_found_or_trained_outside_the_study_gate(space_dir, tmp_path, monkeypatch):
+    import fcntl
+    from types import SimpleNamespace
+
+    args = ["method=none", *FAST, f"sweep.space_dir={space_dir}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    seen = {}
+
+    def lock_is(path: str) -> str:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return "free"
+        except BlockingIOError:
+            return "held"
+        finally:
+            os.close(fd)
+
+    def find_or_train(cfg, *rest):  # what another process would see while the baseline trains
+        seen["study gate"] = lock_is(str(tmp_path / "optuna.journal.sweep-lock"))
+        seen["baseline lock"] = lock_is(str(tmp_path / "optuna.journal.baseline-sst2-tiny-smoke-seed42.lock"))
+        return SimpleNamespace(
+            info=SimpleNamespace(run_id="b" * 32), data=SimpleNamespace(metrics={}, tags={"checkpoint": ""})
+        )
+
+    monkeypatch.setattr(sweep_module, "find_or_train", find_or_train)
+    Sweep(plan_sweep(args)).setup()
+    assert seen == {"study gate": "free", "baseline lock": "held"}

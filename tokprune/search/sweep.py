@@ -120,7 +120,8 @@ class Sweep:
     # -- setup ------------------------------------------------------------------------
 
     def setup(self) -> optuna.Study:
-        """Under the gate: the study, its MLflow parent run and the baseline, found or created."""
+        """Under the gate: the study and its MLflow parent run, found or created; then, under the
+        baseline's own lock, the baseline."""
         plan, cfg = self.plan, self.plan.cfg
         with self.gate:
             study = self._study()
@@ -150,9 +151,20 @@ class Sweep:
                 f"MLflow store {plan.tracking_uri}, experiment {cfg.mlflow.experiment}, parent run "
                 f"{self.parent_id} (make ui; filter tags.pareto = 'true')"
             )
-            self.baseline = self._baseline()
             self.reap(study)
+        with self.baseline_gate():  # not under the study gate: training it takes minutes
+            self.baseline = self._baseline()
         return study
+
+    def baseline_gate(self) -> Gate:
+        """A lock for finding or training this sweep's baseline (journal studies): workers that need
+        the same one wait for it, while every other study on the machine goes on (under the
+        study gate, a QQP baseline's 15 minutes held up every other sweep's next trial)."""
+        if self.plan.is_rdb:
+            return Gate(None)
+        cfg = self.plan.cfg
+        key = f"{cfg.task.name}-{cfg.model.name}-{cfg.budget.name}-seed{cfg.seed}"
+        return Gate(f"{self.plan.storage}.baseline-{key}.lock")
 
     def _study(self) -> optuna.Study:
         plan, cfg = self.plan, self.plan.cfg
