@@ -2,6 +2,7 @@
 outputs cached per training row), and holds one expected-FLOPs target; protocol=paper keeps each
 paper's recipe. Unit tests on tiny random-weight models."""
 
+import re
 from types import SimpleNamespace
 
 import datasets
@@ -323,3 +324,16 @@ def test_the_hard_phase_is_off_by_default_and_never_for_static_or_paper():
     assert compose([]).protocol.hard_phase == 0.0
     for module in (make("static", "protocol.hard_phase=0.5"), make("top", "protocol=paper", "protocol.hard_phase=0.5")):
         assert not module.decisions_frozen()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["protocol.hard_phase=1"], "bad value for protocol.hard_phase: 1"),
+        (["protocol.hard_phase=0.8", "protocol.target_warmup=0.3"], "freeze before the FLOPs target has ramped in"),
+        (["protocol.hard_phase=0.2", "train.devices=2"], "use train.strategy=ddp_find_unused_parameters_true"),
+    ],
+)
+def test_a_hard_phase_that_cannot_work_is_a_one_line_error(overrides, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        compose(["method=top", *overrides])

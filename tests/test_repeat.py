@@ -70,7 +70,9 @@ def test_repeat_trains_a_trials_settings_with_more_seeds_as_child_runs_and_the_r
     assert main(["repeat", "trial=0", "seeds=2", *args]) == 0
     capsys.readouterr()
     assert main(["repeat", "target=0.45", "seeds=2", *args]) == 0  # both seeds done: nothing trains again
-    assert "trial 0 is the one nearest protocol.target_flops=0.45" in capsys.readouterr().out
+    assert "trial 0 (its protocol.target_flops=0.5) is the complete trial nearest 0.45: none trained" in (
+        capsys.readouterr().out
+    )
     study = optuna.load_study(
         study_name="none-sst2-tiny-smoke-seed42",
         storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))),
@@ -139,6 +141,8 @@ def test_target_names_the_complete_trial_nearest_that_flops_target():
         (["seeds=2"], "one of trial=N or target=X"),
         (["trial=0", "target=0.5", "seeds=2"], "one of trial=N or target=X"),
         (["target=half", "seeds=2"], "target=half: expected a number"),
+        (["target=nan", "seeds=2"], "target=nan: expected a FLOPs ratio in (0, 1]"),
+        (["target=1.5", "seeds=2"], "target=1.5: expected a FLOPs ratio in (0, 1]"),
         (["trial=0"], "repeat needs seeds=K"),
     ],
 )

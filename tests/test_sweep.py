@@ -922,3 +922,16 @@ def test_the_baseline_is_found_or_trained_outside_the_study_gate(space_dir, tmp_
     monkeypatch.setattr(sweep_module, "find_or_train", find_or_train)
     Sweep(plan_sweep(args)).setup()
     assert seen == {"study gate": "free", "baseline lock": "held"}
+
+
+def test_a_study_started_with_other_result_overrides_is_not_mixed(space_dir, tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    args = ["method=none", *FAST, f"sweep.space_dir={space_dir}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    run = SimpleNamespace(info=SimpleNamespace(run_id="b" * 32), data=SimpleNamespace(metrics={}, tags={}))
+    monkeypatch.setattr(sweep_module, "find_or_train", lambda *a: run)
+    Sweep(plan_sweep(args)).setup()
+    capsys.readouterr()
+    assert main(["sweep", *args, "train.weight_decay=0.1"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the MLflow store's own log lines
+    assert line.startswith(f"tokprune: error: study {STUDY} was started with overrides") and "sweep.study_name=" in line

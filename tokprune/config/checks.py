@@ -334,3 +334,24 @@ def check_config(cfg: DictConfig) -> None:
         why = next((r.special(value) for r in passing if r.special and value is not None), None)
         if why:
             raise UsageError(f"bad value for {key}: {_show(value)} ({why})")
+    check_hard_phase(cfg)
+
+
+def check_hard_phase(cfg: DictConfig) -> None:
+    """``protocol.hard_phase`` against the keys it meets: it starts after the target has ramped in,
+    and under DDP its frozen decision parameters are unused (Lightning's ``ddp`` refuses those)."""
+    phase = float(OmegaConf.select(cfg, "protocol.hard_phase", default=0.0) or 0.0)
+    if phase <= 0:
+        return
+    warmup = float(OmegaConf.select(cfg, "protocol.target_warmup", default=0.0) or 0.0)
+    if phase + warmup > 1:
+        raise UsageError(
+            f"protocol.hard_phase={phase:g} + protocol.target_warmup={warmup:g} > 1: the decisions would "
+            "freeze before the FLOPs target has ramped in"
+        )
+    devices, strategy = OmegaConf.select(cfg, "train.devices", default=1), OmegaConf.select(cfg, "train.strategy")
+    if devices != 1 and strategy in ("auto", "ddp", "ddp_spawn"):
+        raise UsageError(
+            f"protocol.hard_phase with train.devices={devices}: the frozen decision parameters get no gradient, "
+            "which train.strategy=ddp refuses; use train.strategy=ddp_find_unused_parameters_true"
+        )

@@ -231,8 +231,10 @@ class PruningModule(L.LightningModule):
 
     @property
     def soft_rule(self) -> str:
-        """The encoder's soft rule this method trains with (``method.train_attention``)."""
-        if self.cfg.method.get("train_attention", "renormalised") == "reference" and self.reference_soft_rule:
+        """The encoder's soft rule this method trains with (``method.train_attention``); in the hard
+        phase always the hard-equivalent one (a paper's rule would not compute what removal does)."""
+        reference = self.cfg.method.get("train_attention", "renormalised") == "reference"
+        if reference and self.reference_soft_rule and not self.decisions_frozen():
             return self.reference_soft_rule
         return "renormalised"
 
@@ -296,8 +298,10 @@ class PruningModule(L.LightningModule):
     def decisions_frozen(self) -> bool:
         """(ours) Whether training is in ``protocol.hard_phase``, its last fraction, where a learned
         method trains its weights under its evaluation decisions (LTP's second stage): the decision
-        parameters get no gradient (binary decisions have none), the constraint and the method's
-        regularizers are off, and what is trained is what inference computes."""
+        parameters are frozen (binary decisions pass no gradient), the constraint and the method's
+        regularizers are off, and what is trained is what inference computes. The decisions still
+        follow the weights (rankings read attention, Transkimmer's predictors hidden states), so the
+        measured FLOPs may drift a little from the target; selection still checks it."""
         phase = float(self.cfg.protocol.get("hard_phase", 0.0)) if self.shared else 0.0
         return phase > 0 and self.learns_decisions and self.progress >= 1.0 - phase
 

@@ -100,11 +100,11 @@ TARGET_KEY = "protocol.target_flops"  # the FLOPs target every method of protoco
 
 
 def target_rows(results: list[MethodResult], cfg: DictConfig) -> list[list[str]]:
-    """Every complete trial that trained to a ``protocol.target_flops``, by protocol and target,
+    """Every complete trial of a study that sweeps ``protocol.target_flops``, by protocol and target,
     each beside ``static`` of the same protocol and target (the comparison the targets are
     stated in): not only Pareto points, since a dominated trial is still that method's result
-    at that target. Whether the trial held its target: measured FLOPs ratio (real) <= target +
-    ``protocol.selection_epsilon``."""
+    at that target. Whether the trial held its target: its first seed's measured FLOPs ratio
+    (real) <= target + ``protocol.selection_epsilon`` (the report's config: the default 0.01)."""
     epsilon = float(cfg.protocol.selection_epsilon)
     rows = []
     trained = [r for r in results if any(TARGET_KEY in p.params for p in r.points)]

@@ -32,15 +32,19 @@ TARGET_KEY = "protocol.target_flops"
 
 
 def trial_at_target(study: optuna.Study, target: float) -> int:
-    """The complete trial whose ``protocol.target_flops`` is nearest ``target`` (the earlier of a tie);
-    a one-line error when no complete trial trained to a target."""
+    """The complete trial whose ``protocol.target_flops`` is nearest ``target`` (with several at the
+    same target, the one with the most repeats, then the earliest: the report's choice too); a
+    one-line error when no complete trial trained to a target."""
     held = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if TARGET_KEY in t.params]
     if not held:
         raise UsageError(
             f"study {study.study_name} has no complete trial with a {TARGET_KEY} (run the sweep first, "
             f"or name the trial: trial=N)"
         )
-    return min(held, key=lambda t: (abs(t.params[TARGET_KEY] - target), t.number)).number
+    repeats = study.user_attrs.get(REPEATS, {})
+    return min(
+        held, key=lambda t: (abs(t.params[TARGET_KEY] - target), -len(repeats.get(str(t.number), [])), t.number)
+    ).number
 
 
 def repeat_trial(args: list[str], trial_number: int | None, seeds: int, target: float | None = None) -> int:
@@ -50,12 +54,18 @@ def repeat_trial(args: list[str], trial_number: int | None, seeds: int, target: 
         raise UsageError(f"seeds must be a positive number of extra seeds, not {seeds}")
     if (trial_number is None) == (target is None):
         raise UsageError("repeat needs one of trial=N or target=X (the trial nearest that protocol.target_flops)")
+    if target is not None and not 0 < target <= 1:
+        raise UsageError(f"target={target}: expected a FLOPs ratio in (0, 1]")
     plan = plan_sweep(args)
     sweep = Sweep(plan, label=" repeat")
     study = sweep.setup()
     if trial_number is None:
         trial_number = trial_at_target(study, target)
-        sweep.say(f"trial {trial_number} is the one nearest {TARGET_KEY}={target:g}")
+        held = next(t for t in study.get_trials(deepcopy=False) if t.number == trial_number).params[TARGET_KEY]
+        sweep.say(
+            f"trial {trial_number} (its {TARGET_KEY}={held:g}) is the complete trial nearest {target:g}"
+            + ("" if abs(held - target) < 1e-9 else ": none trained to that target yet")
+        )
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == trial_number), None)
     if trial is None or trial.state != TrialState.COMPLETE:
         complete = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]

@@ -95,9 +95,10 @@ class MethodResult:
 
     def at_target(self, key: str, value: float) -> Point | None:
         """The complete trial trained with parameter ``key`` = ``value`` (a grid's value is held by
-        one trial; should several, the better)."""
+        one trial; should several, the one with the most seed repeats, then the earliest, as
+        ``repeat target=`` picks: never the luckier)."""
         held = [p for p in self.points if key in p.params and math.isclose(float(p.params[key]), value)]
-        return max(held, key=higher_metric, default=None)
+        return min(held, key=lambda p: (-len(p.repeats), p.trial), default=None)
 
     def reached_at(self, flops: float) -> float | None:
         """The front's staircase: the best dev metric of a point at or below ``flops``."""

@@ -174,9 +174,10 @@ class Sweep:
         if study.directions != [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]:
             raise UsageError(f"study {plan.study_name} in {plan.storage_label} is not a sweep study of this kind")
         if study.user_attrs.get("overrides", plan.result_overrides) != plan.result_overrides:
-            self.say(
-                f"warning: this study was started with overrides {study.user_attrs['overrides']}, "
-                f"now {plan.result_overrides}: its trials are not all alike"
+            raise UsageError(
+                f"study {plan.study_name} was started with overrides {study.user_attrs['overrides']}, not "
+                f"{plan.result_overrides}: its trials would not be alike; name another study for these "
+                f"settings (sweep.study_name=...)"
             )
         study.set_metric_names([plan.main_metric, FLOPS])
         attrs = {
