@@ -633,9 +633,9 @@ def test_every_trial_with_a_flops_target_is_set_beside_static_at_the_same_target
 
     def trained(method, cells):  # (target, metric, FLOPs, repeats)
         r = made_up(method, [(m, f) for _, m, f, _ in cells])
-        for p, (target, _, _, repeats) in zip(r.points, cells):
+        for p, (target, _, flops, repeats) in zip(r.points, cells):
             p.params = {"protocol.target_flops": target}
-            p.repeats = [{"seed": 43 + i, "metric": m} for i, m in enumerate(repeats)]
+            p.repeats = [{"seed": 43 + i, "metric": m, "flops_real": flops} for i, m in enumerate(repeats)]
         r.protocol = "shared"
         return r
 
@@ -650,12 +650,14 @@ def test_every_trial_with_a_flops_target_is_set_beside_static_at_the_same_target
         ("0.5", "top"),
         ("0.5", "static"),
     ]
+    top.points[0].repeats[1]["flops_real"] = 0.52  # seed 44 above 0.5 + epsilon 0.01
+    rows = {(row[0], row[1]): row for row in target_rows([top, static], cfg)}
     assert rows["0.5", "top"][3:10] == [
         "0.8000 +- 0.0100 (3 seeds)",
         "-0.0500",
-        "0.5000",
+        "0.5067 +- 0.0115",
         "—",
-        "yes",
+        "2 of 3 seeds",
         "0.8400 +- 0.0100 (3 seeds)",
         "-0.0400 (> spread 0.0082)",
     ]
