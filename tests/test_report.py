@@ -666,6 +666,4 @@ def test_every_trial_with_a_flops_target_is_set_beside_static_at_the_same_target
     assert rows["0.5", "static"][8] == "—"
     assert target_rows([made_up("gate", [(0.8, 0.5)])], cfg) == []  # no target parameter: no table
     twice = trained("top", [(0.5, 0.86, 0.50, []), (0.5, 0.80, 0.50, [0.81])])
-    assert (
-        twice.at_target("protocol.target_flops", 0.5).trial == 1
-    )  # the repeated one, as repeat picks: not the luckier
+    assert twice.at_target(0.5).trial == 1  # the repeated one, as repeat picks: not the luckier

@@ -295,6 +295,12 @@ class PruningModule(L.LightningModule):
             terms["flops_constraint"] = self.flops_constraint(out)
         return terms
 
+    @property
+    def hard_phase(self) -> float:
+        """``protocol.hard_phase`` where it applies (protocol=shared, a method that learns its
+        decisions), else 0."""
+        return float(self.cfg.protocol.get("hard_phase", 0.0)) if self.shared and self.learns_decisions else 0.0
+
     def decisions_frozen(self) -> bool:
         """(ours) Whether training is in ``protocol.hard_phase``, its last fraction, where a learned
         method trains its weights under its evaluation decisions (LTP's second stage): the decision
@@ -302,8 +308,7 @@ class PruningModule(L.LightningModule):
         regularizers are off, and what is trained is what inference computes. The decisions still
         follow the weights (rankings read attention, Transkimmer's predictors hidden states), so the
         measured FLOPs may drift a little from the target; selection still checks it."""
-        phase = float(self.cfg.protocol.get("hard_phase", 0.0)) if self.shared else 0.0
-        return phase > 0 and self.learns_decisions and self.progress >= 1.0 - phase
+        return self.hard_phase > 0 and self.progress >= 1.0 - self.hard_phase
 
     def training_step(self, batch: dict, batch_idx: int):
         logits, out = self(batch)
@@ -311,7 +316,7 @@ class PruningModule(L.LightningModule):
         loss = sum(terms.values())
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        if self.shared and self.learns_decisions and self.cfg.protocol.get("hard_phase", 0.0) > 0:
+        if self.hard_phase > 0:
             self.log("train/decisions_frozen", float(self.decisions_frozen()), batch_size=size)
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=size)
         return {"loss": loss, "encoder": out}

@@ -29,7 +29,7 @@ def operating_points(result: MethodResult, flops_budget: float, tolerance: float
     ratio (real length) <= ``flops_budget``; the fewest FLOPs within ``tolerance`` (absolute, in
     the metric's 0..1 units) of the baseline's metric."""
     front = result.front
-    base = result.baseline["metric"] if result.baseline else math.nan
+    base = result.baseline_metric
     within = [p for p in front if p.flops_real <= flops_budget]
     near = [p for p in front if math.isfinite(base) and p.metric >= base - tolerance - 1e-12]
     chosen = {

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from tokprune.core.data import get_task
 from tokprune.reporting.collect import REFERENCE_METHOD, ROLES, batch_sizes
 from tokprune.search.plan import param_strings, storage_label
-from tokprune.search.results import MethodResult, Point, _fmt, distinct_baselines, portable
+from tokprune.search.results import TARGET_KEY, MethodResult, Point, _fmt, distinct_baselines, portable
 
 ARTIFACT_DIR = "report"
 
@@ -60,7 +60,6 @@ def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[l
     rows = []
     for r in results:
         reference = _reference(results, r.protocol)
-        base = r.baseline["metric"] if r.baseline else math.nan
         for role in ROLES:
             p = r.point(r.operating.get(role))
             if p is None:
@@ -85,7 +84,7 @@ def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[l
                     names[role],
                     str(p.trial),
                     p.metric_cell(),
-                    _fmt(p.metric_mean - base, 4),
+                    _fmt(p.metric_mean - r.baseline_metric, 4),
                     _fmt(p.flops_real),
                     static.metric_cell() if static is not None else "—",
                     gap_against(p, static),
@@ -94,9 +93,6 @@ def operating_rows(results: list[MethodResult], names: dict[str, str]) -> list[l
                 ]
             )
     return rows
-
-
-TARGET_KEY = "protocol.target_flops"  # the FLOPs target every method of protocol=shared trains to hold
 
 
 def target_rows(results: list[MethodResult], cfg: DictConfig) -> list[list[str]]:
@@ -113,12 +109,11 @@ def target_rows(results: list[MethodResult], cfg: DictConfig) -> list[list[str]]
         reference = _reference(studies, protocol)
         targets = sorted({float(p.params[TARGET_KEY]) for r in studies for p in r.points if TARGET_KEY in p.params})
         for target in targets:
-            static = reference.at_target(TARGET_KEY, target) if reference is not None else None
+            static = reference.at_target(target) if reference is not None else None
             for r in studies:
-                p = r.at_target(TARGET_KEY, target)
+                p = r.at_target(target)
                 if p is None:
                     continue
-                base = r.baseline["metric"] if r.baseline else math.nan
                 other = static if r is not reference else None
                 rows.append(
                     [
@@ -126,7 +121,7 @@ def target_rows(results: list[MethodResult], cfg: DictConfig) -> list[list[str]]
                         r.label,
                         str(p.trial),
                         p.metric_cell(),
-                        _fmt(p.metric_mean - base, 4),
+                        _fmt(p.metric_mean - r.baseline_metric, 4),
                         p.flops_cell(),
                         _fmt(p.flops_padded),
                         held_cell(p, target + epsilon),

@@ -23,12 +23,12 @@ from optuna.trial import TrialState
 from tokprune.config import compose
 from tokprune.errors import UsageError
 from tokprune.search.plan import FLOPS, plan_sweep
+from tokprune.search.results import TARGET_KEY
 from tokprune.search.sweep import Sweep
 from tokprune.training.tracking import PARENT, ROLE
 from tokprune.training.train import train
 
 REPEATS = "repeats"  # the study's user attribute: str(trial number) -> list of repeat records
-TARGET_KEY = "protocol.target_flops"
 
 
 def trial_at_target(study: optuna.Study, target: float) -> int:
@@ -61,17 +61,18 @@ def repeat_trial(args: list[str], trial_number: int | None, seeds: int, target: 
     study = sweep.setup()
     if trial_number is None:
         trial_number = trial_at_target(study, target)
-        held = next(t for t in study.get_trials(deepcopy=False) if t.number == trial_number).params[TARGET_KEY]
-        sweep.say(
-            f"trial {trial_number} (its {TARGET_KEY}={held:g}) is the complete trial nearest {target:g}"
-            + ("" if abs(held - target) < 1e-9 else ": none trained to that target yet")
-        )
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == trial_number), None)
     if trial is None or trial.state != TrialState.COMPLETE:
         complete = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         raise UsageError(
             f"study {plan.study_name} has no complete trial {trial_number}: complete trials are "
             f"{', '.join(map(str, complete)) or 'none'} (run the sweep first)"
+        )
+    if target is not None:
+        held = trial.params[TARGET_KEY]
+        sweep.say(
+            f"trial {trial_number} (its {TARGET_KEY}={held:g}) is the complete trial nearest {target:g}"
+            + ("" if abs(held - target) < 1e-9 else ": none trained to that target yet")
         )
     main = plan.main_metric
     for seed in [plan.cfg.seed + i for i in range(1, seeds + 1)]:

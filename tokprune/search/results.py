@@ -17,6 +17,8 @@ from omegaconf import DictConfig
 
 from tokprune.errors import UsageError
 
+TARGET_KEY = "protocol.target_flops"  # the FLOPs target every method of protocol=shared trains to hold
+
 
 @dataclass
 class Point:
@@ -106,11 +108,16 @@ class MethodResult:
     def point(self, trial: int | None) -> Point | None:
         return next((p for p in self.points if p.trial == trial), None)
 
-    def at_target(self, key: str, value: float) -> Point | None:
-        """The complete trial trained with parameter ``key`` = ``value`` (a grid's value is held by
-        one trial; should several, the one with the most seed repeats, then the earliest, as
+    @property
+    def baseline_metric(self) -> float:
+        """The baseline's dev metric (NaN without a baseline)."""
+        return self.baseline["metric"] if self.baseline else math.nan
+
+    def at_target(self, target: float) -> Point | None:
+        """The complete trial trained to ``protocol.target_flops`` = ``target`` (a grid's value is held
+        by one trial; should several, the one with the most seed repeats, then the earliest, as
         ``repeat target=`` picks: never the luckier)."""
-        held = [p for p in self.points if key in p.params and math.isclose(float(p.params[key]), value)]
+        held = [p for p in self.points if TARGET_KEY in p.params and math.isclose(float(p.params[TARGET_KEY]), target)]
         return min(held, key=lambda p: (-len(p.repeats), p.trial), default=None)
 
     def reached_at(self, flops: float) -> float | None:
