@@ -330,7 +330,7 @@ def test_a_budget_replaces_and_adds_to_the_searched_ranges(tmp_path):
 def test_the_transkimmer_cpu_sweep_places_trials_by_their_target_kept_fraction():
     shared = plan_sweep(["method=transkimmer", "budget=cpu"]).space.describe()  # protocol=shared: the FLOPs target
     assert shared == {
-        "protocol.target_flops": "grid [0.5, 0.4, 0.6, 0.3, 0.7, 0.45, 0.35, 0.8]",
+        "protocol.target_flops": "grid [0.5, 0.4, 0.45, 0.6, 0.3, 0.7, 0.35, 0.8]",
         "method.predictor_lr": "categorical [0.001]",
     }
     cpu = plan_sweep(["method=transkimmer", "budget=cpu", "protocol=paper"]).space.describe()
