@@ -935,3 +935,41 @@ def test_a_study_started_with_other_result_overrides_is_not_mixed(space_dir, tmp
     assert main(["sweep", *args, "train.weight_decay=0.1"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]  # after the MLflow store's own log lines
     assert line.startswith(f"tokprune: error: study {STUDY} was started with overrides") and "sweep.study_name=" in line
+
+
+def test_a_resumed_study_takes_a_reordered_grid_and_refuses_a_changed_one(tmp_path, capsys, monkeypatch):
+    """Optuna fails every trial whose categorical list differs from the study's, even only in
+    order: a reordered grid keeps the file's trial order and samples from the study's list."""
+    from types import SimpleNamespace
+
+    def grid(values: str) -> None:
+        (tmp_path / "none.yaml").write_text(f"params:\n  train.lr: {{distribution: grid, values: [{values}]}}\n")
+
+    args = ["method=none", *FAST, f"sweep.space_dir={tmp_path}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    run = SimpleNamespace(info=SimpleNamespace(run_id="b" * 32), data=SimpleNamespace(metrics={}, tags={}))
+    monkeypatch.setattr(sweep_module, "find_or_train", lambda *a: run)
+
+    def next_value(sweep: Sweep) -> float:
+        study = sweep.setup()
+        sweep.queue_grid_value(study)
+        trial = study.ask()
+        value = sweep.plan.space.suggest(trial)["train.lr"]
+        study.tell(trial, [0.5, 0.5])
+        return value
+
+    grid("3.0e-4, 1.0e-4, 1.0e-3")
+    assert next_value(Sweep(plan_sweep([*args, "sweep.trials=3"]))) == 3e-4
+    grid("3.0e-4, 1.0e-3, 1.0e-4")
+    reordered = plan_sweep([*args, "sweep.trials=3"])
+    study = Sweep(reordered).setup()
+    with pytest.raises(ValueError, match="dynamic value space"):  # what Optuna does with the file's list
+        reordered.space.suggest(study.ask())
+    assert next_value(Sweep(reordered)) == 1e-3  # the file's new order
+    grid("3.0e-4, 1.0e-4, 3.0e-3")
+    capsys.readouterr()
+    assert main(["sweep", *args, "sweep.trials=3"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"tokprune: error: study {STUDY} sampled train.lr from CategoricalDistribution(")
+    assert line.endswith(
+        "now gives grid [0.0003, 0.0001, 0.003]: name another study for the new space (sweep.study_name=...)"
+    )

@@ -67,13 +67,14 @@ class Param:
     log: bool = False
     step: float | int | None = None
     choices: tuple = ()
+    recorded_order: tuple = ()  # the choices in the order a resumed study recorded them (as_recorded)
 
     def suggest(self, trial: optuna.Trial):
         if self.distribution == "float":
             return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
         if self.distribution == "int":
             return trial.suggest_int(self.key, self.low, self.high, log=self.log, step=self.step or 1)
-        return trial.suggest_categorical(self.key, list(self.choices))
+        return trial.suggest_categorical(self.key, list(self.recorded_order or self.choices))
 
     def optuna_distribution(self) -> optuna.distributions.BaseDistribution:
         """The distribution ``suggest`` samples from, for trials added without sampling."""
@@ -81,7 +82,7 @@ class Param:
             return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
         if self.distribution == "int":
             return optuna.distributions.IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)
-        return optuna.distributions.CategoricalDistribution(list(self.choices))
+        return optuna.distributions.CategoricalDistribution(list(self.recorded_order or self.choices))
 
     def values_to_check(self) -> list:
         """Values that must be valid settings of the key: the range ends, or every choice."""
@@ -128,6 +129,31 @@ class SearchSpace:
 
     def describe(self) -> dict[str, str]:
         return {p.key: p.describe() for p in self.params}
+
+    def as_recorded(self, recorded: dict[str, optuna.distributions.BaseDistribution], study: str) -> SearchSpace:
+        """This space for resuming ``study``, whose trials sampled ``recorded``. Optuna refuses a
+        categorical whose list differs from the study's, even only in order, and would fail every
+        trial: a grid or choice list reordered in the file keeps its new trial order and samples
+        from the study's list; any change Optuna refuses is a one-line error before anything trains."""
+        params = []
+        for p in self.params:
+            old, new = recorded.get(p.key), p.optuna_distribution()
+            if isinstance(old, optuna.distributions.CategoricalDistribution) and isinstance(
+                new, optuna.distributions.CategoricalDistribution
+            ):
+                if sorted(map(repr, old.choices)) == sorted(map(repr, new.choices)):
+                    p = replace(p, recorded_order=tuple(old.choices))
+                    new = p.optuna_distribution()
+            if old is not None:
+                try:
+                    optuna.distributions.check_distribution_compatibility(old, new)
+                except ValueError:
+                    raise UsageError(
+                        f"study {study} sampled {p.key} from {old}, {self.path} now gives {p.describe()}: "
+                        f"name another study for the new space (sweep.study_name=...)"
+                    ) from None
+            params.append(p)
+        return replace(self, params=tuple(params))
 
 
 def param_strings(params: dict) -> list[str]:

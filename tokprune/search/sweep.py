@@ -27,7 +27,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -125,6 +125,8 @@ class Sweep:
         plan, cfg = self.plan, self.plan.cfg
         with self.gate:
             study = self._study()
+            recorded = {k: d for t in study.get_trials(deepcopy=False) for k, d in t.distributions.items()}
+            self.plan = plan = replace(plan, space=plan.space.as_recorded(recorded, plan.study_name))
             self.add_resumed(study)
             self.exp_id = experiment_id(self.client, cfg.mlflow.experiment, plan.tracking_uri)
             tags = {
