@@ -973,3 +973,30 @@ def test_a_resumed_study_takes_a_reordered_grid_and_refuses_a_changed_one(tmp_pa
     assert line.endswith(
         "now gives grid [0.0003, 0.0001, 0.003]: name another study for the new space (sweep.study_name=...)"
     )
+
+
+def test_a_worker_gives_up_when_trials_fail_before_training(space_dir, tmp_path, monkeypatch, capsys):
+    """A trial that fails before it trains (here: sampling) counts toward sweep.max_failures; it
+    once left the count untouched, and a worker spun through thousands of failed trials."""
+    from types import SimpleNamespace
+
+    from tokprune.search.plan import SearchSpace
+
+    calls = []
+
+    def broken(self, trial):
+        calls.append(trial.number)
+        if len(calls) > 10:
+            pytest.fail("the worker did not stop after sweep.max_failures=3")  # not a hang when this regresses
+        raise ValueError("CategoricalDistribution does not support dynamic value space.")
+
+    storage = str(tmp_path / "b.journal")
+    args = ["method=none", *FAST, f"sweep.space_dir={space_dir}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    run = SimpleNamespace(info=SimpleNamespace(run_id="b" * 32), data=SimpleNamespace(metrics={}, tags={}))
+    monkeypatch.setattr(sweep_module, "find_or_train", lambda *a: run)
+    monkeypatch.setattr(SearchSpace, "suggest", broken)
+    sweep = Sweep(plan_sweep([*args, f"sweep.storage={storage}", "sweep.max_failures=3"]))
+    sweep.setup()
+    assert sweep.run_trials() == 1
+    assert [t.state for t in load(storage).get_trials()] == [TrialState.FAIL] * 3
+    assert "stopping: 3 trials in a row failed" in capsys.readouterr().out

@@ -317,6 +317,7 @@ class Sweep:
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         plan = self.plan
         self.claim(trial)
+        self.outcome = "fail"  # until it completes: an error before training counts as a failure too
         values = plan.space.suggest(trial)
         shown = " ".join(param_strings(values))
         taken = len(trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
