@@ -83,3 +83,33 @@ def test_every_run_carries_the_common_tags_the_main_metric_and_its_data_as_datas
         assert '"rows": 64' in inputs["mrpc/train"].dataset.profile
     experiment = client.get_run(result.run_id).info.experiment_id
     assert f"/#/experiments/{experiment}/runs" in runs_view(mlflow_uri)
+
+
+def test_a_failed_run_is_closed_through_a_busy_store_or_left_to_the_reaper_with_one_line(capsys):
+    """A SIGTERM once exited 1 with a traceback: closing the run hit SQLite's "database is
+    locked" on a loaded machine, and that error replaced the signal's."""
+    from mlflow.exceptions import MlflowException
+
+    from tokprune.training.tracking import mark_failed
+
+    class BusyStore:
+        run_id = "r" * 32
+
+        def __init__(self, busy: int):
+            self.busy, self.calls = busy, []
+
+        def finalize(self, status: str) -> None:
+            self.calls.append(status)
+            if len(self.calls) <= self.busy:
+                raise MlflowException("(sqlite3.OperationalError) database is locked\n[SQL: UPDATE runs ...]")
+
+    briefly = BusyStore(busy=2)
+    mark_failed(briefly, waits=(0.0, 0.0, 0.0))
+    assert briefly.calls == ["failed"] * 3 and capsys.readouterr().err == ""
+    stuck = BusyStore(busy=10)
+    mark_failed(stuck, waits=(0.0, 0.0))  # returns: the caller re-raises what stopped training
+    assert len(stuck.calls) == 3
+    assert capsys.readouterr().err == (
+        f"tokprune: warning: MLflow run {'r' * 32} could not be marked FAILED ((sqlite3.OperationalError) "
+        "database is locked); the next command on this store marks it\n"
+    )

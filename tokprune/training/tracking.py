@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -153,6 +154,27 @@ def make_logger(cfg: DictConfig, tags: dict[str, str] | None = None) -> MLFlowLo
     )
     logger.log_hyperparams(flat_params(cfg))
     return logger
+
+
+def mark_failed(logger: MLFlowLogger, waits: tuple[float, ...] = (0.5, 2.0, 5.0)) -> None:
+    """Close the logger's run as FAILED after an error or a signal. A store that is busy for a
+    moment (SQLite's "database is locked" on a loaded machine) is retried; one that stays busy
+    leaves the run to the next command's reaper (``reap_dead_runs``: its owner is dead) with a
+    one-line warning, so the error that stopped training, and a signal's exit code, stay the
+    ones the user sees."""
+    for wait in (*waits, None):
+        try:
+            logger.finalize("failed")
+            return
+        except MlflowException as exc:
+            if wait is None:
+                print(
+                    f"tokprune: warning: MLflow run {logger.run_id} could not be marked FAILED "
+                    f"({str(exc).splitlines()[0][:120]}); the next command on this store marks it",
+                    file=sys.stderr,
+                )
+                return
+            time.sleep(wait)
 
 
 # -- finding runs by their tags (baselines here; sweep parents and trials in search.records) --------

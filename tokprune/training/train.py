@@ -18,7 +18,7 @@ from tokprune.methods.checkpoint import describe
 from tokprune.methods.selection import RULES, Selected
 from tokprune.training.baseline import baseline_tags, find_or_train
 from tokprune.training.callbacks import TokenPruningCallback
-from tokprune.training.tracking import log_training_data, make_logger, resolve_tracking_uri
+from tokprune.training.tracking import log_training_data, make_logger, mark_failed, resolve_tracking_uri
 
 
 class _NoAdverts(logging.Filter):
@@ -150,7 +150,7 @@ def train(cfg: DictConfig, callbacks: list | None = None, tags: dict[str, str] |
     try:
         return _fit(cfg, task, tokenizer, datamodule, module, logger, callbacks or [])
     except BaseException:
-        logger.finalize("failed")
+        mark_failed(logger)
         raise
 
 
