@@ -5,10 +5,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tokprune import cli
+from tokprune.errors import Stopped
 
 from conftest import GLUE, ROOT
 
@@ -120,6 +122,23 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_eval", interrupted)
     assert cli.main(["eval", "checkpoint=x"]) == 130
     assert capsys.readouterr().err.splitlines() == ["tokprune: interrupted"]
+
+
+def test_a_signal_inside_store_code_is_delivered_again_once_out_of_it(monkeypatch):
+    """A signal that lands in the middle of an MLflow (SQLAlchemy) statement is re-sent a moment
+    later: raised there, the statement kept its SQLite lock and closing the run as FAILED hit
+    "database is locked", which turned exit 143 into exit 1 with a traceback."""
+    sent = []
+    monkeypatch.setattr(cli.os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    store_code = {"__name__": "sqlalchemy.engine.cursor", "sys": sys}
+    exec("def frame():\n    return sys._getframe()", store_code)
+    assert cli._stop(signal.SIGTERM, store_code["frame"]()) is None  # not raised inside it
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sent == [(os.getpid(), signal.SIGTERM)]
+    with pytest.raises(Stopped):  # anywhere else: at once
+        cli._stop(signal.SIGTERM, sys._getframe())
 
 
 def test_train_says_when_no_validation_met_the_constraint(monkeypatch, capsys):

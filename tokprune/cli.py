@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import traceback
 from datetime import datetime
 from pathlib import Path
@@ -239,7 +240,25 @@ def _save_traceback(argv: list[str]) -> Path | None:
     return None
 
 
+#: Code a signal does not cut into: a store's statement interrupted there keeps its SQLite lock,
+#: and closing the run as FAILED then fails on "database is locked" (exit 1, not 128 + signum).
+STORE_MODULES = ("sqlalchemy", "sqlite3", "mlflow.store", "optuna.storages")
+
+
+def _in_store_code(frame) -> bool:
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(STORE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _stop(signum, frame):
+    if _in_store_code(frame):  # the same signal again in a moment, once the statement is done
+        again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        again.daemon = True
+        again.start()
+        return
     raise Stopped(signum)
 
 
