@@ -137,13 +137,12 @@ class SearchSpace:
         from the study's list; any change Optuna refuses is a one-line error before anything trains."""
         params = []
         for p in self.params:
-            old, new = recorded.get(p.key), p.optuna_distribution()
-            if isinstance(old, optuna.distributions.CategoricalDistribution) and isinstance(
-                new, optuna.distributions.CategoricalDistribution
-            ):
-                if sorted(map(repr, old.choices)) == sorted(map(repr, new.choices)):
-                    p = replace(p, recorded_order=tuple(old.choices))
-                    new = p.optuna_distribution()
+            old = recorded.get(p.key)
+            if isinstance(old, optuna.distributions.CategoricalDistribution) and sorted(
+                map(repr, old.choices)
+            ) == sorted(map(repr, p.choices)):  # the same values, maybe reordered
+                p = replace(p, recorded_order=tuple(old.choices))
+            new = p.optuna_distribution()
             if old is not None:
                 try:
                     optuna.distributions.check_distribution_compatibility(old, new)

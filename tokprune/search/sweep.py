@@ -361,7 +361,6 @@ class Sweep:
             trial.set_user_attr(key.replace("val/", "best/"), value)
         objective = (result.best.get(f"val/{plan.main_metric}", math.nan), result.best.get(f"val/{FLOPS}", math.nan))
         if not all(math.isfinite(v) for v in objective):
-            self.outcome = "fail"
             self.client.set_terminated(result.run_id, status="FAILED")
             raise TrialFailed(f"objective values {objective} are not finite numbers")
         self.outcome = "complete"
