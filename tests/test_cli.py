@@ -132,13 +132,35 @@ def test_a_signal_inside_store_code_is_delivered_again_once_out_of_it(monkeypatc
     monkeypatch.setattr(cli.os, "kill", lambda pid, signum: sent.append((pid, signum)))
     store_code = {"__name__": "sqlalchemy.engine.cursor", "sys": sys}
     exec("def frame():\n    return sys._getframe()", store_code)
-    assert cli._stop(signal.SIGTERM, store_code["frame"]()) is None  # not raised inside it
-    deadline = time.monotonic() + 5
-    while not sent and time.monotonic() < deadline:
-        time.sleep(0.01)
+    cli._ARMED.set()  # as main() does while a command runs
+    try:
+        assert cli._stop(signal.SIGTERM, store_code["frame"]()) is None  # not raised inside it
+        deadline = time.monotonic() + 5
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        cli._ARMED.clear()
     assert sent == [(os.getpid(), signal.SIGTERM)]
     with pytest.raises(Stopped):  # anywhere else: at once
         cli._stop(signal.SIGTERM, sys._getframe())
+    assert cli._stop(signal.SIGTERM, store_code["frame"]()) is None
+    time.sleep(0.2)
+    assert len(sent) == 1  # once the command has ended (the default handler back), never sent again
+
+
+def test_lightnings_own_sigterm_exit_ends_the_command_as_our_sigterm_does(monkeypatch, capsys):
+    """Lightning's handler sees SIGTERM before ours and, when ours waited for a store statement,
+    stops the fit with its SIGTERMException (a SystemExit) first: that is exit 143 with our line."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def fit_stopped_by_lightning(overrides):
+        raise SIGTERMException
+
+    monkeypatch.setattr(cli, "cmd_eval", fit_stopped_by_lightning)
+    assert cli.main(["eval", "checkpoint=x"]) == 143
+    assert capsys.readouterr().err.splitlines() == [
+        "tokprune: stopped by SIGTERM: exit code 143 (an open MLflow run was marked FAILED)"
+    ]
 
 
 def test_train_says_when_no_validation_met_the_constraint(monkeypatch, capsys):

@@ -253,13 +253,34 @@ def _in_store_code(frame) -> bool:
     return False
 
 
+#: Set while a command runs under ``_stop``: a deferred signal is sent again only then (once the
+#: command has ended, the default handler is back and would kill the process).
+_ARMED = threading.Event()
+
+
+def _send_again(signum) -> None:
+    if _ARMED.is_set():
+        os.kill(os.getpid(), signum)
+
+
 def _stop(signum, frame):
     if _in_store_code(frame):  # the same signal again in a moment, once the statement is done
-        again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        again = threading.Timer(0.05, _send_again, (signum,))
         again.daemon = True
         again.start()
         return
     raise Stopped(signum)
+
+
+def _run(command: str, overrides: list[str]) -> int:
+    """The command; Lightning's own SIGTERM flag (its handler sees the signal before ours, and
+    acts on it first when ours was deferred) ends it as our SIGTERM does."""
+    try:
+        return globals()[f"cmd_{command}"](overrides)
+    except SystemExit as exc:
+        if type(exc).__name__ == "SIGTERMException":  # lightning.pytorch.utilities.exceptions
+            raise Stopped(signal.SIGTERM) from exc
+        raise
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -273,9 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
+    _ARMED.set()
     try:
-        return globals()[f"cmd_{args.command}"](args.overrides)
+        return _run(args.command, args.overrides)
     except Stopped as stop:
+        _ARMED.clear()
         for s in STOP_SIGNALS:  # a second signal must not interrupt the message
             signal.signal(s, signal.SIG_IGN)
         print(
@@ -296,5 +319,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokprune: error: {type(exc).__name__}{': ' + message if message else ''} ({where})", file=sys.stderr)
         return 1
     finally:
+        _ARMED.clear()
         for s, handler in previous.items():
             signal.signal(s, handler)
