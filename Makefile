@@ -58,7 +58,7 @@ format: install
 # the layers first: an import that runs upward fails the tests
 test: install
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

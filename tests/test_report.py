@@ -145,6 +145,24 @@ def test_operating_points_are_read_off_the_front():
     }
 
 
+def test_the_trials_timed_are_the_operating_points_then_one_per_timed_target():
+    from tokprune.reporting.report import timed_trials
+
+    r = made_up("top", [(0.84, 0.90), (0.83, 0.52), (0.80, 0.41), (0.78, 0.30)])
+    for p, target in zip(r.points, [None, 0.5, 0.4, 0.3]):
+        p.params = {} if target is None else {"protocol.target_flops": target}
+    r.operating = operating_points(r, flops_budget=0.5, tolerance=0.01)
+    assert r.operating == {"best": 0, "within_flops": 2, "near_baseline": 0}
+    assert timed_trials(r, [0.5]) == [0, 2, 1]  # trial 1 trained to 0.5 but measured 0.52: timed as well
+    assert timed_trials(r, [0.4, 0.7]) == [0, 2]  # 0.4's trial is already an operating point; none at 0.7
+    assert timed_trials(r, []) == [0, 2]
+
+
+def test_timed_targets_outside_0_1_is_one_line_exit_2(tmp_path, capsys):
+    line = one_line_error(capsys, ["report.timed_targets=[0.5,2]", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    assert "bad value for report.timed_targets: [0.5, 2] (expected a list of FLOPs targets in (0, 1]" in line
+
+
 def test_each_operating_point_is_set_beside_static_at_no_more_flops():
     static = made_up("static", [(0.85, 1.0), (0.83, 0.60), (0.78, 0.53), (0.63, 0.38)])
     gate = made_up("gate", [(0.84, 0.57), (0.80, 0.45)])
@@ -163,7 +181,7 @@ def test_each_operating_point_is_set_beside_static_at_no_more_flops():
 
 
 def test_a_method_under_two_protocols_is_labelled_by_it_and_set_beside_static_of_the_same_protocol():
-    from tokprune.reporting.collect import _relabel
+    from tokprune.reporting.collect import relabel
 
     paper_static = made_up("static", [(0.63, 0.40)])
     shared_static = made_up("static", [(0.82, 0.43)])
@@ -176,7 +194,7 @@ def test_a_method_under_two_protocols_is_labelled_by_it_and_set_beside_static_of
     ):
         r.protocol, r.study = protocol, f"{r.method}-{protocol}-study"
         r.operating = operating_points(r, 0.5, 0.01)
-    results = _relabel([paper_static, shared_top, paper_top, shared_static])
+    results = relabel([paper_static, shared_top, paper_top, shared_static])
     assert [r.label for r in results] == [
         "static (protocol=shared)",
         "static (protocol=paper)",
@@ -190,9 +208,9 @@ def test_a_method_under_two_protocols_is_labelled_by_it_and_set_beside_static_of
     hard_top, twin = made_up("top", [(0.85, 0.45)]), made_up("top", [(0.85, 0.45)])
     for r, name in ((hard_top, "top-hard-study"), (twin, "top-hard-twin")):
         r.protocol, r.study, r.overrides = "shared", name, ["protocol.hard_phase=0.2"]
-    labels = [r.label for r in _relabel([shared_top, hard_top])]
+    labels = [r.label for r in relabel([shared_top, hard_top])]
     assert labels == ["top (protocol=shared)", "top (protocol=shared, protocol.hard_phase=0.2)"]
-    assert [r.label for r in _relabel([hard_top, twin])] == ["top-hard-study", "top-hard-twin"]  # same settings
+    assert [r.label for r in relabel([hard_top, twin])] == ["top-hard-study", "top-hard-twin"]  # same settings
 
 
 def test_a_baseline_retrained_in_another_sitting_is_one_row_naming_both_runs():

@@ -94,6 +94,14 @@ def _known_strategy(name: str) -> str | None:
     return None if name in known else f"expected a strategy Lightning knows: {', '.join(known)}"
 
 
+def _target_list(value) -> str | None:
+    if isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in value
+    ):
+        return None
+    return "expected a list of FLOPs targets in (0, 1], e.g. [0.5] or []"
+
+
 INT = "int"
 FLOAT = "float"
 STR = Rule("str")
@@ -187,6 +195,7 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "report.speedup_examples": Rule(INT, low=0),
     "report.flops_budget": Rule("float", low=0.0, low_open=True),
     "report.metric_tolerance": Rule("float", low=0.0, high=1.0),
+    "report.timed_targets": Rule(special=_target_list),
 }
 
 

@@ -120,7 +120,7 @@ def _baseline(client: MlflowClient, parent, main_metric: str) -> dict | None:
 
 
 def collect(studies: list[optuna.Study], client: MlflowClient, main_metric: str) -> list[MethodResult]:
-    """Each study's complete trials, front and baseline, labelled later (``_relabel``)."""
+    """Each study's complete trials, front and baseline, labelled later (``relabel``)."""
     results = []
     for study in studies:
         method = study.user_attrs["method"]
@@ -178,7 +178,7 @@ def carried(cfg: DictConfig, present: set[str]) -> list[MethodResult]:
     return [r for r in recorded_studies(path, cfg, "report.carry") if r.study not in present]
 
 
-def _relabel(results: list[MethodResult]) -> list[MethodResult]:
+def relabel(results: list[MethodResult]) -> list[MethodResult]:
     """Ordered by method then study. A method's name labels it if it has one study; with one
     study per protocol, ``method (protocol=...)``; with several, ``method (protocol=..., <the
     sweep's own overrides>)`` (``top (protocol=shared, protocol.hard_phase=0.2)``) where that tells

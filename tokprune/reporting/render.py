@@ -153,7 +153,7 @@ def target_header(metric: str, max_length: int) -> list[str]:
         "held the target (+ selection epsilon)",
         f"{REFERENCE_METHOD} at this target",
         f"vs {REFERENCE_METHOD} (> spread: the gap exceeds twice its standard error)",
-        f"CPU speedup, torch, batch {first} (operating points)",
+        f"CPU speedup, torch, batch {first} (operating points and report.timed_targets)",
         *[f"CPU speedup, torch, batch {size}" for size in rest],
     ]
 

@@ -36,13 +36,13 @@ from tokprune.config import compose
 from tokprune.core.data import get_task
 from tokprune.errors import UsageError
 from tokprune.reporting.collect import (
-    _relabel,
     carried,
     collect,
     find_studies,
     locate,
     measure_speedup,
     operating_points,
+    relabel,
 )
 from tokprune.reporting.render import ARTIFACT_DIR, log_to_mlflow, write
 from tokprune.search.plan import storage_label
@@ -61,10 +61,10 @@ def build_report(cfg: DictConfig) -> tuple[list[Path], list[MethodResult], list[
             f"of task {cfg.task.name}: run `make sweep METHOD=<method> TASK={cfg.task.name}` first"
         )
     client = MlflowClient(uri)
-    results = _relabel(collect(studies, client, get_task(cfg.task.name).main_metric) + earlier)
+    results = relabel(collect(studies, client, get_task(cfg.task.name).main_metric) + earlier)
     for r in results:
         r.operating = operating_points(r, float(cfg.report.flops_budget), float(cfg.report.metric_tolerance))
-        for trial in dict.fromkeys(t for t in r.operating.values() if t is not None):
+        for trial in timed_trials(r, cfg.report.timed_targets):
             if trial in r.speedup:  # measured where it was carried or resumed from
                 continue
             r.speedup[trial] = (
@@ -74,6 +74,15 @@ def build_report(cfg: DictConfig) -> tuple[list[Path], list[MethodResult], list[
             )
     files = write(cfg, results, out, storage, uri)
     return files, results, log_to_mlflow(client, results, files)
+
+
+def timed_trials(result: MethodResult, targets) -> list[int]:
+    """The trials whose CPU speedup the report measures: the operating points, then the trial
+    trained to each of ``targets`` (``report.timed_targets``), so the by-target table carries the
+    speedups a reader compares methods by at one target."""
+    at_targets = (result.at_target(float(t)) for t in targets)
+    trials = [*result.operating.values(), *(p.trial for p in at_targets if p is not None)]
+    return list(dict.fromkeys(t for t in trials if t is not None))
 
 
 def run_report(args: list[str]) -> int:
