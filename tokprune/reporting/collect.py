@@ -241,7 +241,9 @@ def measure_speedup(cfg: DictConfig, point: Point, client: MlflowClient, uri: st
         return {"skipped": "no MLflow run"}
     path = _checkpoint(client, point.run_id, uri)
     if path is None or not path.is_file():
-        return {"skipped": f"checkpoint missing ({path or 'not recorded'})"}
+        where = portable(str(path)) if path else "not recorded"  # no machine path in a committed report
+        kept = "a sweep keeps only its Pareto trials' unless sweep.keep_checkpoints=all"
+        return {"skipped": f"checkpoint missing ({where}; {kept})"}
     try:
         timed = checkpoint_speedup(str(path), cfg.data.glue_dir, examples, batch_sizes())
     except Exception as exc:  # one method's checkpoint must not stop the report: say why in its cell
