@@ -94,19 +94,21 @@ def _known_strategy(name: str) -> str | None:
     return None if name in known else f"expected a strategy Lightning knows: {', '.join(known)}"
 
 
-def _target_list(value) -> str | None:
-    if isinstance(value, list) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in value
-    ):
-        return None
-    return "expected a list of FLOPs targets in (0, 1], e.g. [0.5] or []"
-
-
 INT = "int"
 FLOAT = "float"
 STR = Rule("str")
 PATH = Rule("str", empty=True)
 FRACTION_OR_COUNT = (Rule(FLOAT, low=0, high=1, low_open=True), Rule(INT, low=1))  # Lightning: share or batches
+FLOPS_TARGET = Rule(FLOAT, low=0, high=1, low_open=True)  # a FLOPs ratio at real length
+
+
+def _target_list(value) -> str | None:
+    """Each entry as ``protocol.target_flops`` accepts it."""
+    if isinstance(value, list) and all(FLOPS_TARGET.accepts(v) for v in value):
+        return None
+    return "expected a list of FLOPs targets in (0, 1], e.g. [0.5] or []"
+
+
 PRECISIONS = (
     "32-true",
     "32",
@@ -142,7 +144,7 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "protocol.distill_weight": Rule(FLOAT, low=0, high=1),
     "protocol.temperature": Rule(FLOAT, low=0, low_open=True),
     "protocol.teacher_cache": Rule("bool"),
-    "protocol.target_flops": Rule(FLOAT, low=0, high=1, low_open=True),  # a FLOPs ratio at real length
+    "protocol.target_flops": FLOPS_TARGET,
     "protocol.target_warmup": Rule(FLOAT, low=0, high=1),  # a fraction of training
     "protocol.hard_phase": Rule(FLOAT, low=0, high=1, high_open=True),  # a fraction of training
     "protocol.constraint": Rule("str", choices=("lagrangian", "quadratic")),
