@@ -451,6 +451,26 @@ def test_rdb_storage_drops_a_trial_beyond_the_total(space_dir, tmp_path):
     assert first.user_attrs["pid"] == os.getpid() and first.user_attrs["host"] == socket.gethostname()
 
 
+def test_a_pareto_sweep_keeps_the_checkpoints_of_the_front_and_of_the_timed_targets():
+    """The report times each method's trial at report.timed_targets (off the front or not), so a
+    sweep must not delete those checkpoints; other dominated trials' go."""
+    grid = optuna.distributions.CategoricalDistribution([0.3, 0.5, 0.6])
+
+    def trial(number, target=None):
+        params, dists = ({"protocol.target_flops": target}, {"protocol.target_flops": grid}) if target else ({}, {})
+        made = optuna.trial.create_trial(params=params, distributions=dists, values=[0.8, 0.5])
+        made.number = number
+        return made
+
+    front = {0: "run0"}
+    assert sweep_module.kept(trial(0, 0.3), front, [0.5])  # on the front
+    assert sweep_module.kept(trial(1, 0.5), front, [0.5])  # dominated, but the report times it
+    assert not sweep_module.kept(trial(2, 0.6), front, [0.5])
+    assert not sweep_module.kept(trial(3), front, [0.5])  # a study that does not sweep the target
+    assert sweep_module.kept(trial(2, 0.6), front, [0.5, 0.6])
+    assert not sweep_module.kept(trial(1, 0.5), front, [])
+
+
 # -- real sweeps ---------------------------------------------------------------------------
 
 

@@ -242,7 +242,7 @@ def measure_speedup(cfg: DictConfig, point: Point, client: MlflowClient, uri: st
     path = _checkpoint(client, point.run_id, uri)
     if path is None or not path.is_file():
         where = portable(str(path)) if path else "not recorded"  # no machine path in a committed report
-        kept = "a sweep keeps only its Pareto trials' unless sweep.keep_checkpoints=all"
+        kept = "a sweep deletes its dominated trials' unless sweep.keep_checkpoints=all"
         return {"skipped": f"checkpoint missing ({where}; {kept})"}
     try:
         timed = checkpoint_speedup(str(path), cfg.data.glue_dir, examples, batch_sizes())

@@ -43,6 +43,7 @@ from tokprune.core.liveness import HOST, alive, owner, proc_start
 from tokprune.errors import Stopped, UsageError
 from tokprune.search import records as track
 from tokprune.search.plan import FLOPS, Plan, param_strings, plan_sweep
+from tokprune.search.results import TARGET_KEY
 from tokprune.search.storage import Gate, open_storage, resumed_trials
 from tokprune.training.baseline import find_or_train
 from tokprune.training.tracking import PARENT, ROLE, experiment_id, run_tags
@@ -395,17 +396,18 @@ class Sweep:
         track.tag_pareto(self.client, self.exp_id, self.parent_id, front)
         track.log_summary(self.client, self.parent_id, study, self.plan, self.baseline, front)
         if status == "FINISHED" and self.plan.cfg.sweep.keep_checkpoints == "pareto":
-            self.drop_dominated_checkpoints(complete, front)
+            timed = self.plan.cfg.report.timed_targets
+            self.drop_dominated_checkpoints([t for t in complete if not kept(t, front, timed)])
         if status:
             self.client.set_terminated(self.parent_id, status=status)
 
-    def drop_dominated_checkpoints(self, complete: list, front: dict) -> None:
+    def drop_dominated_checkpoints(self, dominated: list) -> None:
         """``sweep.keep_checkpoints=pareto``: a dominated trial stays dominated as trials are
         added, so its checkpoint can go (its MLflow run stays, tagged ``checkpoint_deleted``)."""
         freed = 0
-        for trial in complete:
+        for trial in dominated:
             path = Path(trial.user_attrs.get("checkpoint") or "")
-            if trial.number in front or not path.is_file():
+            if not path.is_file():
                 continue
             freed += path.stat().st_size
             path.unlink()
@@ -416,6 +418,16 @@ class Sweep:
                 f"deleted the checkpoints of dominated trials ({freed / 2**20:.0f} MiB; "
                 "sweep.keep_checkpoints=all keeps them)"
             )
+
+
+def kept(trial: optuna.trial.FrozenTrial, front: dict, timed_targets) -> bool:
+    """Whether ``sweep.keep_checkpoints=pareto`` keeps a complete trial's checkpoint: it is on the
+    Pareto front, or it trained to one of ``report.timed_targets`` (the report times that trial,
+    on the front or not, for the by-target table's speedups)."""
+    target = trial.params.get(TARGET_KEY)
+    return trial.number in front or (
+        target is not None and any(math.isclose(float(target), float(t)) for t in timed_targets)
+    )
 
 
 class TrialLink(L.Callback):
