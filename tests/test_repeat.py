@@ -41,8 +41,8 @@ def test_a_repeated_point_reads_as_mean_and_std_and_gaps_are_judged_against_the_
     assert three.metric_cell() == "0.8200 +- 0.0200 (3 seeds)"
     assert gap_against(three, one) == "+0.0200 (one seed)"
     close, far = point(0.815, [0.825, 0.835]), point(0.70, [0.71, 0.69])
-    assert gap_against(three, close) == "-0.0050 (within spread 0.0129)"  # sqrt(0.02^2 / 3 + 0.01^2 / 3)
-    assert gap_against(three, far).startswith("+0.1200 (> spread")
+    assert gap_against(three, close) == "-0.0050 (within 2 SE 0.0258)"  # 2 sqrt(0.02^2 / 3 + 0.01^2 / 3)
+    assert gap_against(three, far).startswith("+0.1200 (> 2 SE")
     assert gap_against(three, None) == "—"
 
 

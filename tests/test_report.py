@@ -677,7 +677,7 @@ def test_every_trial_with_a_flops_target_is_set_beside_static_at_the_same_target
         "—",
         "2 of 3 seeds",
         "0.8400 +- 0.0100 (3 seeds)",
-        "-0.0400 (> spread 0.0082)",
+        "-0.0400 (> 2 SE 0.0163)",
     ]
     assert rows["0.4", "top"][7:10] == ["no", "0.8000", "+0.0100 (one seed)"]  # 0.45 > 0.4 + epsilon 0.01
     assert rows["0.3", "top"][8:10] == ["—", "—"]  # no static trial at 0.3

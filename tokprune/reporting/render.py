@@ -152,7 +152,7 @@ def target_header(metric: str, max_length: int) -> list[str]:
         f"FLOPs ratio (padded to {max_length}, first seed)",
         "held the target (+ selection epsilon)",
         f"{REFERENCE_METHOD} at this target",
-        f"vs {REFERENCE_METHOD} (> spread: the gap exceeds twice its standard error)",
+        f"vs {REFERENCE_METHOD} (2 SE: twice the standard error of the gap over seeds)",
         f"CPU speedup, torch, batch {first} (operating points and report.timed_targets)",
         *[f"CPU speedup, torch, batch {size}" for size in rest],
     ]
@@ -160,16 +160,17 @@ def target_header(metric: str, max_length: int) -> list[str]:
 
 def gap_against(point: Point, other: Point | None) -> str:
     """The difference of the mean metrics, and whether it exceeds the seed spread: ``+0.0123
-    (> spread 0.0041)``, ``... (within spread ...)``, or ``(one seed)`` when either has no repeats.
-    The spread is the standard error of the difference, ``sqrt(s1^2/n1 + s2^2/n2)``."""
+    (> 2 SE 0.0082)``, ``... (within 2 SE ...)``, or ``(one seed)`` when either has no repeats.
+    The number shown is the threshold itself, twice the standard error of the difference
+    ``sqrt(s1^2/n1 + s2^2/n2)``, so a reader compares the gap with what is printed."""
     if other is None:
         return "—"
     gap = point.metric_mean - other.metric_mean
     if not point.repeats or not other.repeats:
         return f"{gap:+.4f} (one seed)"
-    spread = math.sqrt(point.metric_std**2 / len(point.seed_metrics) + other.metric_std**2 / len(other.seed_metrics))
-    verdict = "> spread" if abs(gap) > 2 * spread else "within spread"
-    return f"{gap:+.4f} ({verdict} {spread:.4f})"
+    se = math.sqrt(point.metric_std**2 / len(point.seed_metrics) + other.metric_std**2 / len(other.seed_metrics))
+    verdict = "> 2 SE" if abs(gap) > 2 * se else "within 2 SE"
+    return f"{gap:+.4f} ({verdict} {2 * se:.4f})"
 
 
 def operating_header(metric: str, examples: int) -> list[str]:
@@ -182,7 +183,7 @@ def operating_header(metric: str, examples: int) -> list[str]:
         "vs baseline",
         "FLOPs ratio (real length)",
         f"{REFERENCE_METHOD} at <= these FLOPs",
-        f"vs {REFERENCE_METHOD} (> spread: the gap exceeds twice its standard error)",
+        f"vs {REFERENCE_METHOD} (2 SE: twice the standard error of the gap over seeds)",
         f"CPU speedup, torch, batch {first} ({examples} dev rows)",
         *[f"CPU speedup, torch, batch {size}" for size in rest],
         f"CPU speedup, ONNX Runtime (exported pruned vs exported unpruned), batch {first}",
