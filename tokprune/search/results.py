@@ -20,6 +20,12 @@ from tokprune.errors import UsageError
 TARGET_KEY = "protocol.target_flops"  # the FLOPs target every method of protocol=shared trains to hold
 
 
+def trained_to(params: dict, target: float) -> bool:
+    """Whether a trial with these sampled ``params`` trained to FLOPs target ``target`` (the
+    report's by-target rows and the checkpoints a sweep keeps for them use this one rule)."""
+    return TARGET_KEY in params and math.isclose(float(params[TARGET_KEY]), float(target))
+
+
 @dataclass
 class Point:
     """One complete trial, as its study recorded it (values of its best epoch)."""
@@ -117,7 +123,7 @@ class MethodResult:
         """The complete trial trained to ``protocol.target_flops`` = ``target`` (a grid's value is held
         by one trial; should several, the one with the most seed repeats, then the earliest, as
         ``repeat target=`` picks: never the luckier)."""
-        held = [p for p in self.points if TARGET_KEY in p.params and math.isclose(float(p.params[TARGET_KEY]), target)]
+        held = [p for p in self.points if trained_to(p.params, target)]
         return min(held, key=lambda p: (-len(p.repeats), p.trial), default=None)
 
     def reached_at(self, flops: float) -> float | None:

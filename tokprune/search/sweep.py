@@ -43,7 +43,7 @@ from tokprune.core.liveness import HOST, alive, owner, proc_start
 from tokprune.errors import Stopped, UsageError
 from tokprune.search import records as track
 from tokprune.search.plan import FLOPS, Plan, param_strings, plan_sweep
-from tokprune.search.results import TARGET_KEY
+from tokprune.search.results import trained_to
 from tokprune.search.storage import Gate, open_storage, resumed_trials
 from tokprune.training.baseline import find_or_train
 from tokprune.training.tracking import PARENT, ROLE, experiment_id, run_tags
@@ -424,10 +424,7 @@ def kept(trial: optuna.trial.FrozenTrial, front: dict, timed_targets) -> bool:
     """Whether ``sweep.keep_checkpoints=pareto`` keeps a complete trial's checkpoint: it is on the
     Pareto front, or it trained to one of ``report.timed_targets`` (the report times that trial,
     on the front or not, for the by-target table's speedups)."""
-    target = trial.params.get(TARGET_KEY)
-    return trial.number in front or (
-        target is not None and any(math.isclose(float(target), float(t)) for t in timed_targets)
-    )
+    return trial.number in front or any(trained_to(trial.params, t) for t in timed_targets)
 
 
 class TrialLink(L.Callback):
